@@ -1,0 +1,170 @@
+#include "config.hpp"
+
+#include <boost/program_options/parsers.hpp>
+#include <boost/program_options/variables_map.hpp>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace lminv {
+
+namespace po = boost::program_options;
+
+namespace {
+
+const std::set<std::string> kSections = {"model", "backend", "prompt", "tokenizer", "optimizer", "decoder", "output"};
+
+// Boost.Program_options knows only '#' comments; INI files commonly use ';' too.
+std::string strip_semicolon_comments(const std::string& text) {
+  std::istringstream in(text);
+  std::string out, line;
+  while (std::getline(in, line)) {
+    for (std::size_t i = 0; i < line.size(); ++i)
+      if (line[i] == ';' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
+        line.resize(i);
+        break;
+      }
+    out += line + '\n';
+  }
+  return out;
+}
+
+void set_value(RawConfig& raw, const std::string& dotted, const std::string& value, const std::string& where,
+               bool allow_repeat) {
+  const std::size_t dot = dotted.find('.');
+  if (dot == std::string::npos || dot == 0 || dot + 1 == dotted.size())
+    throw Error(where + ": '" + dotted + "' is outside a [section]: every key belongs to one of " +
+                "[model] [backend] [prompt] [tokenizer] [optimizer] [decoder] [output]");
+  const std::string section = dotted.substr(0, dot), key = dotted.substr(dot + 1);
+  if (!kSections.count(section)) {
+    std::string known;
+    for (const std::string& s : kSections) known += " [" + s + "]";
+    throw Error(where + ": unknown section [" + section + "] (key '" + key + "'); sections are" + known);
+  }
+  auto& keys = raw.sections[section];
+  if (!allow_repeat && keys.count(key)) throw Error(where + ": [" + section + "] " + key + " is given twice");
+  keys[key] = value;
+}
+
+}  // namespace
+
+Options RawConfig::section(const std::string& name) const {
+  auto it = sections.find(name);
+  return Options(name, source, it == sections.end() ? std::map<std::string, std::string>{} : it->second);
+}
+
+RawConfig parse_config_text(const std::string& text, const std::string& source,
+                            const std::vector<std::string>& overrides) {
+  RawConfig raw;
+  raw.source = source;
+  std::istringstream in(strip_semicolon_comments(text));
+  po::parsed_options parsed(nullptr);
+  try {
+    parsed = po::parse_config_file(in, po::options_description(), /*allow_unregistered=*/true);
+  } catch (const po::error& e) {
+    throw Error(source + ": " + e.what());
+  }
+  for (const po::option& opt : parsed.options) {
+    const std::string value = opt.value.empty() ? std::string() : opt.value.front();
+    set_value(raw, opt.string_key, value, source, /*allow_repeat=*/false);
+  }
+  for (const std::string& o : overrides) {
+    const std::size_t eq = o.find('=');
+    if (eq == std::string::npos) throw Error("--set '" + o + "': expected section.key=value");
+    set_value(raw, o.substr(0, eq), o.substr(eq + 1), "--set '" + o + "'", /*allow_repeat=*/true);
+  }
+  return raw;
+}
+
+RawConfig read_config(const std::filesystem::path& file, const std::vector<std::string>& overrides) {
+  std::ifstream in(file);
+  if (!in) throw Error(file.string() + ": cannot open the config file");
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_config_text(text.str(), file.string(), overrides);
+}
+
+void check_all_read(const Options& options) {
+  const std::vector<std::string> unread = options.unread_keys();
+  if (unread.empty()) return;
+  std::string keys;
+  for (const std::string& k : unread) keys += (keys.empty() ? "" : ", ") + k + " = '" + options.values().at(k) + "'";
+  throw Error(options.source() + ": unknown key" + (unread.size() > 1 ? "s" : "") + " in [" + options.section() +
+              "]: " + keys);
+}
+
+ExperimentConfig parse_experiment(const RawConfig& raw) {
+  ExperimentConfig c;
+  c.source = raw.source;
+  c.raw_sections = raw.sections;
+
+  const Options model = raw.section("model");
+  ModelSpec& s = c.spec;
+  s.family = model.get_choice("family", s.family, {"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"});
+  c.weights = model.get_string("weights", c.weights);
+  const std::int64_t seed = model.get_int("seed", 0);
+  if (seed < 0) model.fail("seed", "must be >= 0");
+  c.seed = static_cast<std::uint64_t>(seed);
+  auto positive = [&](const char* key, std::int64_t fallback) {
+    const std::int64_t v = model.get_int(key, fallback);
+    if (v <= 0) model.fail(key, "must be positive");
+    return v;
+  };
+  s.n_layer = positive("n_layer", s.n_layer);
+  s.n_embd = positive("n_embd", s.n_embd);
+  s.n_head = positive("n_head", s.n_head);
+  s.n_inner = model.get_int("n_inner", s.n_inner);
+  if (s.n_inner < 0) model.fail("n_inner", "must be >= 0 (0: 4 * n_embd)");
+  c.vocab_size_explicit = model.has("vocab_size");
+  s.vocab_size = positive("vocab_size", s.vocab_size);
+  s.n_positions = positive("n_positions", s.n_positions);
+  s.layer_norm_epsilon = model.get_double("layer_norm_epsilon", s.layer_norm_epsilon);
+  if (!(s.layer_norm_epsilon > 0)) model.fail("layer_norm_epsilon", "must be positive");
+  s.blocks = model.get_int("blocks", s.blocks);
+  if (s.blocks < 0 || s.blocks > s.n_layer) model.fail("blocks", "must be in 0..n_layer (" + std::to_string(s.n_layer) + ")");
+  s.head = *parse_head(model.get_choice("head", head_name(s.head), {"none", "ln_f", "lm_head"}));
+  s.input = *parse_input_space(model.get_choice("input", input_space_name(s.input), {"embedding", "vocab"}));
+  s.layers = model.get_ints("layers", {});
+  for (std::int64_t l : s.layers)
+    if (l < 0 || l > s.n_layer) model.fail("layers", "each entry must be in 0..n_layer");
+  check_all_read(model);
+
+  Options backend = raw.section("backend");
+  c.backend = backend.get_string("name", c.backend);
+  const std::string dtype = backend.get_choice("dtype", dtype_name(s.dtype), {"f32", "f64", "bf16"});
+  s.dtype = *parse_dtype(dtype);
+  s.device = backend.get_choice("device", s.device, {"cpu", "cuda"});
+  c.backend_options = backend;  // the backend reads the rest; the read marks travel with the copy
+
+  const Options prompt = raw.section("prompt");
+  c.prompt_text = prompt.get_string("text", "");
+  c.prompt_ids = prompt.get_ints("ids", {});
+  if (c.prompt_text.empty() == c.prompt_ids.empty())
+    prompt.fail(prompt.has("text") ? "text" : "ids", "give exactly one of text or ids");
+  for (std::int64_t id : c.prompt_ids)
+    if (id < 0) prompt.fail("ids", "token ids are >= 0");
+  check_all_read(prompt);
+
+  const Options tokenizer = raw.section("tokenizer");
+  c.tokenizer_dir = tokenizer.get_string("path", "");
+  check_all_read(tokenizer);
+
+  Options optimizer = raw.section("optimizer");
+  c.optimizer = optimizer.get_string("name", c.optimizer);
+  c.optimizer_options = optimizer;
+  Options decoder = raw.section("decoder");
+  c.decoder = decoder.get_string("name", c.decoder);
+  c.decoder_options = decoder;
+
+  const Options output = raw.section("output");
+  c.output_dir = output.get_string("dir", c.output_dir);
+  c.snapshot_steps = output.get_ints("snapshot_steps", {});
+  c.control_sigma = output.get_double("control_sigma", c.control_sigma);
+  if (!(c.control_sigma >= 0)) output.fail("control_sigma", "must be >= 0");
+  c.cache_dir = output.get_string("cache_dir", "");
+  c.progress = output.get_choice("progress", c.progress, {"auto", "on", "off"});
+  check_all_read(output);
+  return c;
+}
+
+}  // namespace lminv

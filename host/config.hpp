@@ -1,0 +1,74 @@
+// Experiment configs: INI files read with Boost.Program_options, plus --set overrides.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "lminv/model.hpp"
+#include "lminv/options.hpp"
+
+namespace lminv {
+
+// A config file as written: section -> key -> value, after the --set overrides.
+struct RawConfig {
+  std::string source;  // the file, for messages
+  std::map<std::string, std::map<std::string, std::string>> sections;
+
+  Options section(const std::string& name) const;
+};
+
+// Reads FILE. `#` starts a comment anywhere (Boost.Program_options' rule); `;` starts one at the
+// beginning of a line or after a space or tab. Keys outside a section, repeated keys and lines
+// without '=' are errors naming the file. Each override is "section.key=value" and wins.
+RawConfig read_config(const std::filesystem::path& file, const std::vector<std::string>& overrides = {});
+
+// The same from text (for tests and for configs embedded in records).
+RawConfig parse_config_text(const std::string& text, const std::string& source,
+                            const std::vector<std::string>& overrides = {});
+
+// One experiment, with every host-level key checked. Plugin sections keep their own keys as Options
+// for the plugin to read; the host checks afterwards that nothing unknown was left unread.
+struct ExperimentConfig {
+  std::string source;
+  std::map<std::string, std::map<std::string, std::string>> raw_sections;  // as read, for records
+
+  // [model]
+  ModelSpec spec;
+  bool vocab_size_explicit = false;  // else the tokenizer's vocabulary size
+  std::string weights = "random";
+  std::uint64_t seed = 0;
+
+  // [backend]: name, dtype, device here; the rest (threads, ...) is the backend's.
+  std::string backend = "reference";
+  Options backend_options;
+
+  // [prompt]: text, or ids
+  std::string prompt_text;
+  std::vector<std::int64_t> prompt_ids;
+
+  // [tokenizer]
+  std::string tokenizer_dir;  // empty: the embedded default
+
+  // [optimizer], [decoder]
+  std::string optimizer = "descent";
+  Options optimizer_options;
+  std::string decoder = "pinv";
+  Options decoder_options;
+
+  // [output]
+  std::string output_dir = "runs/default";
+  std::vector<std::int64_t> snapshot_steps;  // steps at which the decoded attempt is printed
+  double control_sigma = 0.05;               // std of the shifted-input control's noise
+  std::string cache_dir;                     // empty: default_cache_dir()
+  std::string progress = "auto";             // auto | on | off
+};
+
+ExperimentConfig parse_experiment(const RawConfig& raw);
+
+// Throws an Error naming the file, section and keys that nobody read.
+void check_all_read(const Options& options);
+
+}  // namespace lminv

@@ -1,0 +1,304 @@
+#include "runner.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iomanip>
+#include <ostream>
+#include <sstream>
+
+#include "lminv/ops.hpp"
+#include "paths.hpp"
+#include "report.hpp"
+#include "tokenizer.hpp"
+#include "weights_init.hpp"
+
+namespace lminv {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string quoted(const std::string& text) {
+  nlohmann::json j = text;
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+// The true input for the prompt: its token-embedding rows (1, T, d), or one-hot vectors (1, T, V).
+Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  Tensor input(spec.dtype, input_shape(spec, 1));
+  if (spec.input == InputSpace::vocab) {
+    for (std::int64_t t = 0; t < T; ++t) input.set(t * spec.vocab_size + ids[t], 1.0);
+    return input;
+  }
+  const Tensor& wte = weights.get("wte.weight", {spec.vocab_size, spec.n_embd});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t j = 0; j < spec.n_embd; ++j) input.set(t * spec.n_embd + j, wte.get(ids[t] * spec.n_embd + j));
+  return input;
+}
+
+// Prints the decoded attempt at the chosen steps and a progress line with an ETA on a terminal.
+class HostObserver final : public Observer {
+ public:
+  HostObserver(std::ostream& out, Decoder& decoder, const Tokenizer& tokenizer, std::vector<std::int64_t> snapshots,
+               bool progress)
+      : out_(out), decoder_(decoder), tokenizer_(tokenizer), snapshots_(std::move(snapshots)), progress_(progress) {}
+
+  void on_step(const Step& step) override {
+    last_loss_ = step.loss.empty() ? NAN : step.loss[0];
+    steps_ = step.index;
+    if (std::find(snapshots_.begin(), snapshots_.end(), step.index) != snapshots_.end()) snapshot(step);
+    if (progress_) show_progress(step);
+  }
+
+  void finish() {
+    if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
+  }
+
+  nlohmann::json trajectory() const { return trajectory_; }
+  std::int64_t steps() const { return steps_; }
+
+ private:
+  void snapshot(const Step& step) {
+    Tensor item = step.input->slice0(0, 1);
+    item = std::move(item).reshape({item.dim(1), item.dim(2)});
+    const Decoded d = decoder_.decode(item);
+    const std::vector<std::int64_t> ids = d.best();
+    const std::string text = tokenizer_.decode(ids);
+    if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
+    out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << step.loss[0]
+         << std::defaultfloat << "  " << quoted(text) << "\n"
+         << std::flush;
+    trajectory_.push_back({{"step", step.index}, {"loss", step.loss[0]}, {"ids", ids}, {"text", text}});
+  }
+
+  void show_progress(const Step& step) {
+    const auto now = Clock::now();
+    if (step.index > 1 && step.index != step.total && now - last_draw_ < std::chrono::milliseconds(200)) return;
+    last_draw_ = now;
+    const double elapsed = seconds_since(start_);
+    const double rate = step.index / std::max(elapsed, 1e-9);
+    std::fprintf(stderr, "\r\033[K  step %lld", static_cast<long long>(step.index));
+    if (step.total > 0) std::fprintf(stderr, "/%lld", static_cast<long long>(step.total));
+    std::fprintf(stderr, "  loss %.4e  %.2f steps/s", last_loss_, rate);
+    if (step.total > 0) std::fprintf(stderr, "  ETA %.0f s", (step.total - step.index) / std::max(rate, 1e-9));
+    std::fflush(stderr);
+    drew_progress_ = true;
+  }
+
+  std::ostream& out_;
+  Decoder& decoder_;
+  const Tokenizer& tokenizer_;
+  std::vector<std::int64_t> snapshots_;
+  bool progress_;
+  bool drew_progress_ = false;
+  Clock::time_point start_ = Clock::now();
+  Clock::time_point last_draw_ = start_;
+  double last_loss_ = NAN;
+  std::int64_t steps_ = 0;
+  nlohmann::json trajectory_ = nlohmann::json::array();
+};
+
+nlohmann::json spec_json(const ModelSpec& s) {
+  return {{"family", s.family},
+          {"n_layer", s.n_layer},
+          {"n_embd", s.n_embd},
+          {"n_head", s.n_head},
+          {"n_inner", s.inner()},
+          {"vocab_size", s.vocab_size},
+          {"seq_len", s.seq_len},
+          {"blocks", s.blocks},
+          {"head", head_name(s.head)},
+          {"input", input_space_name(s.input)},
+          {"layers", s.layers},
+          {"dtype", dtype_name(s.dtype)},
+          {"device", s.device}};
+}
+
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Refuses, before the weights are made, what the backend says it cannot build.
+void check_supported(const Backend& backend, const std::string& name, const ModelSpec& spec) {
+  const BackendInfo info = backend.info();
+  auto list = [](const auto& items, auto to_string) {
+    std::string s;
+    for (const auto& i : items) s += (s.empty() ? "" : ", ") + std::string(to_string(i));
+    return s;
+  };
+  auto id = [](const std::string& s) { return s; };
+  if (!contains(info.families, spec.family))
+    throw Error("backend '" + name + "' does not support family '" + spec.family + "' (it supports " +
+                list(info.families, id) + ")");
+  if (!contains(info.dtypes, spec.dtype))
+    throw Error("backend '" + name + "' does not support dtype '" + dtype_name(spec.dtype) + "' (it supports " +
+                list(info.dtypes, dtype_name) + ")");
+  if (!contains(info.devices, spec.device))
+    throw Error("backend '" + name + "' does not support device '" + spec.device + "' (it supports " +
+                list(info.devices, id) + ")");
+}
+
+}  // namespace
+
+RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out) {
+  const auto run_start = Clock::now();
+
+  // Plugins first: an unknown name or a bad option fails before anything expensive.
+  std::shared_ptr<Backend> backend = registry.create_backend(config.backend);
+  backend->configure(config.backend_options);
+  check_all_read(config.backend_options);
+  std::shared_ptr<Optimizer> optimizer = registry.create_optimizer(config.optimizer);
+  optimizer->configure(config.optimizer_options);
+  check_all_read(config.optimizer_options);
+  std::shared_ptr<Decoder> decoder = registry.create_decoder(config.decoder);
+  decoder->configure(config.decoder_options);
+  check_all_read(config.decoder_options);
+
+  if (config.weights != "random")
+    throw Error(config.source + ": [model] weights = '" + config.weights +
+                "': only 'random' weights are supported by this version of lminv");
+
+  const fs::path tokenizer_dir = config.tokenizer_dir.empty() ? default_tokenizer_dir() : fs::path(config.tokenizer_dir);
+  const Tokenizer tokenizer = Tokenizer::from_folder(tokenizer_dir);
+
+  RunSummary summary;
+  summary.prompt_ids = config.prompt_text.empty() ? config.prompt_ids : tokenizer.encode(config.prompt_text);
+  if (summary.prompt_ids.empty()) throw Error(config.source + ": [prompt] has no tokens");
+  const std::string prompt_text = tokenizer.decode(summary.prompt_ids);
+
+  ModelSpec spec = config.spec;
+  spec.seq_len = static_cast<std::int64_t>(summary.prompt_ids.size());
+  if (!config.vocab_size_explicit) spec.vocab_size = tokenizer.vocab_size();
+  for (std::int64_t id : summary.prompt_ids)
+    if (id >= spec.vocab_size)
+      throw Error(config.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(spec.vocab_size) + ")");
+  check_supported(*backend, config.backend, spec);
+
+  out << "lminv run " << config.source << "\n"
+      << "  prompt    " << quoted(prompt_text) << "  (" << spec.seq_len << " tokens)\n"
+      << "  model     " << spec.family << "  d=" << spec.n_embd << "  input=" << input_space_name(spec.input)
+      << "  weights=" << config.weights << " (seed " << config.seed << ")\n"
+      << "  plugins   backend=" << config.backend << " (" << dtype_name(spec.dtype) << ", " << spec.device
+      << ")  optimizer=" << config.optimizer << "  decoder=" << config.decoder << "\n"
+      << std::flush;
+
+  auto t0 = Clock::now();
+  auto weights = std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
+  const double init_seconds = seconds_since(t0);
+  t0 = Clock::now();
+  std::shared_ptr<Model> model = keep_alive(backend->create_model(spec, weights), backend);
+
+  DecoderSetup setup;
+  setup.spec = spec;
+  setup.weights = weights;
+  setup.cache_dir = (config.cache_dir.empty() ? default_cache_dir() : fs::path(config.cache_dir)).string();
+  setup.tokenize = [&tokenizer](const std::string& text) { return tokenizer.encode(text); };
+  decoder->prepare(setup);
+  const double prepare_seconds = seconds_since(t0);
+
+  const Tensor true_input = true_input_for(summary.prompt_ids, spec, *weights);
+  const Tensor target = model->forward(true_input);
+
+  Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem")};
+  const bool progress = config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO));
+  HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress);
+  t0 = Clock::now();
+  Result result = optimizer->run(problem, observer);
+  const double optimize_seconds = seconds_since(t0);
+  observer.finish();
+
+  // Measurements of the final input.
+  Tensor found = result.input;
+  const Tensor output = model->forward(found);
+  const double out_l1 = distances(output, target, Metric::l1)[0];
+  const double out_metric = distances(output, target, result.metric)[0];
+  const double out_l2 = distances(output, target, Metric::l2)[0];
+  const double in_l2 = l2_distance(found, true_input);
+
+  // The seed's control m: how far the output moves when the true input is shifted by N(0, sigma).
+  Tensor shifted = true_input;
+  Tensor noise(true_input.dtype(), true_input.shape());
+  Rng control_rng = Rng(config.seed).fork("control");
+  fill_normal(noise, control_rng, 0.0, config.control_sigma);
+  add_scaled(shifted, 1.0, noise);
+  const Tensor shifted_output = model->forward(shifted);
+  const double m_l1 = distances(shifted_output, target, Metric::l1)[0];
+  const double m_metric = distances(shifted_output, target, result.metric)[0];
+
+  const std::int64_t width = found.dim(2);
+  const Decoded decoded = decoder->decode(std::move(found).reshape({spec.seq_len, width}));
+  summary.decoded_ids = decoded.best();
+  summary.decoded_text = tokenizer.decode(summary.decoded_ids);
+  std::int64_t correct = 0;
+  for (std::size_t t = 0; t < summary.prompt_ids.size(); ++t) correct += summary.decoded_ids[t] == summary.prompt_ids[t];
+  summary.token_accuracy = static_cast<double>(correct) / static_cast<double>(summary.prompt_ids.size());
+  summary.exact_match = correct == static_cast<std::int64_t>(summary.prompt_ids.size());
+  summary.final_loss = result.loss;
+
+  // Is the decoded prompt itself an inverse? Its output distance, re-embedded.
+  const Tensor decoded_output = model->forward(true_input_for(summary.decoded_ids, spec, *weights));
+  const double decoded_l1 = distances(decoded_output, target, Metric::l1)[0];
+
+  const double steps_per_second = observer.steps() / std::max(optimize_seconds, 1e-9);
+  out << "  result    " << quoted(summary.decoded_text) << "\n"
+      << "  recovered " << (summary.exact_match ? "yes, exactly" : "no") << "  (token accuracy "
+      << std::setprecision(3) << summary.token_accuracy * 100 << "%)\n"
+      << std::scientific << std::setprecision(4) << "  loss      " << result.loss << " (" << metric_name(result.metric)
+      << ", best of " << result.steps << " steps)\n"
+      << "  output distance  L1 " << out_l1 << "   control m (sigma " << std::defaultfloat << config.control_sigma
+      << std::scientific << ") L1 " << m_l1 << "\n"
+      << "  input distance   L2 " << in_l2 << "   ratio r = input/output (L2) "
+      << (out_l2 > 0 ? in_l2 / out_l2 : INFINITY) << "\n"
+      << std::defaultfloat << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s ("
+      << steps_per_second << " steps/s; init " << init_seconds << " s, model + decoder " << prepare_seconds
+      << " s)\n";
+
+  nlohmann::json sections = nlohmann::json::object();
+  for (const auto& [name, keys] : config.raw_sections) sections[name] = keys;
+  nlohmann::json values = nlohmann::json::object();
+  for (const auto& [k, v] : result.values) values[k] = v;
+  summary.record = {
+      {"lminv_version", LMINV_VERSION},
+      {"time", utc_timestamp()},
+      {"config_file", config.source},
+      {"config", sections},
+      {"prompt", {{"text", prompt_text}, {"ids", summary.prompt_ids}}},
+      {"model", spec_json(spec)},
+      {"weights", {{"source", config.weights}, {"seed", config.seed}}},
+      {"backend", config.backend},
+      {"optimizer", config.optimizer},
+      {"decoder", config.decoder},
+      {"metric", metric_name(result.metric)},
+      {"steps", result.steps},
+      {"final_loss", result.loss},
+      {"output_distance", {{"l1", out_l1}, {"l2", out_l2}, {"metric", out_metric}}},
+      {"control", {{"sigma", config.control_sigma}, {"l1", m_l1}, {"metric", m_metric}}},
+      {"input_distance_l2", in_l2},
+      {"ratio_input_output_l2", out_l2 > 0 ? nlohmann::json(in_l2 / out_l2) : nlohmann::json(nullptr)},
+      {"decoded", {{"ids", summary.decoded_ids}, {"text", summary.decoded_text}, {"output_distance_l1", decoded_l1}}},
+      {"exact_match", summary.exact_match},
+      {"token_accuracy", summary.token_accuracy},
+      {"trajectory", observer.trajectory()},
+      {"values", values},
+      {"time_s", {{"total", seconds_since(run_start)}, {"init", init_seconds}, {"prepare", prepare_seconds},
+                  {"optimize", optimize_seconds}}},
+      {"steps_per_s", steps_per_second},
+  };
+  const fs::path records = fs::path(config.output_dir) / "records.jsonl";
+  append_json_line(records, summary.record);
+  out << "  record    " << records.string() << "\n";
+  return summary;
+}
+
+}  // namespace lminv

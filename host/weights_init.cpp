@@ -1,0 +1,126 @@
+#include "weights_init.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "lminv/error.hpp"
+
+namespace lminv {
+
+namespace {
+
+enum class Distribution { normal, uniform };
+
+// Rounds a generated double to the tensor's dtype (bf16 through float, like Tensor::set).
+inline void store(double& out, double value) {
+  out = value;
+}
+inline void store(float& out, double value) {
+  out = static_cast<float>(value);
+}
+inline void store(bf16& out, double value) {
+  out = bf16::from_float(static_cast<float>(value));
+}
+
+// One chunk of a tensor: out[i] = value_i rounded to T, value_i drawn in double from `rng`.
+//
+// Bit-identity across platforms: the generator uses only exactly rounded operations, and contraction of a multiply and
+// an add into an FMA is switched off here (the attribute also covers Rng::normal once it is inlined into this body,
+// which would otherwise be compiled with this function's contraction setting). The uniform value is (2u - 1) * bound:
+// 2u - 1 is exact for u = k 2^-53, so the value is rounded once, fused or not. noinline keeps the OpenMP-outlined loop
+// body, compiled with the default flags, from absorbing this function.
+template <class T>
+LMINV_NO_FP_CONTRACT_ATTR __attribute__((noinline)) void fill_chunk(T* out, std::int64_t n, Rng rng,
+                                                                    Distribution distribution, double scale) {
+  LMINV_NO_FP_CONTRACT
+  if (distribution == Distribution::normal) {
+    for (std::int64_t i = 0; i < n; ++i) store(out[i], scale * rng.normal());
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) store(out[i], (2.0 * rng.uniform() - 1.0) * scale);
+  }
+}
+
+int thread_count(int threads) {
+  return threads > 0 ? threads : omp_get_max_threads();
+}
+
+Tensor random_tensor(const Rng& root, const std::string& name, DType dtype, const Shape& shape,
+                     Distribution distribution, double scale, int threads) {
+  Tensor tensor(dtype, shape);
+  const std::int64_t numel = tensor.numel();
+  const std::int64_t chunks = (numel + kInitChunkSize - 1) / kInitChunkSize;
+  const Rng stream = root.fork(name);
+  // Chunks are independent streams, so the result is the same whichever thread fills which chunk.
+#pragma omp parallel for schedule(dynamic, 4) num_threads(thread_count(threads)) if (chunks > 1)
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const Rng rng = stream.fork("chunk " + std::to_string(c));
+    const std::int64_t begin = c * kInitChunkSize;
+    const std::int64_t n = std::min(kInitChunkSize, numel - begin);
+    switch (dtype) {
+      case DType::f64: fill_chunk(tensor.data<double>() + begin, n, rng, distribution, scale); break;
+      case DType::f32: fill_chunk(tensor.data<float>() + begin, n, rng, distribution, scale); break;
+      case DType::bf16: fill_chunk(tensor.data<bf16>() + begin, n, rng, distribution, scale); break;
+    }
+  }
+  return tensor;
+}
+
+// torch.nn.Linear(in, out)'s default initialisation: weight [out, in] and bias [out], both uniform in
+// +-1/sqrt(in) (kaiming_uniform with a = sqrt(5) reduces to that bound for the weight).
+void add_linear(WeightSet& weights, const Rng& root, const std::string& name, std::int64_t in, std::int64_t out,
+                DType dtype, int threads) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  weights.set(name + ".weight", random_uniform(root, name + ".weight", dtype, {out, in}, bound, threads));
+  weights.set(name + ".bias", random_uniform(root, name + ".bias", dtype, {out}, bound, threads));
+}
+
+void require_positive(const ModelSpec& spec, const char* what, std::int64_t value) {
+  if (value <= 0)
+    throw Error("random weights for family '" + spec.family + "': " + what + " must be positive, got " +
+                std::to_string(value));
+}
+
+}  // namespace
+
+Tensor random_normal(const Rng& root, const std::string& name, DType dtype, const Shape& shape, double std,
+                     int threads) {
+  return random_tensor(root, name, dtype, shape, Distribution::normal, std, threads);
+}
+
+Tensor random_uniform(const Rng& root, const std::string& name, DType dtype, const Shape& shape, double bound,
+                      int threads) {
+  return random_tensor(root, name, dtype, shape, Distribution::uniform, bound, threads);
+}
+
+WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int threads) {
+  const bool fcnet = spec.family == "fcnet" || spec.family == "fcnet_noninvertible";
+  if (!fcnet && spec.family != "transformer_mlp")
+    throw Error("random weights: no initialisation for family '" + spec.family +
+                "' (supported: fcnet, fcnet_noninvertible, transformer_mlp)");
+  require_positive(spec, "n_embd", spec.n_embd);
+  require_positive(spec, "vocab_size", spec.vocab_size);
+
+  const Rng root(seed);
+  const std::int64_t d = spec.n_embd;
+  WeightSet weights;
+  weights.set("wte.weight", random_normal(root, "wte.weight", spec.dtype, {spec.vocab_size, d}, 0.02, threads));
+  if (fcnet) {
+    if (spec.seq_len <= 0)
+      throw Error("random weights for family '" + spec.family +
+                  "': seq_len (the prompt's token count) must be positive, got " + std::to_string(spec.seq_len) +
+                  "; the layer sizes depend on it");
+    const std::int64_t D = spec.seq_len * d;
+    add_linear(weights, root, "fc1", D, 4 * D, spec.dtype, threads);
+    add_linear(weights, root, "fc2", 4 * D, spec.family == "fcnet" ? 4 * D : D, spec.dtype, threads);
+  } else {
+    require_positive(spec, "the MLP width (n_inner, or 4 n_embd)", spec.inner());
+    add_linear(weights, root, "fc1", d, spec.inner(), spec.dtype, threads);
+    add_linear(weights, root, "fc2", spec.inner(), d, spec.dtype, threads);
+  }
+  return weights;
+}
+
+}  // namespace lminv

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up what is missing on a Debian 12 machine, builds lminv (Release, in build/), then:
+#   bash scripts/bootstrap.sh run    runs the quickstart experiment (configs/quickstart.ini)
+#   bash scripts/bootstrap.sh test   runs every test (ctest)
+#   bash scripts/bootstrap.sh build  only sets up and builds
+# Safe to run again: each step does only what is not done yet.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+action=${1:-build}
+case "$action" in run | test | build) ;; *) echo "usage: $0 run|test|build" >&2; exit 2 ;; esac
+
+# --- Debian packages ----------------------------------------------------------------------------
+packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev libgtest-dev libeigen3-dev
+  nlohmann-json3-dev libopenblas0-pthread)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# npm may come from elsewhere than Debian (nodesource, nvm): then it is not missing.
+if [[ " ${missing[*]} " == *" npm "* ]] && command -v npm >/dev/null; then
+  missing=("${missing[@]/npm/}")
+fi
+missing=(${missing[@]+"${missing[@]}"})
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  echo "bootstrap: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- GPT-2 tokenizer tables (the embedded default) -----------------------------------------------
+bash scripts/fetch-tokenizer.sh
+
+# --- build ----------------------------------------------------------------------------------------
+jobs=$(nproc)
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j "$jobs"
+
+case "$action" in
+  run) ./build/bin/lminv run configs/quickstart.ini ;;
+  test) ctest --test-dir build --output-on-failure -j "$jobs" ;;
+  build) ;;
+esac

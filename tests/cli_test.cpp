@@ -1,0 +1,143 @@
+// The lminv program end to end: commands, exit codes, error messages, records, and the quickstart.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Outcome {
+  int status = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs `lminv ARGS` in a shell with stderr folded into stdout.
+Outcome lminv(const std::string& args) {
+  const std::string command = std::string(LMINV_BINARY) + " " + args + " 2>&1";
+  Outcome o;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) return o;
+  std::array<char, 4096> buf{};
+  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), pipe)) o.output.append(buf.data(), n);
+  const int raw = ::pclose(pipe);
+  o.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  return o;
+}
+
+std::vector<nlohmann::json> read_records(const fs::path& file) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("lminv-cli-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "-" +
+            std::to_string(::getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Options that keep a run's files inside this test's folder.
+  std::string isolated() const {
+    return " --set output.dir=" + (dir_ / "out").string() + " --set output.cache_dir=" + (dir_ / "cache").string();
+  }
+  fs::path records() const { return dir_ / "out" / "records.jsonl"; }
+
+  fs::path dir_;
+  const std::string tiny_ = std::string(LMINV_TEST_DATA_DIR) + "/tiny-fcnet.ini";
+};
+
+}  // namespace
+
+TEST_F(Cli, PluginsListsTheBuiltInsWithVersionsAndFiles) {
+  const Outcome o = lminv("plugins");
+  ASSERT_EQ(o.status, 0) << o.output;
+  for (const char* line : {"backend   reference         0.1.0", "optimizer descent           0.1.0",
+                           "decoder   pinv              0.1.0"})
+    EXPECT_NE(o.output.find(line), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("lminv-plugin-reference.so"), std::string::npos);
+  EXPECT_NE(o.output.find("dtypes f64,f32"), std::string::npos) << o.output;  // what the backend supports
+}
+
+TEST_F(Cli, TokenizePrintsIdsAndPieces) {
+  const Outcome o = lminv("tokenize The sky is blue.");
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_EQ(o.output.substr(0, o.output.find('\n')), "464 6766 318 4171 13");
+  EXPECT_NE(o.output.find("6766  \" sky\""), std::string::npos) << o.output;
+}
+
+TEST_F(Cli, EveryCommandHasHelp) {
+  for (const char* command : {"run", "plugins", "tokenize"}) {
+    const Outcome o = lminv(std::string(command) + " --help");
+    EXPECT_EQ(o.status, 0) << command;
+    EXPECT_NE(o.output.find(std::string("lminv ") + command), std::string::npos) << o.output;
+  }
+  EXPECT_EQ(lminv("frobnicate").status, 2);
+  EXPECT_EQ(lminv("").status, 2);
+}
+
+TEST_F(Cli, RunRecoversTheTinyFcnetPromptAndAppendsWholeRecords) {
+  const Outcome first = lminv("run " + tiny_ + isolated());
+  ASSERT_EQ(first.status, 0) << first.output;
+  EXPECT_NE(first.output.find("recovered yes, exactly"), std::string::npos) << first.output;
+  EXPECT_NE(first.output.find("a_30"), std::string::npos) << first.output;  // a snapshot step
+  std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0]["decoded"]["text"], "The sky is blue.");
+  EXPECT_EQ(r[0]["prompt"]["ids"], (std::vector<int>{464, 6766, 318, 4171, 13}));
+  EXPECT_TRUE(r[0]["exact_match"].get<bool>());
+  EXPECT_EQ(r[0]["trajectory"].size(), 3u);
+  EXPECT_GT(r[0]["control"]["l1"].get<double>(), 0.0);
+
+  // A second run appends; the first record stays as it was.
+  const std::string before = r[0].dump();
+  ASSERT_EQ(lminv("run " + tiny_ + isolated() + " --set optimizer.steps=2").status, 0);
+  r = read_records(records());
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0].dump(), before);
+  EXPECT_EQ(r[1]["steps"], 2);
+}
+
+TEST_F(Cli, BadConfigsNameTheFileKeyAndValue) {
+  struct Case {
+    std::string args, expect;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"run /no/such.ini", "/no/such.ini: cannot open the config file"},
+           {"run " + tiny_ + " --set model.n_embd=wide", "[model] n_embd = 'wide': 'wide' is not an integer"},
+           {"run " + tiny_ + " --set optimizer.stpes=3", "unknown key in [optimizer]: stpes = '3'"},
+           {"run " + tiny_ + " --set decoder.top_k=0", "[decoder] top_k = '0'"},
+           {"run " + tiny_ + " --set backend.threads=-2", "[backend] threads = '-2'"},
+           {"run " + tiny_ + " --set backend.name=nope", "no backend plugin named 'nope'; available: reference"},
+           {"run " + tiny_ + " --set prompt.text= --set prompt.ids=1,99999999", "outside the vocabulary"},
+           {"run " + tiny_ + " --set backend.dtype=bf16", "does not support dtype 'bf16'"},
+       }) {
+    const Outcome o = lminv(c.args + isolated());
+    EXPECT_EQ(o.status, 1) << c.args << "\n" << o.output;
+    EXPECT_NE(o.output.find(c.expect), std::string::npos) << c.args << "\n" << o.output;
+    if (c.args.find(tiny_) != std::string::npos && c.expect.find("plugin") == std::string::npos &&
+        c.expect.find("support") == std::string::npos && c.expect.find("vocabulary") == std::string::npos)
+      EXPECT_NE(o.output.find("tiny-fcnet.ini"), std::string::npos) << o.output;
+    EXPECT_FALSE(fs::exists(records())) << "a failed run must not write a record";
+  }
+}
+
+TEST_F(Cli, QuickstartRecoversThePromptExactly) {
+  const Outcome o = lminv("run " + std::string(LMINV_SOURCE_DIR) + "/configs/quickstart.ini" + isolated());
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("result    \"This is a prompt sentence.\""), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("recovered yes, exactly"), std::string::npos) << o.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_TRUE(r[0]["exact_match"].get<bool>());
+  EXPECT_EQ(r[0]["model"]["n_embd"], 768);
+}

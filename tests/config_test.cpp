@@ -1,0 +1,152 @@
+// Experiment configs: INI parsing, --set overrides, and errors that name the file, key and value.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "config.hpp"
+
+using namespace lminv;
+
+namespace {
+
+// The error message of `f`, or "" when it throws nothing.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+ExperimentConfig parse(const std::string& text, const std::vector<std::string>& overrides = {}) {
+  return parse_experiment(parse_config_text(text, "test.ini", overrides));
+}
+
+const char* kValid = R"(
+# a comment
+[model]
+family = fcnet      ; the seed's FCNet
+n_embd = 32
+seed = 7
+[backend]
+name = reference
+dtype = f32
+threads = 1
+[prompt]
+text = The sky is blue.
+[optimizer]
+name = descent
+steps = 60
+lr = 0.5
+[decoder]
+name = pinv
+[output]
+dir = runs/test
+snapshot_steps = 20, 40 60
+)";
+
+}  // namespace
+
+TEST(Config, ReadsTheDesignKeys) {
+  const ExperimentConfig c = parse(kValid);
+  EXPECT_EQ(c.spec.family, "fcnet");
+  EXPECT_EQ(c.spec.n_embd, 32);
+  EXPECT_EQ(c.seed, 7u);
+  EXPECT_EQ(c.spec.dtype, DType::f32);
+  EXPECT_EQ(c.backend, "reference");
+  EXPECT_EQ(c.prompt_text, "The sky is blue.");
+  EXPECT_EQ(c.optimizer, "descent");
+  EXPECT_EQ(c.optimizer_options.get_int("steps", 0), 60);
+  EXPECT_EQ(c.backend_options.get_int("threads", 0), 1);
+  EXPECT_EQ(c.snapshot_steps, (std::vector<std::int64_t>{20, 40, 60}));
+  EXPECT_EQ(c.output_dir, "runs/test");
+  EXPECT_FALSE(c.vocab_size_explicit);
+}
+
+TEST(Config, DefaultsFollowTheDesign) {
+  const ExperimentConfig c = parse("[prompt]\ntext = hi\n");
+  EXPECT_EQ(c.spec.family, "gpt2");
+  EXPECT_EQ(c.spec.n_layer, 12);
+  EXPECT_EQ(c.spec.n_embd, 768);
+  EXPECT_EQ(c.spec.blocks, 1);
+  EXPECT_EQ(c.spec.head, Head::lm_head);
+  EXPECT_EQ(c.spec.input, InputSpace::embedding);
+  EXPECT_EQ(c.spec.dtype, DType::f64);
+  EXPECT_EQ(c.backend, "reference");
+  EXPECT_EQ(c.optimizer, "descent");
+  EXPECT_EQ(c.decoder, "pinv");
+  EXPECT_EQ(c.weights, "random");
+}
+
+TEST(Config, SetOverridesAValueAndMayAddOne) {
+  const ExperimentConfig c = parse(kValid, {"optimizer.steps=5", "model.blocks=0", "prompt.text=a = b"});
+  EXPECT_EQ(c.optimizer_options.get_int("steps", 0), 5);
+  EXPECT_EQ(c.spec.blocks, 0);
+  EXPECT_EQ(c.prompt_text, "a = b");  // only the first '=' separates
+}
+
+TEST(Config, UnknownKeyInAHostSectionNamesFileSectionKeyAndValue) {
+  const std::string msg = error_of([] { parse("[model]\nfamliy = fcnet\n[prompt]\ntext = x\n"); });
+  EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[model]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("famliy = 'fcnet'"), std::string::npos) << msg;
+}
+
+TEST(Config, UnknownSectionIsAnError) {
+  const std::string msg = error_of([] { parse("[modle]\nfamily = fcnet\n"); });
+  EXPECT_NE(msg.find("unknown section [modle]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
+}
+
+TEST(Config, MalformedValuesNameTheKeyAndValue) {
+  struct Case {
+    std::string text, expect;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"[model]\nn_embd = big\n[prompt]\ntext=x\n", "[model] n_embd = 'big': 'big' is not an integer"},
+           {"[model]\nn_embd = -3\n[prompt]\ntext=x\n", "[model] n_embd = '-3': must be positive"},
+           {"[model]\nfamily = gpt3\n[prompt]\ntext=x\n", "[model] family = 'gpt3': expected one of"},
+           {"[model]\nblocks = 13\n[prompt]\ntext=x\n", "[model] blocks = '13': must be in 0..n_layer"},
+           {"[backend]\ndtype = f16\n[prompt]\ntext=x\n", "[backend] dtype = 'f16': expected one of f32 | f64 | bf16"},
+           {"[output]\ncontrol_sigma = x\n[prompt]\ntext=x\n", "[output] control_sigma = 'x': 'x' is not a number"},
+           {"[prompt]\nids = 1 two 3\n", "[prompt] ids = '1 two 3': 'two' is not an integer"},
+           {"[prompt]\ntext = a\nids = 1\n", "give exactly one of text or ids"},
+           {"[model]\nfamily = fcnet\n", "give exactly one of text or ids"},
+       }) {
+    const std::string msg = error_of([&] { parse(c.text); });
+    EXPECT_NE(msg.find(c.expect), std::string::npos) << "config:\n" << c.text << "message: " << msg;
+    EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
+  }
+}
+
+TEST(Config, SyntaxErrorsNameTheFile) {
+  EXPECT_NE(error_of([] { parse("[prompt]\nthis line has no equals sign\n"); }).find("test.ini"), std::string::npos);
+  EXPECT_NE(error_of([] { parse("key = outside\n"); }).find("outside a [section]"), std::string::npos);
+  EXPECT_NE(error_of([] { parse("[prompt]\ntext = a\ntext = b\n"); }).find("given twice"), std::string::npos);
+  EXPECT_NE(error_of([] { parse(kValid, {"optimizer.steps"}); }).find("expected section.key=value"), std::string::npos);
+  EXPECT_NE(error_of([] { parse(kValid, {"nosection=1"}); }).find("outside a [section]"), std::string::npos);
+}
+
+TEST(Config, PluginSectionKeysAreLeftForThePluginAndCheckedAfterwards) {
+  const ExperimentConfig c = parse(kValid, {"optimizer.stepz=3"});
+  (void)c.optimizer_options.get_int("steps", 0);
+  (void)c.optimizer_options.get_double("lr", 0);
+  const std::string msg = error_of([&] { check_all_read(c.optimizer_options); });
+  EXPECT_NE(msg.find("unknown key in [optimizer]: stepz = '3'"), std::string::npos) << msg;
+}
+
+TEST(Config, MissingFileIsNamed) {
+  const std::string msg = error_of([] { read_config("/no/such/config.ini"); });
+  EXPECT_NE(msg.find("/no/such/config.ini"), std::string::npos) << msg;
+}
+
+TEST(Config, ReadsAFileWithCommentsOfBothKinds) {
+  const std::filesystem::path file = std::filesystem::temp_directory_path() / "lminv-config-test.ini";
+  std::ofstream(file) << "; leading comment\n[prompt]\ntext = hello world   # trailing\n";
+  const ExperimentConfig c = parse_experiment(read_config(file));
+  EXPECT_EQ(c.prompt_text, "hello world");
+  EXPECT_EQ(c.source, file.string());
+  std::filesystem::remove(file);
+}
