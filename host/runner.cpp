@@ -45,6 +45,22 @@ Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spe
   return input;
 }
 
+// Text of token ids for people to read; ids the tokenizer does not know (a model vocabulary larger
+// than the tokenizer's) are shown as <id>.
+std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids) {
+  std::string text;
+  std::vector<std::int64_t> run;
+  for (std::int64_t id : ids) {
+    if (id >= 0 && id < tokenizer.vocab_size()) {
+      run.push_back(id);
+      continue;
+    }
+    text += tokenizer.decode(run) + "<" + std::to_string(id) + ">";
+    run.clear();
+  }
+  return text + tokenizer.decode(run);
+}
+
 // Prints the decoded attempt at the chosen steps and a progress line with an ETA on a terminal.
 class HostObserver final : public Observer {
  public:
@@ -72,7 +88,7 @@ class HostObserver final : public Observer {
     item = std::move(item).reshape({item.dim(1), item.dim(2)});
     const Decoded d = decoder_.decode(item);
     const std::vector<std::int64_t> ids = d.best();
-    const std::string text = tokenizer_.decode(ids);
+    const std::string text = display_text(tokenizer_, ids);
     if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
     out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << step.loss[0]
          << std::defaultfloat << "  " << quoted(text) << "\n"
@@ -174,7 +190,6 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   RunSummary summary;
   summary.prompt_ids = config.prompt_text.empty() ? config.prompt_ids : tokenizer.encode(config.prompt_text);
   if (summary.prompt_ids.empty()) throw Error(config.source + ": [prompt] has no tokens");
-  const std::string prompt_text = tokenizer.decode(summary.prompt_ids);
 
   ModelSpec spec = config.spec;
   spec.seq_len = static_cast<std::int64_t>(summary.prompt_ids.size());
@@ -183,6 +198,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
     if (id >= spec.vocab_size)
       throw Error(config.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
                   std::to_string(spec.vocab_size) + ")");
+  const std::string prompt_text = display_text(tokenizer, summary.prompt_ids);
   check_supported(*backend, config.backend, spec);
 
   out << "lminv run " << config.source << "\n"
@@ -239,7 +255,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const std::int64_t width = found.dim(2);
   const Decoded decoded = decoder->decode(std::move(found).reshape({spec.seq_len, width}));
   summary.decoded_ids = decoded.best();
-  summary.decoded_text = tokenizer.decode(summary.decoded_ids);
+  summary.decoded_text = display_text(tokenizer, summary.decoded_ids);
   std::int64_t correct = 0;
   for (std::size_t t = 0; t < summary.prompt_ids.size(); ++t) correct += summary.decoded_ids[t] == summary.prompt_ids[t];
   summary.token_accuracy = static_cast<double>(correct) / static_cast<double>(summary.prompt_ids.size());

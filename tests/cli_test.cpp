@@ -110,23 +110,24 @@ TEST_F(Cli, RunRecoversTheTinyFcnetPromptAndAppendsWholeRecords) {
 TEST_F(Cli, BadConfigsNameTheFileKeyAndValue) {
   struct Case {
     std::string args, expect;
+    bool names_config = true;  // errors about the config's own values name its file
   };
   for (const Case& c : std::vector<Case>{
-           {"run /no/such.ini", "/no/such.ini: cannot open the config file"},
+           {"run /no/such.ini", "/no/such.ini: cannot open the config file", false},
            {"run " + tiny_ + " --set model.n_embd=wide", "[model] n_embd = 'wide': 'wide' is not an integer"},
            {"run " + tiny_ + " --set optimizer.stpes=3", "unknown key in [optimizer]: stpes = '3'"},
            {"run " + tiny_ + " --set decoder.top_k=0", "[decoder] top_k = '0'"},
            {"run " + tiny_ + " --set backend.threads=-2", "[backend] threads = '-2'"},
-           {"run " + tiny_ + " --set backend.name=nope", "no backend plugin named 'nope'; available: reference"},
-           {"run " + tiny_ + " --set prompt.text= --set prompt.ids=1,99999999", "outside the vocabulary"},
-           {"run " + tiny_ + " --set backend.dtype=bf16", "does not support dtype 'bf16'"},
+           {"run " + tiny_ + " --set prompt.text= --set prompt.ids=1,99999999", "token id 99999999 is outside"},
+           {"run " + tiny_ + " --set backend.name=nope", "no backend plugin named 'nope'; available: reference", false},
+           {"run " + tiny_ + " --set backend.dtype=bf16", "does not support dtype 'bf16'", false},
        }) {
     const Outcome o = lminv(c.args + isolated());
     EXPECT_EQ(o.status, 1) << c.args << "\n" << o.output;
     EXPECT_NE(o.output.find(c.expect), std::string::npos) << c.args << "\n" << o.output;
-    if (c.args.find(tiny_) != std::string::npos && c.expect.find("plugin") == std::string::npos &&
-        c.expect.find("support") == std::string::npos && c.expect.find("vocabulary") == std::string::npos)
+    if (c.names_config) {
       EXPECT_NE(o.output.find("tiny-fcnet.ini"), std::string::npos) << o.output;
+    }
     EXPECT_FALSE(fs::exists(records())) << "a failed run must not write a record";
   }
 }
