@@ -77,10 +77,53 @@ void add_linear(WeightSet& weights, const Rng& root, const std::string& name, st
   weights.set(name + ".bias", random_uniform(root, name + ".bias", dtype, {out}, bound, threads));
 }
 
+// Every element `value` (LayerNorm weights and biases, the other biases: no random stream).
+Tensor constant(DType dtype, const Shape& shape, double value) {
+  Tensor tensor(dtype, shape);
+  if (value != 0.0)
+    for (std::int64_t i = 0; i < tensor.numel(); ++i) tensor.set(i, value);
+  return tensor;
+}
+
 void require_positive(const ModelSpec& spec, const char* what, std::int64_t value) {
   if (value <= 0)
     throw Error("random weights for family '" + spec.family + "': " + what + " must be positive, got " +
                 std::to_string(value));
+}
+
+// Hugging Face's GPT2PreTrainedModel._init_weights: Conv1D weights and both embeddings N(0, 0.02^2), the two
+// residual projections ("c_proj.weight") N(0, (0.02 / sqrt(2 n_layer))^2), biases 0, LayerNorm weight 1 and bias 0.
+// Always all n_layer blocks, so a model of the first k blocks sees the same weights whatever k is.
+void add_gpt2(WeightSet& weights, const ModelSpec& spec, const Rng& root, int threads) {
+  require_positive(spec, "n_positions", spec.n_positions);
+  require_positive(spec, "the MLP width (n_inner, or 4 n_embd)", spec.inner());
+  if (spec.n_layer < 0)
+    throw Error("random weights for family 'gpt2': n_layer must not be negative, got " + std::to_string(spec.n_layer));
+  const std::int64_t d = spec.n_embd, inner = spec.inner();
+  const double std = 0.02, proj_std = 0.02 / std::sqrt(2.0 * static_cast<double>(spec.n_layer));
+  const DType dtype = spec.dtype;
+  auto normal = [&](const std::string& name, const Shape& shape, double s) {
+    weights.set(name, random_normal(root, name, dtype, shape, s, threads));
+  };
+  auto layer_norm = [&](const std::string& name) {
+    weights.set(name + ".weight", constant(dtype, {d}, 1.0));
+    weights.set(name + ".bias", constant(dtype, {d}, 0.0));
+  };
+  normal("wpe.weight", {spec.n_positions, d}, std);
+  for (std::int64_t i = 0; i < spec.n_layer; ++i) {
+    const std::string h = "h." + std::to_string(i) + ".";
+    layer_norm(h + "ln_1");
+    normal(h + "attn.c_attn.weight", {d, 3 * d}, std);  // Conv1D: [in, out]
+    weights.set(h + "attn.c_attn.bias", constant(dtype, {3 * d}, 0.0));
+    normal(h + "attn.c_proj.weight", {d, d}, proj_std);
+    weights.set(h + "attn.c_proj.bias", constant(dtype, {d}, 0.0));
+    layer_norm(h + "ln_2");
+    normal(h + "mlp.c_fc.weight", {d, inner}, std);
+    weights.set(h + "mlp.c_fc.bias", constant(dtype, {inner}, 0.0));
+    normal(h + "mlp.c_proj.weight", {inner, d}, proj_std);
+    weights.set(h + "mlp.c_proj.bias", constant(dtype, {d}, 0.0));
+  }
+  layer_norm("ln_f");
 }
 
 }  // namespace
@@ -97,9 +140,10 @@ Tensor random_uniform(const Rng& root, const std::string& name, DType dtype, con
 
 WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int threads) {
   const bool fcnet = spec.family == "fcnet" || spec.family == "fcnet_noninvertible";
-  if (!fcnet && spec.family != "transformer_mlp")
+  const bool gpt2 = spec.family == "gpt2";
+  if (!fcnet && !gpt2 && spec.family != "transformer_mlp")
     throw Error("random weights: no initialisation for family '" + spec.family +
-                "' (supported: fcnet, fcnet_noninvertible, transformer_mlp)");
+                "' (supported: gpt2, fcnet, fcnet_noninvertible, transformer_mlp)");
   require_positive(spec, "n_embd", spec.n_embd);
   require_positive(spec, "vocab_size", spec.vocab_size);
 
@@ -107,7 +151,9 @@ WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int thr
   const std::int64_t d = spec.n_embd;
   WeightSet weights;
   weights.set("wte.weight", random_normal(root, "wte.weight", spec.dtype, {spec.vocab_size, d}, 0.02, threads));
-  if (fcnet) {
+  if (gpt2) {
+    add_gpt2(weights, spec, root, threads);
+  } else if (fcnet) {
     if (spec.seq_len <= 0)
       throw Error("random weights for family '" + spec.family +
                   "': seq_len (the prompt's token count) must be positive, got " + std::to_string(spec.seq_len) +
