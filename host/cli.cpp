@@ -1,14 +1,23 @@
 #include "cli.hpp"
 
 #include <boost/program_options.hpp>
+#include <chrono>
+#include <cmath>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <optional>
+#include <sstream>
 
+#include "checkpoint.hpp"
 #include "config.hpp"
+#include "experiment.hpp"
 #include "paths.hpp"
 #include "registry.hpp"
+#include "report.hpp"
 #include "runner.hpp"
+#include "safetensors.hpp"
 #include "tokenizer.hpp"
 
 namespace lminv {
@@ -23,12 +32,15 @@ struct UsageError : Error {
 };
 
 constexpr const char* kOverview =
-    "lminv " LMINV_VERSION " - run language models backwards\n"
+    "lminv " LMINV_VERSION
+    " - run language models backwards\n"
     "\n"
     "usage: lminv COMMAND [options]\n"
     "\n"
     "commands:\n"
     "  run CONFIG [--set section.key=value ...]   run an inversion experiment\n"
+    "  forward CONFIG --out FILE.safetensors      write the config's model output (and input gradient)\n"
+    "  init CONFIG --out DIR                      save the config's model as a Hugging Face GPT-2 folder\n"
     "  plugins                                    list the plugins found, and those refused\n"
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
     "\n"
@@ -36,8 +48,8 @@ constexpr const char* kOverview =
 
 po::options_description common_options() {
   po::options_description d("common options");
-  d.add_options()("help,h", "show this help")(
-      "plugin-dir", po::value<std::vector<std::string>>()->composing(), "also search DIR for plugins (repeatable)");
+  d.add_options()("help,h", "show this help")("plugin-dir", po::value<std::vector<std::string>>()->composing(),
+                                              "also search DIR for plugins (repeatable)");
   return d;
 }
 
@@ -70,28 +82,166 @@ void warn_rejected(const Registry& registry, std::ostream& err) {
     err << "lminv: warning: refused plugin " << r.file.string() << ": " << r.reason << "\n";
 }
 
-int cmd_run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
-  po::options_description visible("lminv run CONFIG [options]\n\nRuns the experiment described by CONFIG (an INI file; "
-                                  "see docs/configs.md) and appends its record to <output.dir>/records.jsonl.\n\noptions");
-  visible.add(common_options());
-  visible.add_options()("set", po::value<std::vector<std::string>>()->composing(),
-                        "override a config value: section.key=value (repeatable)");
+// The positional CONFIG with its --set overrides, parsed and checked.
+ExperimentConfig config_from(const po::variables_map& vm, const char* command) {
+  if (!vm.count("config"))
+    throw UsageError(std::string(command) + ": missing CONFIG (see lminv " + command + " --help)");
+  const std::vector<std::string> overrides =
+      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  return parse_experiment(read_config(vm["config"].as<std::string>(), overrides));
+}
+
+po::options_description config_options() {
+  po::options_description d;
+  d.add_options()("set", po::value<std::vector<std::string>>()->composing(),
+                  "override a config value: section.key=value (repeatable)");
+  return d;
+}
+
+po::options_description config_positional(po::positional_options_description& positional) {
   po::options_description hidden;
   hidden.add_options()("config", po::value<std::string>());
-  po::positional_options_description positional;
   positional.add("config", 1);
-  const po::variables_map vm = parse(args, visible, positional, hidden);
+  return hidden;
+}
+
+int cmd_run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv run CONFIG [options]\n\nRuns the experiment described by CONFIG (an INI file; "
+      "see docs/configs.md) and appends its record to <output.dir>/records.jsonl.\n\noptions");
+  visible.add(common_options()).add(config_options());
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
   if (vm.count("help")) {
     out << visible << "\n";
     return 0;
   }
-  if (!vm.count("config")) throw UsageError("run: missing CONFIG (see lminv run --help)");
-  const std::vector<std::string> overrides =
-      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  const ExperimentConfig config = parse_experiment(read_config(vm["config"].as<std::string>(), overrides));
+  const ExperimentConfig config = config_from(vm, "run");
   const Registry registry = make_registry(vm);
   warn_rejected(registry, err);
   run_experiment(config, registry, out);
+  return 0;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv forward CONFIG --out FILE.safetensors [options]\n\nRuns the config's model on its prompt and writes "
+      "'input' (the true input), 'output' and, with --grad, 'input_grad' (the input gradient of the metric against "
+      "a zero target) to FILE, with the prompt ids and the loss in its metadata. Prints the times of the forward pass "
+      "and of the forward + backward pass.\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("out", po::value<std::string>(), "the safetensors file to write")(
+      "grad", po::value<std::string>(), "also the input gradient of METRIC (l1 | l2 | cosine) against a zero target")(
+      "repeat", po::value<int>()->default_value(1), "time each pass N times; prints the best and the mean");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("out")) throw UsageError("forward: missing --out FILE.safetensors");
+  const int repeat = vm["repeat"].as<int>();
+  if (repeat < 1) throw UsageError("forward: --repeat must be at least 1");
+  std::optional<Metric> metric;
+  if (vm.count("grad")) {
+    metric = parse_metric(vm["grad"].as<std::string>());
+    if (!metric) throw UsageError("forward: --grad '" + vm["grad"].as<std::string>() + "': expected l1, l2 or cosine");
+  }
+  const ExperimentConfig config = config_from(vm, "forward");
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  Experiment e = build_experiment(config, make_backend(config, registry));
+
+  // Times of `repeat` calls of f: best and mean.
+  auto timed = [repeat](auto&& f) {
+    double best = INFINITY, total = 0;
+    for (int i = 0; i < repeat; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      f();
+      const double s = seconds_since(start);
+      best = std::min(best, s);
+      total += s;
+    }
+    return std::pair{best, total / repeat};
+  };
+  Tensor output;
+  const auto [forward_best, forward_mean] = timed([&] { output = e.model->forward(e.true_input); });
+  std::map<std::string, Tensor> tensors{{"input", e.true_input}, {"output", output}};
+  std::map<std::string, std::string> metadata{{"prompt_ids", nlohmann::json(e.prompt_ids).dump()},
+                                              {"model", e.spec.family},
+                                              {"blocks", std::to_string(e.spec.blocks)},
+                                              {"head", head_name(e.spec.head)},
+                                              {"input_space", input_space_name(e.spec.input)},
+                                              {"dtype", dtype_name(e.spec.dtype)},
+                                              {"backend", config.backend},
+                                              {"config", config.source}};
+
+  out << "lminv forward " << config.source << "\n"
+      << "  prompt    " << nlohmann::json(e.prompt_text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+      << "  (" << e.spec.seq_len << " tokens)\n"
+      << "  output    " << shape_string(output.shape()) << " " << dtype_name(output.dtype()) << "\n"
+      << std::setprecision(4) << "  forward             best " << forward_best << " s, mean " << forward_mean
+      << " s over " << repeat << "\n";
+  if (metric) {
+    const Tensor zero_target(output.dtype(), output.shape());
+    LossAndGrad lg;
+    const auto [grad_best, grad_mean] = timed([&] { lg = e.model->loss_and_grad(e.true_input, zero_target, *metric); });
+    tensors["input_grad"] = lg.grad;
+    metadata["grad_metric"] = metric_name(*metric);
+    metadata["loss"] = nlohmann::json(lg.loss[0]).dump();
+    out << "  forward + backward  best " << grad_best << " s, mean " << grad_mean << " s over " << repeat << "  ("
+        << metric_name(*metric) << " loss " << lg.loss[0] << ")\n";
+  }
+  write_safetensors(vm["out"].as<std::string>(), tensors, metadata);
+  out << "  wrote     " << vm["out"].as<std::string>() << "\n";
+  return 0;
+}
+
+int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
+  po::options_description visible(
+      "lminv init CONFIG --out DIR [options]\n\nSaves the config's GPT-2 model (its seeded random weights, or "
+      "the checkpoint it names) as a Hugging Face folder: model.safetensors, config.json, and the tokenizer's "
+      "vocab.json and merges.txt.\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("out", po::value<std::string>(), "the folder to write");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("out")) throw UsageError("init: missing --out DIR");
+  const ExperimentConfig config = config_from(vm, "init");
+  if (config.spec.family != "gpt2")
+    throw Error(config.source + ": [model] family = " + config.spec.family +
+                ": lminv init writes Hugging Face GPT-2 folders (family = gpt2)");
+  const fs::path dir = vm["out"].as<std::string>();
+  const fs::path tokenizer_dir = tokenizer_folder(config);
+  const Tokenizer tokenizer = Tokenizer::from_folder(tokenizer_dir);
+  ModelSpec spec = config.spec;
+  spec.seq_len = 1;
+  if (!config.vocab_size_explicit) spec.vocab_size = tokenizer.vocab_size();
+  const auto start = std::chrono::steady_clock::now();
+  const std::shared_ptr<const WeightSet> weights = make_weights(config, spec);
+  save_gpt2_checkpoint(dir, spec, *weights);
+  // The tokenizer goes with the model, in Hugging Face's file names (the formats are the same).
+  const bool hf_names = fs::exists(tokenizer_dir / "vocab.json");
+  for (auto [from, to] : {std::pair{hf_names ? "vocab.json" : "encoder.json", "vocab.json"},
+                          std::pair{hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"}}) {
+    std::ifstream in(tokenizer_dir / from, std::ios::binary);
+    if (!in) throw Error((tokenizer_dir / from).string() + ": cannot read the tokenizer file");
+    std::stringstream bytes;
+    bytes << in.rdbuf();
+    write_file_atomically(dir / to, bytes.str());
+  }
+  out << "lminv init " << config.source << "\n  wrote " << dir.string() << ": gpt2 n_layer=" << spec.n_layer
+      << " n_embd=" << spec.n_embd << " n_head=" << spec.n_head << " vocab_size=" << spec.vocab_size << " ("
+      << weights->nbytes() / 1e6 << " MB, " << dtype_name(spec.dtype) << ") in " << std::setprecision(3)
+      << seconds_since(start) << " s\n";
   return 0;
 }
 
@@ -112,8 +262,9 @@ std::string supports(const Registry& registry, const PluginInfo& info) {
 }
 
 int cmd_plugins(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
-  po::options_description visible("lminv plugins [options]\n\nLists the plugins found in the search folders "
-                                  "(kind, name, version, file, what it supports) and those refused, with why.\n\noptions");
+  po::options_description visible(
+      "lminv plugins [options]\n\nLists the plugins found in the search folders "
+      "(kind, name, version, file, what it supports) and those refused, with why.\n\noptions");
   visible.add(common_options());
   const po::variables_map vm = parse(args, visible, {}, {});
   if (vm.count("help")) {
@@ -121,7 +272,8 @@ int cmd_plugins(const std::vector<std::string>& args, std::ostream& out, std::os
     return 0;
   }
   const Registry registry = make_registry(vm);
-  out << std::left << std::setw(10) << "KIND" << std::setw(18) << "NAME" << std::setw(10) << "VERSION" << "FILE\n";
+  out << std::left << std::setw(10) << "KIND" << std::setw(18) << "NAME" << std::setw(10) << "VERSION"
+      << "FILE\n";
   for (PluginKind kind : {PluginKind::backend, PluginKind::optimizer, PluginKind::decoder})
     for (const PluginInfo& p : registry.plugins()) {
       if (p.kind != kind) continue;
@@ -140,8 +292,9 @@ int cmd_plugins(const std::vector<std::string>& args, std::ostream& out, std::os
 }
 
 int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
-  po::options_description visible("lminv tokenize TEXT [options]\n\nPrints the GPT-2 token ids of TEXT, then each "
-                                  "token's id and piece.\n\noptions");
+  po::options_description visible(
+      "lminv tokenize TEXT [options]\n\nPrints the GPT-2 token ids of TEXT, then each "
+      "token's id and piece.\n\noptions");
   visible.add_options()("help,h", "show this help")(
       "tokenizer", po::value<std::string>(),
       "folder with vocab.json + merges.txt or encoder.json + vocab.bpe (default: the embedded GPT-2 tables)");
@@ -157,15 +310,15 @@ int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::o
   if (!vm.count("text")) throw UsageError("tokenize: missing TEXT (see lminv tokenize --help)");
   std::string text;
   for (const std::string& word : vm["text"].as<std::vector<std::string>>()) text += (text.empty() ? "" : " ") + word;
-  const Tokenizer tokenizer =
-      Tokenizer::from_folder(vm.count("tokenizer") ? fs::path(vm["tokenizer"].as<std::string>()) : default_tokenizer_dir());
+  const Tokenizer tokenizer = Tokenizer::from_folder(vm.count("tokenizer") ? fs::path(vm["tokenizer"].as<std::string>())
+                                                                           : default_tokenizer_dir());
   const std::vector<std::int64_t> ids = tokenizer.encode(text);
   for (std::size_t i = 0; i < ids.size(); ++i) out << (i ? " " : "") << ids[i];
   out << "\n";
   for (std::int64_t id : ids) {
     nlohmann::json piece = tokenizer.decode({id});
-    out << std::setw(8) << std::right << id << "  " << piece.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-        << "\n";
+    out << std::setw(8) << std::right << id << "  "
+        << piece.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   }
   return 0;
 }
@@ -182,7 +335,11 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     return 0;
   }
   const std::map<std::string, int (*)(const std::vector<std::string>&, std::ostream&, std::ostream&)> commands = {
-      {"run", cmd_run}, {"plugins", cmd_plugins}, {"tokenize", cmd_tokenize}};
+      {"run", cmd_run},
+      {"forward", cmd_forward},
+      {"init", cmd_init},
+      {"plugins", cmd_plugins},
+      {"tokenize", cmd_tokenize}};
   auto command = commands.find(args[0]);
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   try {

@@ -6,14 +6,14 @@
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
+#include <optional>
 #include <ostream>
 #include <sstream>
 
+#include "experiment.hpp"
 #include "lminv/ops.hpp"
 #include "paths.hpp"
 #include "report.hpp"
-#include "tokenizer.hpp"
-#include "weights_init.hpp"
 
 namespace lminv {
 
@@ -31,36 +31,6 @@ std::string quoted(const std::string& text) {
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-// The true input for the prompt: its token-embedding rows (1, T, d), or one-hot vectors (1, T, V).
-Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {
-  const std::int64_t T = static_cast<std::int64_t>(ids.size());
-  Tensor input(spec.dtype, input_shape(spec, 1));
-  if (spec.input == InputSpace::vocab) {
-    for (std::int64_t t = 0; t < T; ++t) input.set(t * spec.vocab_size + ids[t], 1.0);
-    return input;
-  }
-  const Tensor& wte = weights.get("wte.weight", {spec.vocab_size, spec.n_embd});
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t j = 0; j < spec.n_embd; ++j) input.set(t * spec.n_embd + j, wte.get(ids[t] * spec.n_embd + j));
-  return input;
-}
-
-// Text of token ids for people to read; ids the tokenizer does not know (a model vocabulary larger
-// than the tokenizer's) are shown as <id>.
-std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids) {
-  std::string text;
-  std::vector<std::int64_t> run;
-  for (std::int64_t id : ids) {
-    if (id >= 0 && id < tokenizer.vocab_size()) {
-      run.push_back(id);
-      continue;
-    }
-    text += tokenizer.decode(run) + "<" + std::to_string(id) + ">";
-    run.clear();
-  }
-  return text + tokenizer.decode(run);
-}
-
 // Prints the decoded attempt at the chosen steps and a progress line with an ETA on a terminal.
 class HostObserver final : public Observer {
  public:
@@ -69,7 +39,7 @@ class HostObserver final : public Observer {
       : out_(out), decoder_(decoder), tokenizer_(tokenizer), snapshots_(std::move(snapshots)), progress_(progress) {}
 
   void on_step(const Step& step) override {
-    last_loss_ = step.loss.empty() ? NAN : step.loss[0];
+    last_loss_ = step.loss.empty() ? NAN : step.loss[best_item(step)];
     steps_ = step.index;
     if (std::find(snapshots_.begin(), snapshots_.end(), step.index) != snapshots_.end()) snapshot(step);
     if (progress_) show_progress(step);
@@ -83,17 +53,31 @@ class HostObserver final : public Observer {
   std::int64_t steps() const { return steps_; }
 
  private:
+  // With several starts in a batch, the one with the lowest loss this step is shown.
+  static std::int64_t best_item(const Step& step) {
+    return std::min_element(step.loss.begin(), step.loss.end()) - step.loss.begin();
+  }
+
   void snapshot(const Step& step) {
-    Tensor item = step.input->slice0(0, 1);
+    const std::int64_t b = best_item(step);
+    Tensor item = step.input->slice0(b, b + 1);
     item = std::move(item).reshape({item.dim(1), item.dim(2)});
     const Decoded d = decoder_.decode(item);
     const std::vector<std::int64_t> ids = d.best();
     const std::string text = display_text(tokenizer_, ids);
     if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
-    out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << step.loss[0]
+    out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << step.loss[b]
          << std::defaultfloat << "  " << quoted(text) << "\n"
          << std::flush;
-    trajectory_.push_back({{"step", step.index}, {"loss", step.loss[0]}, {"ids", ids}, {"text", text}});
+    nlohmann::json entry = {{"step", step.index}, {"loss", step.loss[b]}, {"item", b}, {"ids", ids}, {"text", text}};
+    if (d.k > 1) {  // the decoder's top-k per position, best first
+      nlohmann::json topk = nlohmann::json::array();
+      for (std::int64_t t = 0; t < d.positions; ++t)
+        topk.push_back(std::vector<std::int64_t>(d.ids.begin() + t * d.k, d.ids.begin() + (t + 1) * d.k));
+      entry["topk"] = topk;
+    }
+    for (const auto& [name, value] : step.values) entry["values"][name] = value;
+    trajectory_.push_back(std::move(entry));
   }
 
   void show_progress(const Step& step) {
@@ -124,44 +108,39 @@ class HostObserver final : public Observer {
 };
 
 nlohmann::json spec_json(const ModelSpec& s) {
-  return {{"family", s.family},
-          {"n_layer", s.n_layer},
-          {"n_embd", s.n_embd},
-          {"n_head", s.n_head},
-          {"n_inner", s.inner()},
-          {"vocab_size", s.vocab_size},
-          {"seq_len", s.seq_len},
-          {"blocks", s.blocks},
-          {"head", head_name(s.head)},
-          {"input", input_space_name(s.input)},
-          {"layers", s.layers},
-          {"dtype", dtype_name(s.dtype)},
+  return {{"family", s.family},        {"n_layer", s.n_layer},
+          {"n_embd", s.n_embd},        {"n_head", s.n_head},
+          {"n_inner", s.inner()},      {"vocab_size", s.vocab_size},
+          {"seq_len", s.seq_len},      {"blocks", s.blocks},
+          {"head", head_name(s.head)}, {"input", input_space_name(s.input)},
+          {"layers", s.layers},        {"dtype", dtype_name(s.dtype)},
           {"device", s.device}};
 }
 
-template <class T>
-bool contains(const std::vector<T>& v, const T& x) {
-  return std::find(v.begin(), v.end(), x) != v.end();
-}
+struct NextToken {
+  std::int64_t original = -1, recovered = -1;
+};
 
-// Refuses, before the weights are made, what the backend says it cannot build.
-void check_supported(const Backend& backend, const std::string& name, const ModelSpec& spec) {
-  const BackendInfo info = backend.info();
-  auto list = [](const auto& items, auto to_string) {
-    std::string s;
-    for (const auto& i : items) s += (s.empty() ? "" : ", ") + std::string(to_string(i));
-    return s;
+// The full model's (every block, lm_head) most likely token after the last position, for the original
+// prompt and for the recovered one. GPT-2 only: the MLP families have no language-model head.
+std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment& e,
+                                              const std::vector<std::int64_t>& recovered) {
+  if (e.spec.family != "gpt2") return std::nullopt;
+  ModelSpec full = e.spec;
+  full.blocks = full.n_layer;
+  full.head = Head::lm_head;
+  full.input = InputSpace::embedding;
+  full.layers.clear();
+  std::unique_ptr<Model> model = backend.create_model(full, e.weights);
+  auto argmax_last = [&](const std::vector<std::int64_t>& ids) {
+    const Tensor logits = model->forward(true_input_for(ids, full, *e.weights));  // (1, T, V)
+    const std::int64_t V = logits.dim(-1), last = (logits.dim(1) - 1) * V;
+    std::int64_t best = 0;
+    for (std::int64_t v = 1; v < V; ++v)
+      if (logits.get(last + v) > logits.get(last + best)) best = v;
+    return best;
   };
-  auto id = [](const std::string& s) { return s; };
-  if (!contains(info.families, spec.family))
-    throw Error("backend '" + name + "' does not support family '" + spec.family + "' (it supports " +
-                list(info.families, id) + ")");
-  if (!contains(info.dtypes, spec.dtype))
-    throw Error("backend '" + name + "' does not support dtype '" + dtype_name(spec.dtype) + "' (it supports " +
-                list(info.dtypes, dtype_name) + ")");
-  if (!contains(info.devices, spec.device))
-    throw Error("backend '" + name + "' does not support device '" + spec.device + "' (it supports " +
-                list(info.devices, id) + ")");
+  return NextToken{argmax_last(e.prompt_ids), argmax_last(recovered)};
 }
 
 }  // namespace
@@ -170,9 +149,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const auto run_start = Clock::now();
 
   // Plugins first: an unknown name or a bad option fails before anything expensive.
-  std::shared_ptr<Backend> backend = registry.create_backend(config.backend);
-  backend->configure(config.backend_options);
-  check_all_read(config.backend_options);
+  std::shared_ptr<Backend> backend = make_backend(config, registry);
   std::shared_ptr<Optimizer> optimizer = registry.create_optimizer(config.optimizer);
   optimizer->configure(config.optimizer_options);
   check_all_read(config.optimizer_options);
@@ -180,41 +157,30 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   decoder->configure(config.decoder_options);
   check_all_read(config.decoder_options);
 
-  if (config.weights != "random")
-    throw Error(config.source + ": [model] weights = '" + config.weights +
-                "': only 'random' weights are supported by this version of lminv");
-
-  const fs::path tokenizer_dir = config.tokenizer_dir.empty() ? default_tokenizer_dir() : fs::path(config.tokenizer_dir);
-  const Tokenizer tokenizer = Tokenizer::from_folder(tokenizer_dir);
-
+  auto t0 = Clock::now();
+  Experiment e = build_experiment(config, backend);
+  const Tokenizer& tokenizer = e.tokenizer;
+  const ModelSpec& spec = e.spec;
+  const std::shared_ptr<const WeightSet>& weights = e.weights;
+  const std::shared_ptr<Model>& model = e.model;
+  const Tensor& true_input = e.true_input;
+  const std::string& prompt_text = e.prompt_text;
+  const double init_seconds = e.weights_seconds;
   RunSummary summary;
-  summary.prompt_ids = config.prompt_text.empty() ? config.prompt_ids : tokenizer.encode(config.prompt_text);
-  if (summary.prompt_ids.empty()) throw Error(config.source + ": [prompt] has no tokens");
-
-  ModelSpec spec = config.spec;
-  spec.seq_len = static_cast<std::int64_t>(summary.prompt_ids.size());
-  if (!config.vocab_size_explicit) spec.vocab_size = tokenizer.vocab_size();
-  for (std::int64_t id : summary.prompt_ids)
-    if (id >= spec.vocab_size)
-      throw Error(config.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
-                  std::to_string(spec.vocab_size) + ")");
-  const std::string prompt_text = display_text(tokenizer, summary.prompt_ids);
-  check_supported(*backend, config.backend, spec);
+  summary.prompt_ids = e.prompt_ids;
 
   out << "lminv run " << config.source << "\n"
       << "  prompt    " << quoted(prompt_text) << "  (" << spec.seq_len << " tokens)\n"
-      << "  model     " << spec.family << "  d=" << spec.n_embd << "  input=" << input_space_name(spec.input)
-      << "  weights=" << config.weights << " (seed " << config.seed << ")\n"
-      << "  plugins   backend=" << config.backend << " (" << dtype_name(spec.dtype) << ", " << spec.device
+      << "  model     " << spec.family << "  d=" << spec.n_embd;
+  if (spec.family == "gpt2")
+    out << "  blocks=" << spec.blocks << "/" << spec.n_layer << "  head=" << head_name(spec.head);
+  out << "  input=" << input_space_name(spec.input) << "  weights=" << config.weights;
+  if (config.weights == "random") out << " (seed " << config.seed << ")";
+  out << "\n  plugins   backend=" << config.backend << " (" << dtype_name(spec.dtype) << ", " << spec.device
       << ")  optimizer=" << config.optimizer << "  decoder=" << config.decoder << "\n"
       << std::flush;
 
-  auto t0 = Clock::now();
-  auto weights = std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
-  const double init_seconds = seconds_since(t0);
   t0 = Clock::now();
-  std::shared_ptr<Model> model = keep_alive(backend->create_model(spec, weights), backend);
-
   DecoderSetup setup;
   setup.spec = spec;
   setup.weights = weights;
@@ -223,7 +189,6 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   decoder->prepare(setup);
   const double prepare_seconds = seconds_since(t0);
 
-  const Tensor true_input = true_input_for(summary.prompt_ids, spec, *weights);
   const Tensor target = model->forward(true_input);
 
   Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem")};
@@ -257,7 +222,8 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   summary.decoded_ids = decoded.best();
   summary.decoded_text = display_text(tokenizer, summary.decoded_ids);
   std::int64_t correct = 0;
-  for (std::size_t t = 0; t < summary.prompt_ids.size(); ++t) correct += summary.decoded_ids[t] == summary.prompt_ids[t];
+  for (std::size_t t = 0; t < summary.prompt_ids.size(); ++t)
+    correct += summary.decoded_ids[t] == summary.prompt_ids[t];
   summary.token_accuracy = static_cast<double>(correct) / static_cast<double>(summary.prompt_ids.size());
   summary.exact_match = correct == static_cast<std::int64_t>(summary.prompt_ids.size());
   summary.final_loss = result.loss;
@@ -266,19 +232,25 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const Tensor decoded_output = model->forward(true_input_for(summary.decoded_ids, spec, *weights));
   const double decoded_l1 = distances(decoded_output, target, Metric::l1)[0];
 
+  // Does the recovered prompt make the full model predict the same next token as the original?
+  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids);
+
   const double steps_per_second = observer.steps() / std::max(optimize_seconds, 1e-9);
   out << "  result    " << quoted(summary.decoded_text) << "\n"
-      << "  recovered " << (summary.exact_match ? "yes, exactly" : "no") << "  (token accuracy "
-      << std::setprecision(3) << summary.token_accuracy * 100 << "%)\n"
+      << "  recovered " << (summary.exact_match ? "yes, exactly" : "no") << "  (token accuracy " << std::setprecision(3)
+      << summary.token_accuracy * 100 << "%)\n"
       << std::scientific << std::setprecision(4) << "  loss      " << result.loss << " (" << metric_name(result.metric)
       << ", best of " << result.steps << " steps)\n"
       << "  output distance  L1 " << out_l1 << "   control m (sigma " << std::defaultfloat << config.control_sigma
-      << std::scientific << ") L1 " << m_l1 << "\n"
+      << std::scientific << ") L1 " << m_l1 << (out_l1 < m_l1 ? "   below m" : "   NOT below m") << "\n"
       << "  input distance   L2 " << in_l2 << "   ratio r = input/output (L2) "
-      << (out_l2 > 0 ? in_l2 / out_l2 : INFINITY) << "\n"
-      << std::defaultfloat << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s ("
-      << steps_per_second << " steps/s; init " << init_seconds << " s, model + decoder " << prepare_seconds
-      << " s)\n";
+      << (out_l2 > 0 ? in_l2 / out_l2 : INFINITY) << "\n";
+  if (next)
+    out << "  next token " << quoted(display_text(tokenizer, {next->original})) << " for the prompt, "
+        << quoted(display_text(tokenizer, {next->recovered})) << " for the result"
+        << (next->original == next->recovered ? " (agree)" : " (differ)") << "\n";
+  out << std::defaultfloat << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s ("
+      << steps_per_second << " steps/s; weights " << init_seconds << " s, decoder " << prepare_seconds << " s)\n";
 
   nlohmann::json sections = nlohmann::json::object();
   for (const auto& [name, keys] : config.raw_sections) sections[name] = keys;
@@ -300,15 +272,23 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
       {"final_loss", result.loss},
       {"output_distance", {{"l1", out_l1}, {"l2", out_l2}, {"metric", out_metric}}},
       {"control", {{"sigma", config.control_sigma}, {"l1", m_l1}, {"metric", m_metric}}},
+      {"inequality_4", out_l1 < m_l1},
       {"input_distance_l2", in_l2},
       {"ratio_input_output_l2", out_l2 > 0 ? nlohmann::json(in_l2 / out_l2) : nlohmann::json(nullptr)},
       {"decoded", {{"ids", summary.decoded_ids}, {"text", summary.decoded_text}, {"output_distance_l1", decoded_l1}}},
       {"exact_match", summary.exact_match},
+      {"next_token", next ? nlohmann::json{{"original", next->original},
+                                           {"recovered", next->recovered},
+                                           {"agree", next->original == next->recovered}}
+                          : nlohmann::json(nullptr)},
       {"token_accuracy", summary.token_accuracy},
       {"trajectory", observer.trajectory()},
       {"values", values},
-      {"time_s", {{"total", seconds_since(run_start)}, {"init", init_seconds}, {"prepare", prepare_seconds},
-                  {"optimize", optimize_seconds}}},
+      {"time_s",
+       {{"total", seconds_since(run_start)},
+        {"weights", init_seconds},
+        {"prepare", prepare_seconds},
+        {"optimize", optimize_seconds}}},
       {"steps_per_s", steps_per_second},
   };
   const fs::path records = fs::path(config.output_dir) / "records.jsonl";

@@ -10,6 +10,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "lminv/tensor.hpp"
 #include "lminv/weights.hpp"
@@ -25,7 +26,7 @@ struct SafetensorsEntry {
   std::uint64_t end = 0;
 };
 
-// An open safetensors file, memory-mapped read-only. The constructor validates the whole header and throws an
+// An open safetensors file, memory-mapped read-only (the header, bytes()) and read with pread (read()). The constructor validates the whole header and throws an
 // lminv::Error naming the file and the problem:
 //   shorter than 8 bytes; header length past the end of the file; header not valid JSON or not an object; a name
 //   repeated; "__metadata__" not an object of strings; an entry without dtype/shape/data_offsets; a dtype lminv does
@@ -51,16 +52,21 @@ class SafetensorsFile {
 
   // The tensor's stored bytes (little-endian, in the stored dtype), valid while this object lives.
   std::string_view bytes(const std::string& name) const;
-  // The tensor copied into an owning Tensor (F16 widened to f32).
+  // The tensor copied into an owning Tensor (F16 widened to f32). Safe to call from several threads at once.
   Tensor read(const std::string& name) const;
+  // The tensors, in the order of `names`, read by `threads` threads (0: one per core, at most 8): a new Tensor's
+  // first touch (the SDK zero-fills it) and the copy cost about as much as each other, and both scale with threads.
+  std::vector<Tensor> read_many(const std::vector<std::string>& names, int threads = 0) const;
 
  private:
-  void unmap() noexcept;
+  void release() noexcept;
 
   std::filesystem::path path_;
+  int fd_ = -1;
   void* map_ = nullptr;
   std::size_t map_size_ = 0;
   const std::byte* data_ = nullptr;  // start of the data buffer
+  std::uint64_t data_offset_ = 0;    // its offset in the file
   std::map<std::string, SafetensorsEntry> entries_;
   std::map<std::string, std::string> metadata_;
 };

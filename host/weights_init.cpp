@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "lminv/error.hpp"
@@ -25,19 +27,88 @@ inline void store(bf16& out, double value) {
   out = bf16::from_float(static_cast<float>(value));
 }
 
+// The standard normals rng.normal() would give, n of them from a fresh generator, computed a batch of pairs at a time:
+// the same draws in the same order (u, then v, a pair rejected when s = u^2 + v^2 is not in (0, 1)), and for each
+// accepted pair the same operations as Rng::normal and detail::portable_log, in the same order, so the same bits.
+// Only the order of independent work changes: each step runs over the whole batch, in loops the compiler vectorises,
+// where one sample's logarithm is a chain of dependent operations (most of the time of GPT-2 small's 124M values).
+// Divisions, additions, multiplications and square roots are exactly rounded whether done in a vector lane or alone;
+// nothing is fused into an FMA here. frexp is done on the bits: s >= 2^-104 (u and v are multiples of 2^-52) is a
+// normal number. weights_test checks the values against Rng::normal's.
+LMINV_NO_FP_CONTRACT_ATTR __attribute__((noinline)) void standard_normals(double* out, std::int64_t n, Rng& rng) {
+  LMINV_NO_FP_CONTRACT
+  constexpr int kPairs = 256;
+  alignas(64) double u[kPairs + 1], v[kPairs + 1], s[kPairs + 1], m[kPairs], e[kPairs], x[kPairs], x2[kPairs],
+      term[kPairs], sum[kPairs], f[kPairs];
+  alignas(64) std::uint64_t bits[kPairs], exponent_bits[kPairs];
+  std::int64_t i = 0;
+  while (i < n) {
+    const int pairs = static_cast<int>(std::min<std::int64_t>(kPairs, (n - i + 1) / 2));
+    for (int p = 0; p < pairs;) {  // a rejected pair is overwritten by the next one
+      const double a = 2.0 * rng.uniform() - 1.0;
+      const double b = 2.0 * rng.uniform() - 1.0;
+      const double r = a * a + b * b;
+      u[p] = a;
+      v[p] = b;
+      s[p] = r;
+      p += (r < 1.0) & (r != 0.0);
+    }
+    // portable_log(s): s = m 2^e with m in [0.5, 1) (frexp, on the bits), then m in [sqrt(1/2), sqrt(2)).
+    std::memcpy(bits, s, sizeof(double) * static_cast<std::size_t>(pairs));
+    for (int p = 0; p < pairs; ++p) {
+      exponent_bits[p] = std::uint64_t{0x4330000000000000} | ((bits[p] >> 52) & 0x7ff);  // 2^52 + biased exponent
+      bits[p] = (bits[p] & ~(std::uint64_t{0x7ff} << 52)) | (std::uint64_t{0x3fe} << 52);
+    }
+    std::memcpy(m, bits, sizeof(double) * static_cast<std::size_t>(pairs));
+    std::memcpy(e, exponent_bits, sizeof(double) * static_cast<std::size_t>(pairs));
+    for (int p = 0; p < pairs; ++p) {
+      const double exponent = (e[p] - 4503599627370496.0) - 1022.0;  // exact: small integers
+      const bool low = m[p] < 0.70710678118654752440;
+      const double mm = low ? m[p] * 2.0 : m[p];
+      e[p] = low ? exponent - 1.0 : exponent;
+      x[p] = (mm - 1.0) / (mm + 1.0);
+      x2[p] = x[p] * x[p];
+      term[p] = x[p];
+      sum[p] = 0.0;
+    }
+    for (int k = 1; k < 40; k += 2) {
+      const double kd = k;
+      for (int p = 0; p < pairs; ++p) {
+        sum[p] += term[p] / kd;
+        term[p] *= x2[p];
+      }
+    }
+    for (int p = 0; p < pairs; ++p) {
+      const double log_s = 2.0 * sum[p] + e[p] * 0.69314718055994530942;
+      f[p] = -2.0 * log_s / s[p];
+    }
+    for (int p = 0; p < pairs; ++p) {
+      const double root = std::sqrt(f[p]);
+      out[i++] = u[p] * root;
+      if (i < n) out[i++] = v[p] * root;
+    }
+  }
+}
+
 // One chunk of a tensor: out[i] = value_i rounded to T, value_i drawn in double from `rng`.
 //
 // Bit-identity across platforms: the generator uses only exactly rounded operations, and contraction of a multiply and
-// an add into an FMA is switched off here (the attribute also covers Rng::normal once it is inlined into this body,
-// which would otherwise be compiled with this function's contraction setting). The uniform value is (2u - 1) * bound:
+// an add into an FMA is switched off here and in standard_normals (the values of Rng::normal, computed in batches).
+// The uniform value is (2u - 1) * bound:
 // 2u - 1 is exact for u = k 2^-53, so the value is rounded once, fused or not. noinline keeps the OpenMP-outlined loop
 // body, compiled with the default flags, from absorbing this function.
 template <class T>
 LMINV_NO_FP_CONTRACT_ATTR __attribute__((noinline)) void fill_chunk(T* out, std::int64_t n, Rng rng,
                                                                     Distribution distribution, double scale) {
   LMINV_NO_FP_CONTRACT
-  if (distribution == Distribution::normal) {
-    for (std::int64_t i = 0; i < n; ++i) store(out[i], scale * rng.normal());
+  if (distribution == Distribution::normal) {  // scale * rng.normal(), n times
+    constexpr std::int64_t kBlock = 4096;
+    double normals[kBlock];
+    for (std::int64_t begin = 0; begin < n; begin += kBlock) {
+      const std::int64_t count = std::min(kBlock, n - begin);
+      standard_normals(normals, count, rng);  // kBlock is even: only the last block may leave a spare unused
+      for (std::int64_t i = 0; i < count; ++i) store(out[begin + i], scale * normals[i]);
+    }
   } else {
     for (std::int64_t i = 0; i < n; ++i) store(out[i], (2.0 * rng.uniform() - 1.0) * scale);
   }

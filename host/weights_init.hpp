@@ -17,7 +17,7 @@ namespace lminv {
 //   fcnet                 fc1 [4D, D], fc2 [4D, 4D]  with D = seq_len * n_embd
 //   fcnet_noninvertible   fc1 [4D, D], fc2 [D, 4D]
 //   transformer_mlp       fc1 [inner, d], fc2 [d, inner]                              (inner = spec.inner())
-//   gpt2                 Hugging Face's GPT-2 names without the "transformer." prefix, Conv1D weights [in, out]:
+//   gpt2                  Hugging Face's GPT-2 names without the "transformer." prefix, Conv1D weights [in, out]:
 //                          wpe.weight [n_positions, d]                                ~ N(0, 0.02^2)
 //                          for every block i < n_layer (always all of them, whatever spec.blocks is):
 //                            h.i.ln_1.weight [d] = 1, h.i.ln_1.bias [d] = 0, and the same for h.i.ln_2

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -117,6 +118,24 @@ TEST(WeightsInit, ChunksAreForkedStreams) {
   EXPECT_EQ(t.get(kInitChunkSize + 1), 0.5 * chunk1.normal());
 }
 
+TEST(WeightsInit, NormalsAreRngNormalBitForBit) {
+  // random_normal computes Rng::normal's values in batches: every value, in every chunk (the last one odd-sized),
+  // is the one the plain generator gives, times the scale, rounded once to the dtype.
+  const std::int64_t n = 2 * kInitChunkSize + 4099;
+  const Tensor t64 = random_normal(Rng(9), "w", DType::f64, {n}, 0.03, 2);
+  const Tensor t32 = random_normal(Rng(9), "w", DType::f32, {n}, 0.03, 2);
+  std::int64_t mismatches = 0;
+  for (std::int64_t c = 0; c * kInitChunkSize < n; ++c) {
+    Rng rng = Rng(9).fork("w").fork("chunk " + std::to_string(c));
+    for (std::int64_t i = c * kInitChunkSize; i < std::min(n, (c + 1) * kInitChunkSize); ++i) {
+      const double expected = 0.03 * rng.normal();
+      mismatches += t64.data<double>()[i] != expected;
+      mismatches += t32.data<float>()[i] != static_cast<float>(expected);
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
 TEST(WeightsInit, ResultDoesNotDependOnThreadCount) {
   const ModelSpec spec = mlp_spec("fcnet", 64, 4, 3000);  // fc2 [1024, 1024] is 16 chunks, wte [3000, 64] 3
   const WeightSet one = init_random_weights(spec, 11, 1);
@@ -186,7 +205,7 @@ TEST(WeightsInit, GoldenValuesOfSeed0) {
 }
 
 TEST(WeightsInit, UnsupportedFamilyIsAnErrorNamingIt) {
-  for (const char* family : {"gpt2", "resnet"}) {
+  for (const char* family : {"resnet", "GPT2", "gpt-2"}) {
     try {
       init_random_weights(mlp_spec(family), 0);
       FAIL() << family << " was accepted";
@@ -194,6 +213,162 @@ TEST(WeightsInit, UnsupportedFamilyIsAnErrorNamingIt) {
       EXPECT_NE(std::string(e.what()).find(std::string("'") + family + "'"), std::string::npos) << e.what();
     }
   }
+}
+
+// ---- gpt2 ---------------------------------------------------------------------------------------------------------
+
+ModelSpec gpt2_spec(std::int64_t n_layer = 3, std::int64_t d = 16, std::int64_t V = 40, std::int64_t P = 16) {
+  ModelSpec spec;
+  spec.family = "gpt2";
+  spec.n_layer = n_layer;
+  spec.n_embd = d;
+  spec.n_head = 2;
+  spec.vocab_size = V;
+  spec.n_positions = P;
+  spec.seq_len = 5;
+  spec.blocks = 1;
+  return spec;
+}
+
+// Hugging Face's names and shapes (Conv1D weights [in, out]) for every block, whatever spec.blocks is.
+std::map<std::string, Shape> gpt2_shapes(std::int64_t n_layer, std::int64_t d, std::int64_t inner, std::int64_t V,
+                                         std::int64_t P) {
+  std::map<std::string, Shape> shapes{{"wte.weight", {V, d}}, {"wpe.weight", {P, d}}, {"ln_f.weight", {d}},
+                                      {"ln_f.bias", {d}}};
+  for (std::int64_t i = 0; i < n_layer; ++i) {
+    const std::string h = "h." + std::to_string(i) + ".";
+    shapes[h + "ln_1.weight"] = {d};
+    shapes[h + "ln_1.bias"] = {d};
+    shapes[h + "attn.c_attn.weight"] = {d, 3 * d};
+    shapes[h + "attn.c_attn.bias"] = {3 * d};
+    shapes[h + "attn.c_proj.weight"] = {d, d};
+    shapes[h + "attn.c_proj.bias"] = {d};
+    shapes[h + "ln_2.weight"] = {d};
+    shapes[h + "ln_2.bias"] = {d};
+    shapes[h + "mlp.c_fc.weight"] = {d, inner};
+    shapes[h + "mlp.c_fc.bias"] = {inner};
+    shapes[h + "mlp.c_proj.weight"] = {inner, d};
+    shapes[h + "mlp.c_proj.bias"] = {d};
+  }
+  return shapes;
+}
+
+TEST(WeightsInit, Gpt2NamesAndShapesForAllBlocks) {
+  for (std::int64_t blocks : {0, 1, 3}) {
+    ModelSpec spec = gpt2_spec(3, 16, 40, 16);
+    spec.blocks = blocks;  // does not matter: every block is made
+    const WeightSet w = init_random_weights(spec, 0);
+    const auto expected = gpt2_shapes(3, 16, 64, 40, 16);
+    std::vector<std::string> names;
+    for (const auto& entry : expected) names.push_back(entry.first);
+    EXPECT_EQ(w.names(), names) << blocks;
+    for (const auto& [name, shape] : expected) {
+      EXPECT_EQ(w.get(name).shape(), shape) << name;
+      EXPECT_EQ(w.get(name).dtype(), DType::f64) << name;
+    }
+  }
+  ModelSpec spec = gpt2_spec(2, 8, 30, 12);
+  spec.n_inner = 20;  // the MLP width follows n_inner when given
+  spec.dtype = DType::f32;
+  const WeightSet w = init_random_weights(spec, 0);
+  EXPECT_EQ(w.names().size(), gpt2_shapes(2, 8, 20, 30, 12).size());
+  for (const auto& [name, shape] : gpt2_shapes(2, 8, 20, 30, 12)) {
+    EXPECT_EQ(w.get(name).shape(), shape) << name;
+    EXPECT_EQ(w.get(name).dtype(), DType::f32) << name;
+  }
+  EXPECT_FALSE(w.contains("lm_head.weight"));  // tied to wte
+}
+
+TEST(WeightsInit, Gpt2StatisticsAreHuggingFacesInit) {
+  // n_layer 6: the residual projections have std 0.02 / sqrt(12).
+  const std::int64_t n_layer = 6;
+  const WeightSet w = init_random_weights(gpt2_spec(n_layer, 64, 2000, 256), 3);
+  auto check_normal = [](const Tensor& t, double std, const std::string& name) {
+    const double n = static_cast<double>(t.numel());
+    double sum = 0, sum2 = 0;
+    for (std::int64_t i = 0; i < t.numel(); ++i) {
+      sum += t.get(i);
+      sum2 += t.get(i) * t.get(i);
+    }
+    const double mean = sum / n, sd = std::sqrt(sum2 / n - mean * mean);
+    EXPECT_NEAR(mean, 0.0, 5 * std / std::sqrt(n)) << name;
+    EXPECT_NEAR(sd, std, 5 * std / std::sqrt(2 * n)) << name;  // five times the estimate's own error
+  };
+  const double proj_std = 0.02 / std::sqrt(2.0 * n_layer);
+  std::vector<double> c_proj_values;
+  for (const auto& [name, tensor] : w.tensors()) {
+    const bool c_proj = name.find("c_proj.weight") != std::string::npos;
+    if (name.find("ln_") != std::string::npos) {
+      const double value = name.size() > 7 && name.substr(name.size() - 7) == ".weight" ? 1.0 : 0.0;
+      for (std::int64_t i = 0; i < tensor.numel(); ++i) ASSERT_EQ(tensor.get(i), value) << name << " " << i;
+    } else if (name.size() > 5 && name.substr(name.size() - 5) == ".bias") {
+      for (std::int64_t i = 0; i < tensor.numel(); ++i) ASSERT_EQ(tensor.get(i), 0.0) << name << " " << i;
+    } else if (c_proj) {
+      for (std::int64_t i = 0; i < tensor.numel(); ++i) c_proj_values.push_back(tensor.get(i));
+      check_normal(tensor, proj_std, name);
+    } else {
+      check_normal(tensor, 0.02, name);  // wte, wpe, c_attn, c_fc
+    }
+  }
+  // All 12 residual projections together, at a tighter tolerance: std 0.02 / sqrt(12), not 0.02 or 0.02 / sqrt(6).
+  ASSERT_EQ(c_proj_values.size(), static_cast<std::size_t>(n_layer * (64 * 64 + 256 * 64)));
+  double sum2 = 0;
+  for (double x : c_proj_values) sum2 += x * x;
+  EXPECT_NEAR(std::sqrt(sum2 / c_proj_values.size()), proj_std, proj_std * 0.005);
+}
+
+TEST(WeightsInit, Gpt2SameSeedSameBytesAndStreamsByName) {
+  const ModelSpec spec = gpt2_spec();
+  const WeightSet a = init_random_weights(spec, 42), b = init_random_weights(spec, 42, 1);
+  EXPECT_TRUE(same_bytes(a, b));
+  EXPECT_TRUE(same_bytes(a, init_random_weights(spec, 42, 3)));
+  const WeightSet c = init_random_weights(spec, 43);
+  for (const std::string& name : a.names()) {
+    if (name.find("ln_") == std::string::npos && name.find(".bias") == std::string::npos) {
+      EXPECT_FALSE(same_bytes(a.get(name), c.get(name))) << name;
+    }
+  }
+  // Each random tensor is its own stream: Rng(seed).fork(name), chunked as documented.
+  const Tensor& c_fc = a.get("h.1.mlp.c_fc.weight");
+  EXPECT_TRUE(same_bytes(c_fc, random_normal(Rng(42), "h.1.mlp.c_fc.weight", DType::f64, {16, 64}, 0.02)));
+  Rng stream = Rng(42).fork("h.2.attn.c_proj.weight").fork("chunk 0");
+  EXPECT_EQ(a.get("h.2.attn.c_proj.weight").get(0), 0.02 / std::sqrt(6.0) * stream.normal());
+  // A deeper model keeps the first blocks' weights (and wte, wpe) as they were; only the residual projections'
+  // scale follows n_layer.
+  const WeightSet deeper = init_random_weights(gpt2_spec(5), 42);
+  for (const std::string& name : a.names()) {
+    if (name.find("c_proj.weight") == std::string::npos) {
+      EXPECT_TRUE(same_bytes(a.get(name), deeper.get(name))) << name;
+    }
+  }
+  EXPECT_FALSE(same_bytes(a.get("h.0.attn.c_proj.weight"), deeper.get("h.0.attn.c_proj.weight")));
+  EXPECT_TRUE(deeper.contains("h.4.mlp.c_proj.bias"));
+}
+
+TEST(WeightsInit, Gpt2SmallInitialisesCompletely) {
+  // The real size: 124,439,808 parameters with 1024 positions and 50257 tokens, in f32 (what the host defaults to
+  // for f32 runs).
+  ModelSpec spec;  // ModelSpec's defaults are GPT-2 small
+  spec.dtype = DType::f32;
+  const WeightSet w = init_random_weights(spec, 0);
+  std::int64_t params = 0;
+  for (const auto& entry : w.tensors()) params += entry.second.numel();
+  EXPECT_EQ(params, 124439808);
+  EXPECT_EQ(w.names().size(), 2u + 12u * 12u + 2u);
+  EXPECT_EQ(w.get("h.11.mlp.c_proj.weight").shape(), (Shape{3072, 768}));
+}
+
+TEST(WeightsInit, Gpt2BadSizesAreErrors) {
+  ModelSpec spec = gpt2_spec();
+  spec.n_positions = 0;
+  EXPECT_THROW(init_random_weights(spec, 0), Error);
+  spec = gpt2_spec();
+  spec.n_layer = -1;
+  EXPECT_THROW(init_random_weights(spec, 0), Error);
+  spec = gpt2_spec();
+  spec.n_layer = 0;  // embeddings and ln_f only
+  EXPECT_EQ(init_random_weights(spec, 0).names(),
+            (std::vector<std::string>{"ln_f.bias", "ln_f.weight", "wpe.weight", "wte.weight"}));
 }
 
 TEST(WeightsInit, FcnetWithoutSeqLenIsAnError) {

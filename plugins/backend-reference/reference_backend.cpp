@@ -15,7 +15,7 @@ std::string join(const std::vector<std::string>& words) {
 }  // namespace
 
 const std::vector<std::string>& supported_families() {
-  static const std::vector<std::string> families{"fcnet", "fcnet_noninvertible", "transformer_mlp"};
+  static const std::vector<std::string> families{"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"};
   return families;
 }
 
@@ -41,6 +41,7 @@ std::unique_ptr<Model> ReferenceBackend::create_model(const ModelSpec& spec, std
   if (std::find(supported.families.begin(), supported.families.end(), spec.family) == supported.families.end())
     throw Error("reference backend: family '" + spec.family +
                 "' is not supported (supported: " + join(supported.families) + ")");
+  if (spec.family == "gpt2") return make_gpt2_model(spec, std::move(weights), threads_);
   return make_mlp_model(spec, std::move(weights), threads_);
 }
 

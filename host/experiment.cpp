@@ -1,0 +1,149 @@
+#include "experiment.hpp"
+
+#include <algorithm>
+#include <chrono>
+
+#include "checkpoint.hpp"
+#include "weights_init.hpp"
+
+namespace lminv {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+template <class Items, class ToString>
+std::string join(const Items& items, ToString to_string) {
+  std::string s;
+  for (const auto& i : items) s += (s.empty() ? "" : ", ") + std::string(to_string(i));
+  return s;
+}
+
+// Refuses, before the weights are made, what the backend says it cannot build.
+void check_supported(const Backend& backend, const std::string& name, const ModelSpec& spec) {
+  const BackendInfo info = backend.info();
+  auto same = [](const std::string& s) { return s; };
+  if (!contains(info.families, spec.family))
+    throw Error("backend '" + name + "' does not support family '" + spec.family + "' (it supports " +
+                join(info.families, same) + ")");
+  if (!contains(info.dtypes, spec.dtype))
+    throw Error("backend '" + name + "' does not support dtype '" + dtype_name(spec.dtype) + "' (it supports " +
+                join(info.dtypes, dtype_name) + ")");
+  if (!contains(info.devices, spec.device))
+    throw Error("backend '" + name + "' does not support device '" + spec.device + "' (it supports " +
+                join(info.devices, same) + ")");
+}
+
+bool is_checkpoint(const ExperimentConfig& config) {
+  return config.weights != "random";
+}
+
+}  // namespace
+
+fs::path tokenizer_folder(const ExperimentConfig& config) {
+  if (!config.tokenizer_dir.empty()) return config.tokenizer_dir;
+  if (is_checkpoint(config)) {
+    const fs::path folder = config.weights;
+    if (fs::exists(folder / "vocab.json") && fs::exists(folder / "merges.txt")) return folder;
+  }
+  return default_tokenizer_dir();
+}
+
+std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec) {
+  if (!is_checkpoint(config)) return std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
+
+  if (spec.family != "gpt2")
+    throw Error(config.source + ": [model] weights = '" + config.weights + "': checkpoints hold GPT-2 models, but " +
+                "family = " + spec.family + " (use weights = random for it)");
+  Checkpoint checkpoint = load_gpt2_checkpoint(config.weights);
+  const ModelSpec& c = checkpoint.spec;
+  spec.n_layer = c.n_layer;
+  spec.n_embd = c.n_embd;
+  spec.n_head = c.n_head;
+  spec.n_inner = c.n_inner;
+  spec.vocab_size = c.vocab_size;
+  spec.n_positions = c.n_positions;
+  spec.layer_norm_epsilon = c.layer_norm_epsilon;
+  if (spec.blocks > spec.n_layer)
+    throw Error(config.source + ": [model] blocks = " + std::to_string(spec.blocks) + ": the checkpoint " +
+                config.weights + " has " + std::to_string(spec.n_layer) + " blocks");
+  for (std::int64_t l : spec.layers)
+    if (l > spec.n_layer)
+      throw Error(config.source + ": [model] layers: " + std::to_string(l) + " is past the checkpoint's " +
+                  std::to_string(spec.n_layer) + " blocks");
+  return std::make_shared<const WeightSet>(std::move(checkpoint.weights));
+}
+
+std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Registry& registry) {
+  std::shared_ptr<Backend> backend = registry.create_backend(config.backend);
+  backend->configure(config.backend_options);
+  check_all_read(config.backend_options);
+  return backend;
+}
+
+Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend) {
+  Experiment e{Tokenizer::from_folder(tokenizer_folder(config)),
+               {},
+               {},
+               config.spec,
+               nullptr,
+               std::move(backend),
+               nullptr,
+               {},
+               0};
+  e.prompt_ids = config.prompt_text.empty() ? config.prompt_ids : e.tokenizer.encode(config.prompt_text);
+  if (e.prompt_ids.empty()) throw Error(config.source + ": [prompt] has no tokens");
+  e.spec.seq_len = static_cast<std::int64_t>(e.prompt_ids.size());
+  if (!config.vocab_size_explicit) e.spec.vocab_size = e.tokenizer.vocab_size();
+  check_supported(*e.backend, config.backend, e.spec);
+
+  const auto start = std::chrono::steady_clock::now();
+  e.weights = make_weights(config, e.spec);
+  e.weights_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  for (std::int64_t id : e.prompt_ids)
+    if (id >= e.spec.vocab_size)
+      throw Error(config.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(e.spec.vocab_size) + ")");
+  if (e.spec.seq_len > e.spec.n_positions && e.spec.family == "gpt2")
+    throw Error(config.source + ": [prompt] has " + std::to_string(e.spec.seq_len) + " tokens, more than the model's " +
+                std::to_string(e.spec.n_positions) + " positions");
+  e.prompt_text = display_text(e.tokenizer, e.prompt_ids);
+  e.model = keep_alive(e.backend->create_model(e.spec, e.weights), e.backend);
+  e.true_input = true_input_for(e.prompt_ids, e.spec, *e.weights);
+  return e;
+}
+
+Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  Tensor input(spec.dtype, input_shape(spec, 1));
+  if (spec.input == InputSpace::vocab) {
+    for (std::int64_t t = 0; t < T; ++t) input.set(t * spec.vocab_size + ids[t], 1.0);
+    return input;
+  }
+  const Tensor& wte = weights.get("wte.weight", {spec.vocab_size, spec.n_embd});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t j = 0; j < spec.n_embd; ++j) input.set(t * spec.n_embd + j, wte.get(ids[t] * spec.n_embd + j));
+  return input;
+}
+
+std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids) {
+  std::string text;
+  std::vector<std::int64_t> run;
+  for (std::int64_t id : ids) {
+    if (id >= 0 && id < tokenizer.vocab_size()) {
+      run.push_back(id);
+      continue;
+    }
+    text += tokenizer.decode(run) + "<" + std::to_string(id) + ">";
+    run.clear();
+  }
+  return text + tokenizer.decode(run);
+}
+
+}  // namespace lminv

@@ -1,0 +1,49 @@
+// What every command that builds a config's model shares: tokenizer, prompt, spec, weights, backend, model.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config.hpp"
+#include "registry.hpp"
+#include "tokenizer.hpp"
+
+namespace lminv {
+
+// The config's model, built, with the prompt it is run on.
+struct Experiment {
+  Tokenizer tokenizer;
+  std::vector<std::int64_t> prompt_ids;
+  std::string prompt_text;  // for people: ids the tokenizer does not know show as <id>
+  ModelSpec spec;           // seq_len = prompt length; sizes from the checkpoint's config.json when there is one
+  std::shared_ptr<const WeightSet> weights;
+  std::shared_ptr<Backend> backend;
+  std::shared_ptr<Model> model;  // keeps the backend (and its plugin) alive
+  Tensor true_input;             // [1, T, d] token embeddings, or [1, T, V] one-hot
+  double weights_seconds = 0;    // time to initialise or load the weights
+};
+
+// The tokenizer folder of a config: [tokenizer] path, else the checkpoint folder when it holds
+// vocab.json + merges.txt, else the embedded default.
+std::filesystem::path tokenizer_folder(const ExperimentConfig& config);
+
+// The model's spec and weights: seeded random ones, or a Hugging Face checkpoint (config.json wins
+// over the size keys of [model]). `spec.seq_len` must be set.
+std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec);
+
+// Backend made and configured (its keys checked), then the spec checked against what it supports.
+std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Registry& registry);
+
+// Tokenizer, prompt, weights and model of `config`, on `backend` (made with make_backend).
+Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend);
+
+// The true input for token ids: their token-embedding rows [1, T, d], or one-hot vectors [1, T, V].
+Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights);
+
+// Text of ids for people to read; ids the tokenizer does not know are shown as <id>.
+std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids);
+
+}  // namespace lminv
