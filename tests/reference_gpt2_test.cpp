@@ -193,7 +193,8 @@ double fd_relative_error(const std::function<Vec(const Vec&)>& f, const Vec& x, 
 
 TEST(Gpt2Layers, LayerNormInputGradient) {
   const Index N = 3, C = 7;
-  const Vec x = random_values(N * C, 1, 2.0), w = random_values(C, 2), b = random_values(C, 3), g = random_values(N * C, 4);
+  const Vec x = random_values(N * C, 1, 2.0), w = random_values(C, 2), b = random_values(C, 3),
+            g = random_values(N * C, 4);
   auto f = [&](const Vec& in) {
     Vec out(N * C), mean(N), rstd(N);
     reference::layernorm_forward(out.data(), mean.data(), rstd.data(), in.data(), w.data(), b.data(), N, C, 1e-5);
@@ -214,7 +215,8 @@ TEST(Gpt2Layers, LayerNormInputGradient) {
 
 TEST(Gpt2Layers, Conv1dIsXWPlusBiasAndItsInputGradient) {
   const Index N = 3, C = 5, OC = 7;
-  const Vec x = random_values(N * C, 1), W = random_values(C * OC, 2), b = random_values(OC, 3), g = random_values(N * OC, 4);
+  const Vec x = random_values(N * C, 1), W = random_values(C * OC, 2), b = random_values(OC, 3),
+            g = random_values(N * OC, 4);
   auto f = [&](const Vec& in) {
     Vec out(N * OC);
     reference::conv1d_forward(out.data(), in.data(), W.data(), b.data(), N, C, OC);
@@ -276,8 +278,8 @@ TEST(Gpt2Layers, GeluTanhInputGradient) {
   // Hugging Face's gelu_new, written out.
   const Vec out = f(x);
   for (Index i = 0; i < n; ++i)
-    EXPECT_NEAR(out[i],
-                0.5 * x[i] * (1 + std::tanh(std::sqrt(2 / M_PI) * (x[i] + 0.044715 * std::pow(x[i], 3)))), 1e-15);
+    EXPECT_NEAR(out[i], 0.5 * x[i] * (1 + std::tanh(std::sqrt(2 / M_PI) * (x[i] + 0.044715 * std::pow(x[i], 3)))),
+                1e-15);
 }
 
 TEST(Gpt2Layers, EmbeddingWithPositionsInBothInputSpaces) {
@@ -332,7 +334,8 @@ TEST(Gpt2Layers, LmHeadIsTiedToWte) {
 TEST(Gpt2Layers, ResidualAroundABranch) {
   // y = x + conv1d(x): the gradient is g plus what comes back through the branch.
   const Index N = 2, C = 5;
-  const Vec x = random_values(N * C, 1), W = random_values(C * C, 2), b = random_values(C, 3), g = random_values(N * C, 4);
+  const Vec x = random_values(N * C, 1), W = random_values(C * C, 2), b = random_values(C, 3),
+            g = random_values(N * C, 4);
   auto f = [&](const Vec& in) {
     Vec branch(N * C), out(N * C);
     reference::conv1d_forward(branch.data(), in.data(), W.data(), b.data(), N, C, C);
@@ -366,8 +369,8 @@ Matrix naive_forward(const ModelSpec& s, const WeightSet& w, const Matrix& input
       for (double v : x[t]) var += (v - mean) * (v - mean);
       var /= d;
       for (std::int64_t c = 0; c < d; ++c)
-        y[t][c] = (x[t][c] - mean) / std::sqrt(var + s.layer_norm_epsilon) * W(name + ".weight", c) +
-                  W(name + ".bias", c);
+        y[t][c] =
+            (x[t][c] - mean) / std::sqrt(var + s.layer_norm_epsilon) * W(name + ".weight", c) + W(name + ".bias", c);
     }
     return y;
   };
@@ -453,8 +456,8 @@ TEST(Gpt2Model, ForwardMatchesANaiveImplementation) {
     const Tensor input = random_tensor(DType::f64, input_shape(s, 2), 3);
     const Tensor out = model->forward(input);
     const std::int64_t T = s.seq_len, width = input.dim(2);
-    const std::int64_t D = (s.head == Head::lm_head ? s.vocab_size : s.n_embd) +
-                           s.n_embd * static_cast<std::int64_t>(s.layers.size());
+    const std::int64_t D =
+        (s.head == Head::lm_head ? s.vocab_size : s.n_embd) + s.n_embd * static_cast<std::int64_t>(s.layers.size());
     ASSERT_EQ(out.shape(), (Shape{2, T, D})) << describe(s);
     double worst = 0, largest = 0;
     for (std::int64_t b = 0; b < 2; ++b) {
@@ -521,8 +524,8 @@ TEST(Gpt2Model, InputGradientWithGpt2sOwnInitialisation) {
 
 TEST(Gpt2Model, LossAndGradIsForwardMetricBackward) {
   const auto weights = test_weights(tiny_spec());
-  for (const ModelSpec& s : {tiny_spec(Head::lm_head, InputSpace::embedding, 2, {3}),
-                             tiny_spec(Head::ln_f, InputSpace::vocab, 3)}) {
+  for (const ModelSpec& s :
+       {tiny_spec(Head::lm_head, InputSpace::embedding, 2, {3}), tiny_spec(Head::ln_f, InputSpace::vocab, 3)}) {
     auto model = make_model(s, weights);
     const Tensor x = random_tensor(DType::f64, input_shape(s, 3), 11);
     const Tensor other = random_tensor(DType::f64, input_shape(s, 1), 12);
@@ -688,7 +691,8 @@ TEST(Gpt2Model, F32AgreesWithF64) {
 
 TEST(Gpt2Model, WeightsInAnotherDtypeAreConverted) {
   // f32 weights in an f64 model give the bits of the same weights converted to f64 first, and the other way round.
-  const ModelSpec s64 = tiny_spec(Head::lm_head, InputSpace::vocab, 2), s32 = tiny_spec(Head::lm_head, InputSpace::vocab, 2, {}, DType::f32);
+  const ModelSpec s64 = tiny_spec(Head::lm_head, InputSpace::vocab, 2),
+                  s32 = tiny_spec(Head::lm_head, InputSpace::vocab, 2, {}, DType::f32);
   const auto w64 = test_weights(s64);
   auto w32 = std::make_shared<WeightSet>(), w32_as_64 = std::make_shared<WeightSet>();
   for (const auto& [name, tensor] : w64->tensors()) {
@@ -697,8 +701,8 @@ TEST(Gpt2Model, WeightsInAnotherDtypeAreConverted) {
   }
   const Tensor x = random_tensor(DType::f64, input_shape(s64, 2), 80);
   EXPECT_TRUE(same_bytes(make_model(s64, w32)->forward(x), make_model(s64, w32_as_64)->forward(x)));
-  EXPECT_TRUE(same_bytes(make_model(s32, w64)->forward(x.to(DType::f32)),
-                         make_model(s32, w32)->forward(x.to(DType::f32))));
+  EXPECT_TRUE(
+      same_bytes(make_model(s32, w64)->forward(x.to(DType::f32)), make_model(s32, w32)->forward(x.to(DType::f32))));
   // An input in another dtype is converted, and its gradient comes back in the input's dtype.
   auto m32 = make_model(s32, w32);
   const Tensor g = random_tensor(DType::f32, m32->forward(x.to(DType::f32)).shape(), 81);
@@ -758,8 +762,8 @@ TEST(Gpt2Backend, MissingOrMisshapedWeightsAreNamed) {
   EXPECT_TRUE(contains(message, "'h.2.mlp.c_fc.bias'") && contains(message, "[64]")) << message;
   // ... but a model of the first two blocks does not need block 2, unless an extra layer reads past it.
   EXPECT_NO_THROW(make_model(tiny_spec(Head::none, InputSpace::embedding, 2), without("h.2.mlp.c_fc.bias")));
-  message = error_of(
-      [&] { make_model(tiny_spec(Head::none, InputSpace::embedding, 2, {3}), without("h.2.mlp.c_fc.bias")); });
+  message =
+      error_of([&] { make_model(tiny_spec(Head::none, InputSpace::embedding, 2, {3}), without("h.2.mlp.c_fc.bias")); });
   EXPECT_TRUE(contains(message, "'h.2.mlp.c_fc.bias'")) << message;
 
   message = error_of([&] { make_model(tiny_spec(), without("wpe.weight")); });

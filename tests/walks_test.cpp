@@ -305,6 +305,22 @@ TEST(OrthogonalWalk, WalksInVocabSpace) {
   }
 }
 
+// Wider than kFullSvdMaxWidth: the walk takes the QR route, with the same guarantees.
+TEST(OrthogonalWalk, WalksAVocabularyWiderThanTheFullSvdLimit) {
+  const std::int64_t V = orthogonal_walk::kFullSvdMaxWidth + 100;
+  Walker s("transformer_mlp", 8, 3, DType::f64, InputSpace::vocab, V);
+  Recorder rec;
+  OrthogonalWalk walk;
+  s.run(walk, {{"steps", "3"}, {"direction", "matrix"}}, rec);
+  for (std::size_t n = 0; n < rec.inputs.size(); ++n) {
+    EXPECT_LT(rec.value(n, "gradient_dot"), 1e-12);
+    const Eigen::MatrixXd g = s.gradient(n == 0 ? s.e : rec.inputs[n - 1]);
+    const Eigen::MatrixXd dirs = step_directions(rec, s.e, n, 0.01);
+    EXPECT_LT((dirs * dirs.transpose() - Eigen::MatrixXd::Identity(3, 3)).cwiseAbs().maxCoeff(), 1e-12);
+    EXPECT_LT((g * dirs.transpose()).cwiseAbs().maxCoeff(), 1e-12);
+  }
+}
+
 // Wide inputs (vocab space) take V's null-space columns from JacobiSVD's own QR stage without forming V: the same
 // vectors as the full SVD.
 TEST(OrthogonalWalk, QrRouteGivesTheFullSvdsNullSpaceColumns) {

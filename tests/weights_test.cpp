@@ -233,8 +233,8 @@ ModelSpec gpt2_spec(std::int64_t n_layer = 3, std::int64_t d = 16, std::int64_t 
 // Hugging Face's names and shapes (Conv1D weights [in, out]) for every block, whatever spec.blocks is.
 std::map<std::string, Shape> gpt2_shapes(std::int64_t n_layer, std::int64_t d, std::int64_t inner, std::int64_t V,
                                          std::int64_t P) {
-  std::map<std::string, Shape> shapes{{"wte.weight", {V, d}}, {"wpe.weight", {P, d}}, {"ln_f.weight", {d}},
-                                      {"ln_f.bias", {d}}};
+  std::map<std::string, Shape> shapes{
+      {"wte.weight", {V, d}}, {"wpe.weight", {P, d}}, {"ln_f.weight", {d}}, {"ln_f.bias", {d}}};
   for (std::int64_t i = 0; i < n_layer; ++i) {
     const std::string h = "h." + std::to_string(i) + ".";
     shapes[h + "ln_1.weight"] = {d};

@@ -150,8 +150,8 @@ void layernorm_backward(Real* dinp, const Real* inp, const Real* mean, const Rea
 
 // out = inp @ weight + bias.
 template <class Real>
-LMINV_NO_FP_CONTRACT_ATTR void conv1d_forward(Real* out, const Real* inp, const Real* weight, const Real* bias,
-                                              Index N, Index C, Index OC, int threads = 0) {
+LMINV_NO_FP_CONTRACT_ATTR void conv1d_forward(Real* out, const Real* inp, const Real* weight, const Real* bias, Index N,
+                                              Index C, Index OC, int threads = 0) {
   LMINV_NO_FP_CONTRACT
   // out (N, OC), inp (N, C), weight (C, OC), bias (OC)
   vecmat_rows(out, inp, weight, N, C, OC, threads);

@@ -152,8 +152,8 @@ class Gpt2Model final : public Model {
   void check_input(const Tensor& input) const {
     if (input.rank() != 3 || input.dim(1) != T_ || input.dim(2) != width())
       throw Error(std::string(kWho) + ": input has shape " + shape_string(input.shape()) + ", expected [B, " +
-                  std::to_string(T_) + ", " + std::to_string(width()) + "] (family 'gpt2', input = " +
-                  input_space_name(spec_.input) + ")");
+                  std::to_string(T_) + ", " + std::to_string(width()) +
+                  "] (family 'gpt2', input = " + input_space_name(spec_.input) + ")");
   }
 
   // Sizes the buffers for a batch of B.
@@ -182,50 +182,59 @@ class Gpt2Model final : public Model {
     const Index N = B * T_, C = C_;
     const BlockParams<Real>& p = params_.h[l];
     BlockActivations<Real>& a = blocks_[l];
-    const Real* h = stream_[l].data();
-    Real* h_next = stream_[l + 1].data();
+    const Real* h = stream_[l].data();     // (N, C)
+    Real* h_next = stream_[l + 1].data();  // (N, C)
     const Real eps = static_cast<Real>(spec_.layer_norm_epsilon);
-    std::vector<Real> ln(N * C), y(N * C), branch(N * C), fc_gelu(N * inner_);
+    std::vector<Real> ln(N * C);            // (N, C)      ln_1(h), then ln_2(a)
+    std::vector<Real> y(N * C);             // (N, C)      the attention heads' outputs, merged
+    std::vector<Real> branch(N * C);        // (N, C)      attn.c_proj(y), then the MLP's output
+    std::vector<Real> fc_gelu(N * inner_);  // (N, inner)  gelu_tanh(a.fc)
 
+    // a = h + attn.c_proj(attention(attn.c_attn(ln_1(h))))
     layernorm_forward(ln.data(), a.ln_1_mean.data(), a.ln_1_rstd.data(), h, p.ln_1_weight, p.ln_1_bias, N, C, eps,
-                      threads_);                                                                      // (N, C)
-    conv1d_forward(a.qkv.data(), ln.data(), p.attn_c_attn_weight, p.attn_c_attn_bias, N, C, 3 * C, threads_);  // (N, 3C)
-    attention_forward(y.data(), a.att.data(), a.qkv.data(), B, T_, C, NH_, threads_);                 // (N, C)
-    conv1d_forward(branch.data(), y.data(), p.attn_c_proj_weight, p.attn_c_proj_bias, N, C, C, threads_);  // (N, C)
-    residual_forward(a.residual.data(), h, branch.data(), N * C);                                     // (N, C)
+                      threads_);
+    conv1d_forward(a.qkv.data(), ln.data(), p.attn_c_attn_weight, p.attn_c_attn_bias, N, C, 3 * C, threads_);
+    attention_forward(y.data(), a.att.data(), a.qkv.data(), B, T_, C, NH_, threads_);
+    conv1d_forward(branch.data(), y.data(), p.attn_c_proj_weight, p.attn_c_proj_bias, N, C, C, threads_);
+    residual_forward(a.residual.data(), h, branch.data(), N * C);
 
-    layernorm_forward(ln.data(), a.ln_2_mean.data(), a.ln_2_rstd.data(), a.residual.data(), p.ln_2_weight,
-                      p.ln_2_bias, N, C, eps, threads_);                                              // (N, C)
-    conv1d_forward(a.fc.data(), ln.data(), p.mlp_c_fc_weight, p.mlp_c_fc_bias, N, C, inner_, threads_);  // (N, inner)
-    gelu_tanh_forward_parallel(fc_gelu.data(), a.fc.data(), N * inner_, threads_);                   // (N, inner)
-    conv1d_forward(branch.data(), fc_gelu.data(), p.mlp_c_proj_weight, p.mlp_c_proj_bias, N, inner_, C,
-                   threads_);                                                                         // (N, C)
-    residual_forward(h_next, a.residual.data(), branch.data(), N * C);                                // (N, C)
+    // h_next = a + mlp.c_proj(gelu_tanh(mlp.c_fc(ln_2(a))))
+    layernorm_forward(ln.data(), a.ln_2_mean.data(), a.ln_2_rstd.data(), a.residual.data(), p.ln_2_weight, p.ln_2_bias,
+                      N, C, eps, threads_);
+    conv1d_forward(a.fc.data(), ln.data(), p.mlp_c_fc_weight, p.mlp_c_fc_bias, N, C, inner_, threads_);
+    gelu_tanh_forward_parallel(fc_gelu.data(), a.fc.data(), N * inner_, threads_);
+    conv1d_forward(branch.data(), fc_gelu.data(), p.mlp_c_proj_weight, p.mlp_c_proj_bias, N, inner_, C, threads_);
+    residual_forward(h_next, a.residual.data(), branch.data(), N * C);
   }
 
-  // One block backward: the gradient dh_next of h_l+1 -> the gradient dh of h_l.
+  // One block backward: the gradient dh_next of h_l+1 -> the gradient dh of h_l, both (N, C).
   void block_backward(Real* dh, const Real* dh_next, Index l, Index B) const {
     const Index N = B * T_, C = C_;
     const BlockParams<Real>& p = params_.h[l];
     const BlockActivations<Real>& a = blocks_[l];
-    std::vector<Real> dfc_gelu(N * inner_), dfc(N * inner_), dln(N * C), dbranch_inp(N * C), da(N * C), dy(N * C);
-    std::vector<Real> dqkv(N * 3 * C);
+    std::vector<Real> dfc_gelu(N * inner_);  // (N, inner)  of gelu_tanh(a.fc)
+    std::vector<Real> dfc(N * inner_);       // (N, inner)  of a.fc
+    std::vector<Real> dln(N * C);            // (N, C)      of ln_2(a), then of ln_1(h)
+    std::vector<Real> dbranch_inp(N * C);    // (N, C)      of a, then of h, through the branch
+    std::vector<Real> da(N * C);             // (N, C)      of a
+    std::vector<Real> dy(N * C);             // (N, C)      of the attention heads' outputs
+    std::vector<Real> dqkv(N * 3 * C);       // (N, 3C)     of qkv
 
-    // h_l+1 = a + mlp.c_proj(gelu(mlp.c_fc(ln_2(a))))
-    conv1d_backward(dfc_gelu.data(), dh_next, p.mlp_c_proj_weight, N, inner_, C, threads_);          // (N, inner)
-    gelu_tanh_backward_parallel(dfc.data(), a.fc.data(), dfc_gelu.data(), N * inner_, threads_);     // (N, inner)
-    conv1d_backward(dln.data(), dfc.data(), p.mlp_c_fc_weight, N, C, inner_, threads_);              // (N, C)
+    // h_next = a + mlp.c_proj(gelu_tanh(mlp.c_fc(ln_2(a))))
+    conv1d_backward(dfc_gelu.data(), dh_next, p.mlp_c_proj_weight, N, inner_, C, threads_);
+    gelu_tanh_backward_parallel(dfc.data(), a.fc.data(), dfc_gelu.data(), N * inner_, threads_);
+    conv1d_backward(dln.data(), dfc.data(), p.mlp_c_fc_weight, N, C, inner_, threads_);
     layernorm_backward(dbranch_inp.data(), a.residual.data(), a.ln_2_mean.data(), a.ln_2_rstd.data(), dln.data(),
-                       p.ln_2_weight, N, C, threads_);                                                // (N, C)
-    residual_backward(da.data(), dh_next, dbranch_inp.data(), N * C);                                 // (N, C)
+                       p.ln_2_weight, N, C, threads_);
+    residual_backward(da.data(), dh_next, dbranch_inp.data(), N * C);
 
-    // a = h_l + attn.c_proj(attention(attn.c_attn(ln_1(h_l))))
-    conv1d_backward(dy.data(), da.data(), p.attn_c_proj_weight, N, C, C, threads_);                  // (N, C)
-    attention_backward(dqkv.data(), a.qkv.data(), a.att.data(), dy.data(), B, T_, C, NH_, threads_);  // (N, 3C)
-    conv1d_backward(dln.data(), dqkv.data(), p.attn_c_attn_weight, N, C, 3 * C, threads_);           // (N, C)
+    // a = h + attn.c_proj(attention(attn.c_attn(ln_1(h))))
+    conv1d_backward(dy.data(), da.data(), p.attn_c_proj_weight, N, C, C, threads_);
+    attention_backward(dqkv.data(), a.qkv.data(), a.att.data(), dy.data(), B, T_, C, NH_, threads_);
+    conv1d_backward(dln.data(), dqkv.data(), p.attn_c_attn_weight, N, C, 3 * C, threads_);
     layernorm_backward(dbranch_inp.data(), stream_[l].data(), a.ln_1_mean.data(), a.ln_1_rstd.data(), dln.data(),
-                       p.ln_1_weight, N, C, threads_);                                                // (N, C)
-    residual_backward(dh, da.data(), dbranch_inp.data(), N * C);                                      // (N, C)
+                       p.ln_1_weight, N, C, threads_);
+    residual_backward(dh, da.data(), dbranch_inp.data(), N * C);
   }
 
   // Runs the model on `input`, keeping what the backward pass needs: the input itself (to recognise it), the
@@ -266,8 +275,8 @@ class Gpt2Model final : public Model {
     } else {
       std::vector<Real> ln_f(spec_.head == Head::ln_f ? 0 : static_cast<std::size_t>(N * C));
       Real* normed = spec_.head == Head::ln_f ? main : ln_f.data();  // (N, C)
-      layernorm_forward(normed, ln_f_mean_.data(), ln_f_rstd_.data(), h_k, params_.ln_f_weight, params_.ln_f_bias, N,
-                        C, eps, threads_);
+      layernorm_forward(normed, ln_f_mean_.data(), ln_f_rstd_.data(), h_k, params_.ln_f_weight, params_.ln_f_bias, N, C,
+                        eps, threads_);
       if (spec_.head == Head::lm_head) lm_head_forward(main, normed, params_.wte, N, C, V_, threads_);  // (N, V)
     }
     if (!direct) {
@@ -338,8 +347,8 @@ class Gpt2Model final : public Model {
     }
 
     Tensor grad(dtype_of<Real>::value, {B, T_, width()});
-    embedding_backward(grad.data<Real>(), dh.data(), spec_.input == InputSpace::vocab ? params_.wte : nullptr, B, T_,
-                       C, V_, threads_);  // (B, T, C) or (B, T, V)
+    embedding_backward(grad.data<Real>(), dh.data(), spec_.input == InputSpace::vocab ? params_.wte : nullptr, B, T_, C,
+                       V_, threads_);  // (B, T, C) or (B, T, V)
     return input_dtype == grad.dtype() ? grad : grad.to(input_dtype);
   }
 
@@ -382,10 +391,9 @@ std::unique_ptr<Model> make_gpt2_model(const ModelSpec& spec, std::shared_ptr<co
   require(spec.seq_len > 0, "needs a positive seq_len (the prompt's token count), got " + std::to_string(spec.seq_len));
   require(spec.seq_len <= spec.n_positions, "takes at most n_positions = " + std::to_string(spec.n_positions) +
                                                 " tokens, got seq_len " + std::to_string(spec.seq_len));
-  require(spec.blocks >= 0 && spec.blocks <= spec.n_layer, "has n_layer = " + std::to_string(spec.n_layer) +
-                                                               " blocks: blocks must be in 0 .. " +
-                                                               std::to_string(spec.n_layer) + ", got " +
-                                                               std::to_string(spec.blocks));
+  require(spec.blocks >= 0 && spec.blocks <= spec.n_layer,
+          "has n_layer = " + std::to_string(spec.n_layer) + " blocks: blocks must be in 0 .. " +
+              std::to_string(spec.n_layer) + ", got " + std::to_string(spec.blocks));
   for (std::int64_t l : spec.layers)
     require(l >= 0 && l <= spec.n_layer, "has n_layer = " + std::to_string(spec.n_layer) +
                                              " blocks: every entry of layers must be in 0 .. " +

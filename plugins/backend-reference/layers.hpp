@@ -14,12 +14,12 @@
 // Speed: at the sizes that matter (fcnet at d = 768, T = 6: an 18432 x 18432 fc2) a step is a few matrix-vector
 // products, bound by memory bandwidth. The kernels below stream each weight once per call (per group of four items),
 // in parallel, with vectorised inner loops; Eigen's GEMV is single-threaded and its GEMM re-packs the weights for a
-// handful of right-hand sides, so both are slower here, and neither promises batch-independent rounding.
+// handful of right-hand sides, so both are slower here, and neither promises batch-independent rounding. GPT-2's
+// layers (gpt2_layers.hpp) use the same two kernels.
 #pragma once
 
 #include <omp.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -143,44 +143,30 @@ void matvec_rows(T* out, const T* x, const T* W, const T* bias, Index N, Index C
 }
 
 // out = g @ W: out[n, c] = sum_o g[n, o] W[o, c], accumulated in order of o.
-// Parallel over column tiles of `out`, each as wide as keeps the tile in cache and narrow enough that every thread
-// gets several. Within a tile, W is taken a block of rows at a time, and every group of items uses the block while it
-// is in cache: W streams from memory once per call, whatever the batch (five items are a group of four and a group
-// of one, and would otherwise read W twice). Neither the tiling nor the blocks change any result: each element still
-// accumulates its terms one by one in order of o, four rows per pass (blocks are whole passes but the last).
+// Parallel over fixed-width column tiles and groups of items: a tile of `out` stays in cache while W streams by.
 template <class T>
 void vecmat_rows(T* out, const T* g, const T* W, Index N, Index O, Index C, int threads) {
   // out (N, C), g (N, O), W (O, C)
-  constexpr Index kTile = 16384 / sizeof(T);        // at most 16 KiB of each item's output row
-  constexpr Index kMinTile = 64 / sizeof(T);        // at least a cache line
-  constexpr Index kBlockBytes = Index{128} << 10;  // the block of W that stays in cache (L2) between groups
+  constexpr Index kTile = 16384 / sizeof(T);  // 16 KiB of each item's output: the group's tiles stay in L2
+  const Index tiles = (C + kTile - 1) / kTile;
+  const Index groups = (N + kGroup - 1) / kGroup;
   const int team = team_size(threads, N * C * O);
-  Index tile = kTile;
-  if (team > 1) {  // about four tiles per thread
-    const Index wanted = (C + 4 * team - 1) / (4 * team);
-    tile = std::min(kTile, std::max(kMinTile, (wanted + kMinTile - 1) / kMinTile * kMinTile));
-  }
-  const Index tiles = (C + tile - 1) / tile;
-  const Index span = std::min(tile, C);
-  const Index rows = std::max<Index>(4, kBlockBytes / (span * static_cast<Index>(sizeof(T))) / 4 * 4);
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
-  for (Index t = 0; t < tiles; ++t) {
-    const Index c0 = t * tile;
-    const Index width = C - c0 < tile ? C - c0 : tile;
-    for (Index n = 0; n < N; ++n)
-      for (Index c = 0; c < width; ++c) out[n * C + c0 + c] = T(0);
-    for (Index o0 = 0; o0 < O; o0 += rows) {
-      const Index count = O - o0 < rows ? O - o0 : rows;
-      const T* w = W + o0 * C + c0;
-      for (Index n = 0; n < N; n += kGroup) {
-        T* y = out + n * C + c0;
-        const T* gn = g + n * O + o0;
-        switch (N - n < kGroup ? N - n : kGroup) {
-          case 4: axpys<T, 4>(y, C, gn, O, w, C, count, width); break;
-          case 3: axpys<T, 3>(y, C, gn, O, w, C, count, width); break;
-          case 2: axpys<T, 2>(y, C, gn, O, w, C, count, width); break;
-          default: axpys<T, 1>(y, C, gn, O, w, C, count, width); break;
-        }
+#pragma omp parallel for collapse(2) schedule(static) num_threads(team) if (team > 1)
+  for (Index group = 0; group < groups; ++group) {
+    for (Index tile = 0; tile < tiles; ++tile) {
+      const Index n = group * kGroup;
+      const Index items = N - n < kGroup ? N - n : kGroup;
+      const Index c0 = tile * kTile;
+      const Index width = C - c0 < kTile ? C - c0 : kTile;
+      T* y = out + n * C + c0;
+      for (Index k = 0; k < items; ++k)
+        for (Index c = 0; c < width; ++c) y[k * C + c] = T(0);
+      const T* gn = g + n * O;
+      switch (items) {
+        case 4: axpys<T, 4>(y, C, gn, O, W + c0, C, O, width); break;
+        case 3: axpys<T, 3>(y, C, gn, O, W + c0, C, O, width); break;
+        case 2: axpys<T, 2>(y, C, gn, O, W + c0, C, O, width); break;
+        default: axpys<T, 1>(y, C, gn, O, W + c0, C, O, width); break;
       }
     }
   }

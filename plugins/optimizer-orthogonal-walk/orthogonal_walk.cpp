@@ -131,7 +131,7 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
     Eigen::MatrixXd dirs = orthogonal_walk::right_singular_vectors(gm, columns, cfg.svd_dtype, method);
     for (Eigen::Index k = 0; k < n_dirs; ++k) {
       dirs.col(k).normalize();
-      if (n % 2 == 0) dirs.col(k) *= -1.0;
+      if (dirs.col(k).dot(previous.col(k)) < 0) dirs.col(k) *= -1.0;
     }
     previous = dirs;
 
