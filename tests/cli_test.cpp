@@ -142,3 +142,62 @@ TEST_F(Cli, QuickstartRecoversThePromptExactly) {
   EXPECT_TRUE(r[0]["exact_match"].get<bool>());
   EXPECT_EQ(r[0]["model"]["n_embd"], 768);
 }
+
+TEST_F(Cli, InitWritesAHuggingFaceFolderThatRunsLikeTheRandomModel) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const fs::path folder = dir_ / "tiny-gpt2-hf";
+  const Outcome init = lminv("init " + tiny_gpt2 + " --out " + folder.string());
+  ASSERT_EQ(init.status, 0) << init.output;
+  for (const char* file : {"model.safetensors", "config.json", "vocab.json", "merges.txt"})
+    EXPECT_TRUE(fs::exists(folder / file)) << file;
+  const nlohmann::json config = nlohmann::json::parse(std::ifstream(folder / "config.json"));
+  EXPECT_EQ(config["model_type"], "gpt2");
+  EXPECT_EQ(config["n_layer"], 2);
+  EXPECT_EQ(config["n_embd"], 64);
+
+  // The same experiment from the random weights and from the saved checkpoint gives the same numbers.
+  // The checkpoint's config.json wins over [model]'s sizes (n_embd = 768 here is ignored).
+  ASSERT_EQ(lminv("run " + tiny_gpt2 + isolated()).status, 0);
+  const Outcome from_folder =
+      lminv("run " + tiny_gpt2 + isolated() + " --set model.weights=" + folder.string() + " --set model.n_embd=768");
+  ASSERT_EQ(from_folder.status, 0) << from_folder.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[1]["weights"]["source"], folder.string());
+  EXPECT_EQ(r[1]["model"]["n_embd"], 64);
+  EXPECT_EQ(r[0]["final_loss"], r[1]["final_loss"]);
+  EXPECT_EQ(r[0]["decoded"]["ids"], r[1]["decoded"]["ids"]);
+  EXPECT_EQ(r[0]["control"]["l1"], r[1]["control"]["l1"]);
+  EXPECT_FALSE(r[0]["next_token"].is_null());  // GPT-2 runs report next-token agreement
+}
+
+TEST_F(Cli, ForwardWritesOutputAndInputGradient) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const fs::path file = dir_ / "forward.safetensors";
+  const Outcome o = lminv("forward " + tiny_gpt2 + " --out " + file.string() + " --grad l2 --repeat 2");
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("forward + backward  best"), std::string::npos) << o.output;
+  // The safetensors header names the three tensors with their shapes: [1, T, d] in, [1, T, d] out (head ln_f).
+  std::ifstream in(file, std::ios::binary);
+  std::uint64_t n = 0;
+  in.read(reinterpret_cast<char*>(&n), 8);
+  std::string header(n, ' ');
+  in.read(header.data(), static_cast<std::streamsize>(n));
+  const nlohmann::json h = nlohmann::json::parse(header);
+  EXPECT_EQ(h["input"]["shape"], (std::vector<int>{1, 5, 64}));
+  EXPECT_EQ(h["output"]["shape"], (std::vector<int>{1, 5, 64}));
+  EXPECT_EQ(h["input_grad"]["shape"], (std::vector<int>{1, 5, 64}));
+  EXPECT_EQ(h["input"]["dtype"], "F64");
+  EXPECT_EQ(h["__metadata__"]["prompt_ids"], "[464,6766,318,4171,13]");
+  EXPECT_EQ(h["__metadata__"]["grad_metric"], "l2");
+}
+
+TEST_F(Cli, BadCheckpointFolderIsNamed) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const Outcome o = lminv("run " + tiny_gpt2 + isolated() + " --set model.weights=/no/such/checkpoint");
+  EXPECT_EQ(o.status, 1) << o.output;
+  EXPECT_NE(o.output.find("/no/such/checkpoint"), std::string::npos) << o.output;
+  const Outcome mlp = lminv("run " + tiny_ + isolated() + " --set model.weights=/some/folder");
+  EXPECT_EQ(mlp.status, 1);
+  EXPECT_NE(mlp.output.find("checkpoints hold GPT-2 models"), std::string::npos) << mlp.output;
+}
