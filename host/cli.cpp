@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "checkpoint.hpp"
+#include "compare.hpp"
 #include "config.hpp"
 #include "experiment.hpp"
 #include "paths.hpp"
@@ -41,6 +42,7 @@ constexpr const char* kOverview =
     "  run CONFIG [--set section.key=value ...]   run an inversion experiment\n"
     "  forward CONFIG --out FILE.safetensors      write the config's model output (and input gradient)\n"
     "  init CONFIG --out DIR                      save the config's model as a Hugging Face GPT-2 folder\n"
+    "  compare CONFIG --across section.key=A,B,.. run one experiment per value and compare them\n"
     "  plugins                                    list the plugins found, and those refused\n"
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
     "\n"
@@ -245,6 +247,35 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
   return 0;
 }
 
+int cmd_compare(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv compare CONFIG --across section.key=A,B,... [options]\n\nRuns CONFIG once per value of the key (any "
+      "key: backend.name=reference,torch,onednn or backend.dtype=f32,f64) and prints one table: against the first "
+      "value, the max absolute and normalised difference of the model's output and input gradient on the prompt, "
+      "then each run's final loss, decoded text and time. The rows are appended to <output.dir>/compare.jsonl "
+      "(or --table FILE).\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("across", po::value<std::string>(), "section.key=value1,value2,... (the first is the baseline)")(
+      "table", po::value<std::string>(), "the JSON Lines file for the table");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("config")) throw UsageError("compare: missing CONFIG (see lminv compare --help)");
+  if (!vm.count("across")) throw UsageError("compare: missing --across section.key=A,B,...");
+  CompareRequest request;
+  request.config_file = vm["config"].as<std::string>();
+  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  if (vm.count("table")) request.table_file = vm["table"].as<std::string>();
+  parse_across(vm["across"].as<std::string>(), request);
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  run_compare(request, registry, out);
+  return 0;
+}
+
 std::string supports(const Registry& registry, const PluginInfo& info) {
   if (info.kind != PluginKind::backend) return info.summary;
   try {
@@ -338,6 +369,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       {"run", cmd_run},
       {"forward", cmd_forward},
       {"init", cmd_init},
+      {"compare", cmd_compare},
       {"plugins", cmd_plugins},
       {"tokenize", cmd_tokenize}};
   auto command = commands.find(args[0]);

@@ -201,3 +201,26 @@ TEST_F(Cli, BadCheckpointFolderIsNamed) {
   EXPECT_EQ(mlp.status, 1);
   EXPECT_NE(mlp.output.find("checkpoints hold GPT-2 models"), std::string::npos) << mlp.output;
 }
+
+TEST_F(Cli, CompareAcrossDtypesPrintsAndRecordsTheDifferences) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const Outcome o = lminv("compare " + tiny_gpt2 + isolated() + " --set optimizer.steps=3 --across backend.dtype=f64,f32");
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("across backend.dtype (differences against f64)"), std::string::npos) << o.output;
+  std::vector<nlohmann::json> rows = read_records(dir_ / "out" / "compare.jsonl");
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0]["value"], "f64");
+  EXPECT_EQ(rows[0]["output_max_abs"], 0.0);  // the baseline against itself
+  EXPECT_EQ(rows[1]["value"], "f32");
+  const double out_norm = rows[1]["output_normalised"], grad_norm = rows[1]["grad_normalised"];
+  EXPECT_GT(out_norm, 0.0);  // f32 rounds differently ...
+  EXPECT_LT(out_norm, 1e-5);  // ... by about its precision
+  EXPECT_GT(grad_norm, 0.0);
+  EXPECT_LT(grad_norm, 1e-5);
+  EXPECT_EQ(read_records(records()).size(), 2u);  // each value's run left its record too
+
+  const Outcome bad = lminv("compare " + tiny_gpt2 + isolated() + " --across backend.dtype");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("--across 'backend.dtype': expected section.key=value1,value2"), std::string::npos)
+      << bad.output;
+}

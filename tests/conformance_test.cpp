@@ -1,0 +1,630 @@
+// The backend conformance suite: every backend plugin, loaded by name through the registry, against the reference
+// backend in f64 on the same weights.
+//
+// For each backend named in LMINV_CONFORMANCE_BACKENDS (set by tests/CMakeLists.txt to the backends built), each dtype
+// and device its info() lists, and each model case below (tiny GPT-2s and the MLP families):
+//   - forward, backward (a vector-Jacobian product) and loss_and_grad (l1, l2, cosine) agree with the reference in f64
+//     within the dtype's tolerance, measured as max |a - b| / max |reference| (the normalised error of ggml's
+//     test-backend-ops);
+//   - a batch of 3 gives what 3 single calls give (bit-identical for the reference, within the tolerance for others);
+//   - a family the backend does not list, or a cuda case on a machine without a CUDA device, is skipped with a message.
+// Then, per backend: an unsupported dtype, device "tpu" and a wrong input shape are lminv::Errors naming them.
+// And the truth itself: the reference in f64 against central finite differences.
+//
+// Test names read <backend>_<dtype>_<device>_<model>, e.g. Backends/Conformance.MatchesTheReference/
+// torch_f32_cpu_gpt2_k3_lm_head_vocab. Run one backend with --gtest_filter='*/torch_*'.
+#include <gtest/gtest.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lminv/lminv.hpp"
+#include "registry.hpp"
+#include "weights_init.hpp"
+
+using namespace lminv;
+
+namespace {
+
+constexpr std::uint64_t kSeed = 20240611;
+constexpr std::int64_t kBatch = 3;
+
+// ---- the backends under test ----------------------------------------------------------------------------------------
+
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> out;
+  std::string word;
+  for (char c : list + ";") {
+    if (c == ';' || c == ',' || c == ' ') {
+      if (!word.empty()) out.push_back(word);
+      word.clear();
+    } else {
+      word += c;
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> backends_under_test() {
+#ifdef LMINV_CONFORMANCE_BACKENDS
+  return split(LMINV_CONFORMANCE_BACKENDS);
+#else
+  return {"reference"};
+#endif
+}
+
+const Registry& registry() {
+  static const Registry r({LMINV_BUILD_PLUGIN_DIR});
+  return r;
+}
+
+std::string rejections() {
+  std::string out;
+  for (const RejectedPlugin& p : registry().rejected()) out += "\n  refused " + p.file.string() + ": " + p.reason;
+  return out;
+}
+
+// The backend plugin `name`, made and configured once per process (threads = 1: the models are tiny). Throws Error
+// naming it, with the registry's refusals, when it is not there.
+std::shared_ptr<Backend> backend(const std::string& name) {
+  static std::map<std::string, std::shared_ptr<Backend>> made;
+  auto it = made.find(name);
+  if (it != made.end()) return it->second;
+  std::shared_ptr<Backend> b;
+  try {
+    b = registry().create_backend(name);
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (searched " + LMINV_BUILD_PLUGIN_DIR + ")" + rejections());
+  }
+  b->configure(Options("backend", "conformance_test", {{"threads", "1"}}));
+  made[name] = b;
+  return b;
+}
+
+// Whether a CUDA device is present, asked of the driver itself (libcuda), so the suite links no CUDA library.
+bool cuda_device_present(std::string& why) {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    why = "no CUDA driver on this machine (libcuda.so.1 does not load)";
+    return false;
+  }
+  using Init = int (*)(unsigned);
+  using Count = int (*)(int*);
+  auto init = reinterpret_cast<Init>(dlsym(lib, "cuInit"));
+  auto count = reinterpret_cast<Count>(dlsym(lib, "cuDeviceGetCount"));
+  int n = 0;
+  if (!init || !count || init(0) != 0 || count(&n) != 0 || n == 0) {
+    why = "the CUDA driver reports no usable device";
+    return false;
+  }
+  return true;
+}
+
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+std::string join(const std::vector<std::string>& words) {
+  std::string out;
+  for (const std::string& w : words) out += (out.empty() ? "" : ", ") + w;
+  return out;
+}
+
+std::string dtype_list(const std::vector<DType>& dtypes) {
+  std::vector<std::string> names;
+  for (DType t : dtypes) names.push_back(dtype_name(t));
+  return join(names);
+}
+
+// ---- the model cases -------------------------------------------------------------------------------------------------
+
+struct ModelCase {
+  std::string name;  // gpt2_k3_lm_head_vocab, fcnet_embedding, ...
+  ModelSpec spec;    // dtype and device are the test case's
+};
+
+ModelSpec tiny_gpt2() {
+  ModelSpec s;
+  s.family = "gpt2";
+  s.n_layer = 3;
+  s.n_embd = 16;
+  s.n_head = 2;
+  s.vocab_size = 40;
+  s.n_positions = 16;
+  s.seq_len = 5;
+  return s;
+}
+
+ModelSpec tiny_mlp(const std::string& family) {
+  ModelSpec s;
+  s.family = family;
+  s.n_layer = 0;
+  s.n_embd = 8;
+  s.n_head = 1;
+  s.vocab_size = 40;
+  s.n_positions = 3;
+  s.seq_len = 3;
+  s.blocks = 0;
+  s.head = Head::none;
+  return s;
+}
+
+std::vector<ModelCase> model_cases() {
+  std::vector<ModelCase> out;
+  for (std::int64_t k : {0, 1, 3})
+    for (Head head : {Head::none, Head::ln_f, Head::lm_head})
+      for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+        ModelSpec s = tiny_gpt2();
+        s.blocks = k;
+        s.head = head;
+        s.input = input;
+        out.push_back({"gpt2_k" + std::to_string(k) + "_" + head_name(head) + "_" + input_space_name(input), s});
+      }
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    ModelSpec s = tiny_gpt2();
+    s.blocks = 2;
+    s.head = Head::none;
+    s.layers = {1, 3};
+    s.input = input;
+    out.push_back({std::string("gpt2_k2_none_layers1_3_") + input_space_name(input), s});
+  }
+  for (const char* family : {"fcnet", "fcnet_noninvertible", "transformer_mlp"})
+    for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+      ModelSpec s = tiny_mlp(family);
+      s.input = input;
+      out.push_back({std::string(family) + "_" + input_space_name(input), s});
+    }
+  return out;
+}
+
+const ModelCase& model_case(const std::string& name) {
+  static const std::vector<ModelCase> cases = model_cases();
+  for (const ModelCase& c : cases)
+    if (c.name == name) return c;
+  throw Error("conformance_test: no model case named " + name);
+}
+
+// The weights every backend gets: init_random_weights in f64, then made to matter everywhere. GPT-2's initialisation
+// has LayerNorm weights 1, biases 0 and attention logits near 0 (uniform attention), so a backend that ignored a
+// bias, a LayerNorm weight or the 1/sqrt(head size) scale would still agree; here every bias and LayerNorm parameter
+// is random and c_attn is scaled so that the attention is far from uniform.
+std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
+  static std::map<std::string, std::shared_ptr<const WeightSet>> made;
+  ModelSpec s = spec;
+  s.dtype = DType::f64;
+  const std::string key = s.family + "/" + std::to_string(s.n_embd) + "/" + std::to_string(s.seq_len);
+  auto it = made.find(key);
+  if (it != made.end()) return it->second;
+  WeightSet w = init_random_weights(s, kSeed, 1);
+  if (s.family == "gpt2") {
+    const Rng root = Rng(kSeed).fork("conformance");
+    auto ends_with = [](const std::string& s, const std::string& end) {
+      return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+    };
+    for (const std::string& name : w.names()) {
+      Tensor t = w.get(name);
+      Rng rng = root.fork(name);
+      if (ends_with(name, "ln_1.weight") || ends_with(name, "ln_2.weight") || name == "ln_f.weight")
+        fill_normal(t, rng, 1.0, 0.2);
+      else if (ends_with(name, ".bias"))
+        fill_normal(t, rng, 0.0, 0.05);
+      else if (ends_with(name, "attn.c_attn.weight"))
+        scale(t, 10.0);
+      else
+        continue;
+      w.set(name, std::move(t));
+    }
+  }
+  auto shared = std::make_shared<const WeightSet>(std::move(w));
+  made[key] = shared;
+  return shared;
+}
+
+// ---- comparisons -----------------------------------------------------------------------------------------------------
+
+double tolerance(DType t) {
+  switch (t) {
+    case DType::f64: return 1e-10;
+    case DType::f32: return 1e-4;
+    case DType::bf16: return 5e-2;
+  }
+  return 0;
+}
+
+// max |got - want| / max |want| (max |got - want| itself when want is all zeros), with where the worst element is.
+struct Difference {
+  double error = 0;
+  std::int64_t at = 0;
+  double got = 0, want = 0, scale = 0;
+  std::string text() const {
+    std::ostringstream s;
+    s.precision(6);
+    s << "normalised error " << error << " (worst element " << at << ": " << got << " vs reference " << want
+      << "; max |reference| " << scale << ")";
+    return s.str();
+  }
+};
+
+Difference difference(const Tensor& got, const Tensor& want) {
+  Difference d;
+  double worst = -1;
+  for (std::int64_t i = 0; i < want.numel(); ++i) {
+    d.scale = std::max(d.scale, std::abs(want.get(i)));
+    const double e = std::abs(got.get(i) - want.get(i));
+    if (!(e <= worst)) {  // NaN counts as worst
+      worst = e;
+      d.at = i;
+      d.got = got.get(i);
+      d.want = want.get(i);
+    }
+  }
+  d.error = d.scale > 0 ? worst / d.scale : worst;
+  if (std::isnan(worst)) d.error = worst;
+  return d;
+}
+
+Difference difference(const std::vector<double>& got, const std::vector<double>& want) {
+  return difference(Tensor::from<double>({static_cast<std::int64_t>(got.size())}, got),
+                    Tensor::from<double>({static_cast<std::int64_t>(want.size())}, want));
+}
+
+bool bit_identical(const Tensor& a, const Tensor& b) {
+  if (a.dtype() != b.dtype() || a.shape() != b.shape()) return false;
+  for (std::int64_t i = 0; i < a.numel(); ++i)
+    if (!(a.get(i) == b.get(i)) && !(std::isnan(a.get(i)) && std::isnan(b.get(i)))) return false;
+  return true;
+}
+
+Tensor normal_tensor(Shape shape, Rng rng, double std) {
+  Tensor t(DType::f64, std::move(shape));
+  fill_normal(t, rng, 0.0, std);
+  return t;
+}
+
+// Values exactly representable in `dtype`, as f64: what both the backend and the reference are given.
+Tensor rounded(const Tensor& t, DType dtype) { return t.to(dtype).to(DType::f64); }
+
+// A target per item whose every element is at least half the output's scale away from the output, so the sign of
+// o - t (l1's gradient) is the same in every dtype.
+Tensor far_target(const Tensor& output, Rng rng) {
+  Tensor t = output.to(DType::f64);
+  double scale = 0;
+  for (std::int64_t i = 0; i < t.numel(); ++i) scale = std::max(scale, std::abs(t.get(i)));
+  if (scale == 0) scale = 1;
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    const double offset = (0.5 + 0.5 * rng.uniform()) * scale;
+    t.set(i, t.get(i) + (rng.uniform() < 0.5 ? -offset : offset));
+  }
+  return t;
+}
+
+// ---- the parametrized cases ------------------------------------------------------------------------------------------
+
+struct Case {
+  std::string backend;
+  DType dtype = DType::f64;
+  std::string device;
+  std::string model;       // a model_cases() name
+  std::string load_error;  // set when the backend could not be made: the case fails with it
+};
+
+std::string sanitize(std::string s) {
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return s;
+}
+
+std::string case_name(const testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  if (!c.load_error.empty()) return sanitize(c.backend) + "_not_loaded";
+  return sanitize(c.backend + "_" + dtype_name(c.dtype) + "_" + c.device + "_" + c.model);
+}
+
+// Every backend x listed dtype x listed device x model case. A backend that cannot be made gives one failing case.
+std::vector<Case> all_cases() {
+  std::vector<Case> out;
+  for (const std::string& name : backends_under_test()) {
+    BackendInfo info;
+    try {
+      info = backend(name)->info();
+    } catch (const std::exception& e) {
+      out.push_back({name, DType::f64, "", "", e.what()});
+      continue;
+    }
+    for (DType dtype : info.dtypes)
+      for (const std::string& device : info.devices)
+        for (const ModelCase& m : model_cases()) out.push_back({name, dtype, device, m.name, ""});
+  }
+  return out;
+}
+
+class Conformance : public testing::TestWithParam<Case> {};
+
+TEST_P(Conformance, MatchesTheReference) {
+  const Case& c = GetParam();
+  if (!c.load_error.empty()) FAIL() << "backend '" << c.backend << "' is listed but cannot be made: " << c.load_error;
+  const std::shared_ptr<Backend> under_test = backend(c.backend);
+  const BackendInfo info = under_test->info();
+  const ModelCase& m = model_case(c.model);
+  if (!contains(info.families, m.spec.family))
+    GTEST_SKIP() << "backend '" << c.backend << "' does not list family '" << m.spec.family
+                 << "' in info() (it lists: " << join(info.families) << "): not tested";
+  std::string why;
+  if (c.device == "cuda" && !cuda_device_present(why))
+    GTEST_SKIP() << "backend '" << c.backend << "' lists device cuda, but " << why << ": not tested here";
+
+  ModelSpec spec = m.spec;
+  spec.dtype = c.dtype;
+  spec.device = c.device;
+  ModelSpec ref_spec = m.spec;
+  ref_spec.dtype = DType::f64;
+  ref_spec.device = "cpu";
+  const auto weights = weights_for(m.spec);
+  std::unique_ptr<Model> ref = backend("reference")->create_model(ref_spec, weights);
+  std::unique_ptr<Model> model;
+  try {
+    model = under_test->create_model(spec, weights);
+  } catch (const Error& e) {
+    FAIL() << "create_model threw for a family, dtype and device the backend lists: " << e.what();
+  }
+  ASSERT_NE(model, nullptr);
+  EXPECT_EQ(model->spec().family, spec.family);
+
+  const double tol = tolerance(c.dtype);
+  const DType dt = c.dtype;
+  const Rng rng = Rng(kSeed).fork(c.model);
+  const double input_std = spec.input == InputSpace::vocab ? 1.0 : (spec.family == "gpt2" ? 0.1 : 1.0);
+  // Inputs, output gradients and targets hold values exact in the dtype: both sides see the same numbers.
+  const Tensor x = rounded(normal_tensor(input_shape(spec, kBatch), rng.fork("input"), input_std), dt);
+  const Tensor x_dt = x.to(dt);
+
+  // forward
+  const Tensor y_ref = ref->forward(x);
+  Tensor y;
+  try {
+    y = model->forward(x_dt);
+  } catch (const Error& e) {
+    FAIL() << "forward threw: " << e.what();
+  }
+  ASSERT_EQ(y.shape(), y_ref.shape()) << "forward: output shape differs from the reference's";
+  {
+    const Difference d = difference(y, y_ref);
+    EXPECT_LE(d.error, tol) << "forward: " << d.text() << ", tolerance " << tol;
+  }
+
+  // backward: the input gradient of <g, forward(x)> for a fixed random g
+  const Tensor g = rounded(normal_tensor(y_ref.shape(), rng.fork("grad_output"), 1.0), dt);
+  const Tensor dx_ref = ref->backward(x, g);
+  const Tensor dx = model->backward(x_dt, g.to(dt));
+  ASSERT_EQ(dx.shape(), x.shape()) << "backward: the gradient's shape differs from the input's";
+  {
+    const Difference d = difference(dx, dx_ref);
+    EXPECT_LE(d.error, tol) << "backward: " << d.text() << ", tolerance " << tol;
+  }
+
+  // loss_and_grad for each metric: one target per item, and one target broadcast over the batch
+  const Tensor target = rounded(far_target(y_ref, rng.fork("target")), dt);
+  const Tensor target1 = target.slice0(0, 1);
+  for (Metric metric : {Metric::l1, Metric::l2, Metric::cosine}) {
+    for (const Tensor* t : {&target, &target1}) {
+      SCOPED_TRACE(std::string("loss_and_grad ") + metric_name(metric) + ", target " + shape_string(t->shape()));
+      const LossAndGrad want = ref->loss_and_grad(x, *t, metric);
+      const LossAndGrad got = model->loss_and_grad(x_dt, t->to(dt), metric);
+      ASSERT_EQ(got.loss.size(), want.loss.size()) << "one loss per item";
+      ASSERT_EQ(got.grad.shape(), x.shape()) << "the gradient's shape differs from the input's";
+      const Difference dl = difference(got.loss, want.loss);
+      EXPECT_LE(dl.error, tol) << "loss: " << dl.text() << ", tolerance " << tol;
+      const Difference dg = difference(got.grad, want.grad);
+      EXPECT_LE(dg.error, tol) << "gradient: " << dg.text() << ", tolerance " << tol;
+    }
+  }
+
+  // batched = one by one: forward, backward and loss_and_grad of the batch against single calls on each item
+  const bool exact = c.backend == "reference";
+  const Tensor y_batch = model->forward(x_dt);
+  const Tensor dx_batch = model->backward(x_dt, g.to(dt));
+  const LossAndGrad l_batch = model->loss_and_grad(x_dt, target.to(dt), Metric::l2);
+  std::vector<Tensor> ys, dxs, lgs;
+  std::vector<double> losses;
+  for (std::int64_t b = 0; b < kBatch; ++b) {
+    const Tensor xb = x_dt.slice0(b, b + 1);
+    ys.push_back(model->forward(xb));
+    dxs.push_back(model->backward(xb, g.to(dt).slice0(b, b + 1)));
+    LossAndGrad lb = model->loss_and_grad(xb, target.to(dt).slice0(b, b + 1), Metric::l2);
+    ASSERT_EQ(lb.loss.size(), 1u);
+    losses.push_back(lb.loss[0]);
+    lgs.push_back(std::move(lb.grad));
+  }
+  const std::vector<std::pair<const char*, std::pair<Tensor, Tensor>>> batched{
+      {"forward", {y_batch, Tensor::concat0(ys)}},
+      {"backward", {dx_batch, Tensor::concat0(dxs)}},
+      {"loss_and_grad l2 (gradient)", {l_batch.grad, Tensor::concat0(lgs)}},
+      {"loss_and_grad l2 (loss)",
+       {Tensor::from<double>({kBatch}, l_batch.loss), Tensor::from<double>({kBatch}, losses)}}};
+  for (const auto& [what, pair] : batched) {
+    const Tensor& batch = pair.first;
+    const Tensor& singles = pair.second;
+    ASSERT_EQ(batch.shape(), singles.shape()) << what << ": batched and one-by-one shapes differ";
+    if (exact) {
+      EXPECT_TRUE(bit_identical(batch, singles))
+          << what << ": a batch of " << kBatch << " is not bit-identical to single calls: "
+          << difference(batch, singles).text();
+    } else {
+      const Difference d = difference(batch, singles);
+      EXPECT_LE(d.error, tol) << what << ": a batch of " << kBatch << " against single calls: " << d.text()
+                              << ", tolerance " << tol;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, Conformance, testing::ValuesIn(all_cases()), case_name);
+
+// ---- errors, per backend ---------------------------------------------------------------------------------------------
+
+class ConformanceErrors : public testing::TestWithParam<std::string> {
+ protected:
+  // A spec of a family the backend lists (tiny GPT-2 preferred), in its first dtype, on the cpu when it lists it.
+  ModelSpec supported_spec(const BackendInfo& info) const {
+    for (const ModelCase& m : model_cases())
+      if (contains(info.families, m.spec.family)) {
+        ModelSpec s = m.spec;
+        if (s.family == "gpt2") {
+          s.blocks = 1;
+          s.head = Head::lm_head;
+          s.input = InputSpace::embedding;
+          s.layers.clear();
+        }
+        s.dtype = info.dtypes.empty() ? DType::f32 : info.dtypes.front();
+        s.device = contains(info.devices, std::string("cpu")) || info.devices.empty() ? "cpu" : info.devices.front();
+        return s;
+      }
+    throw Error("backend '" + GetParam() + "' lists none of the families this suite tests (it lists: " +
+                join(info.families) + ")");
+  }
+
+  // Expects create_model(spec) to throw an lminv::Error whose message contains `needle`.
+  void expect_refused(Backend& b, const ModelSpec& spec, const std::string& needle, const std::string& what) {
+    try {
+      b.create_model(spec, weights_for(spec));
+      ADD_FAILURE() << "create_model accepted " << what << " (backend '" << GetParam() << "')";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+          << "the error for " << what << " does not name '" << needle << "': " << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "create_model threw a " << typeid(e).name() << ", not an lminv::Error, for " << what << ": "
+                    << e.what();
+    }
+  }
+};
+
+std::vector<std::string> backends_that_load() {
+  std::vector<std::string> out;
+  for (const std::string& name : backends_under_test()) {
+    try {
+      backend(name);
+      out.push_back(name);
+    } catch (const std::exception&) {  // reported by Backends/Conformance.MatchesTheReference/<name>_not_loaded
+    }
+  }
+  return out;
+}
+
+std::string backend_name(const testing::TestParamInfo<std::string>& info) { return sanitize(info.param); }
+
+TEST_P(ConformanceErrors, UnsupportedDtypeIsAnErrorNamingIt) {
+  const std::shared_ptr<Backend> b = backend(GetParam());
+  const BackendInfo info = b->info();
+  const ModelSpec base = supported_spec(info);
+  int checked = 0;
+  for (DType dtype : {DType::f64, DType::f32, DType::bf16}) {
+    if (contains(info.dtypes, dtype)) continue;
+    ModelSpec s = base;
+    s.dtype = dtype;
+    expect_refused(*b, s, dtype_name(dtype), std::string("dtype ") + dtype_name(dtype));
+    ++checked;
+  }
+  if (checked == 0)
+    GTEST_SKIP() << "backend '" << GetParam() << "' lists every dtype (" << dtype_list(info.dtypes)
+                 << "): no unsupported dtype to try";
+}
+
+TEST_P(ConformanceErrors, UnknownDeviceIsAnErrorNamingIt) {
+  const std::shared_ptr<Backend> b = backend(GetParam());
+  ModelSpec s = supported_spec(b->info());
+  s.device = "tpu";
+  expect_refused(*b, s, "tpu", "device tpu");
+}
+
+TEST_P(ConformanceErrors, WrongInputShapeIsAnErrorNamingIt) {
+  const std::shared_ptr<Backend> b = backend(GetParam());
+  const ModelSpec s = supported_spec(b->info());
+  std::string why;
+  if (s.device == "cuda" && !cuda_device_present(why)) GTEST_SKIP() << "only cuda is listed, but " << why;
+  std::unique_ptr<Model> model = b->create_model(s, weights_for(s));
+  const Shape good = input_shape(s, 1);
+  const std::vector<Shape> wrong{{1, good[1], good[2] + 1}, {1, good[1] + 1, good[2]}, {good[1], good[2]}};
+  for (const Shape& shape : wrong) {
+    const Tensor x(s.dtype, shape);
+    try {
+      model->forward(x);
+      ADD_FAILURE() << "forward accepted an input of shape " << shape_string(shape) << " (expected "
+                    << shape_string(good) << ")";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(shape_string(shape)), std::string::npos)
+          << "the error for input shape " << shape_string(shape) << " does not name it: " << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "forward threw a " << typeid(e).name() << ", not an lminv::Error, for input shape "
+                    << shape_string(shape) << ": " << e.what();
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ConformanceErrors, testing::ValuesIn(backends_that_load()), backend_name);
+
+// ---- the truth itself: the reference in f64 against central finite differences --------------------------------------
+
+// Every input element of one item: the gradients of <g, forward(x)> and of each metric's loss against central
+// differences, all 2n perturbed inputs of a function run as one batch.
+void check_reference_against_finite_differences(const std::string& case_name) {
+  const ModelCase& m = model_case(case_name);
+  ModelSpec spec = m.spec;
+  spec.dtype = DType::f64;
+  spec.device = "cpu";
+  std::unique_ptr<Model> ref = backend("reference")->create_model(spec, weights_for(spec));
+  const Rng rng = Rng(kSeed).fork("finite differences " + case_name);
+  const Tensor x = normal_tensor(input_shape(spec, 1), rng.fork("input"), spec.family == "gpt2" ? 0.5 : 1.0);
+  const std::int64_t n = x.numel();
+  const double h = 1e-5;
+
+  // x + h e_i and x - h e_i for every i, as one batch of 2n
+  Tensor perturbed(DType::f64, input_shape(spec, 2 * n));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (int side = 0; side < 2; ++side) {
+      const std::int64_t item = 2 * i + side;
+      for (std::int64_t j = 0; j < n; ++j) perturbed.set(item * n + j, x.get(j));
+      perturbed.set(item * n + i, x.get(i) + (side == 0 ? h : -h));
+    }
+
+  auto check = [&](const std::string& what, const Tensor& analytic, const std::function<double(std::int64_t)>& f) {
+    Tensor fd(DType::f64, x.shape());
+    for (std::int64_t i = 0; i < n; ++i) fd.set(i, (f(2 * i) - f(2 * i + 1)) / (2 * h));
+    const Difference d = difference(analytic, fd);
+    EXPECT_LT(d.error, 1e-6) << case_name << ", " << what << ": analytic gradient against central differences: "
+                             << d.text();
+  };
+
+  const Tensor y = ref->forward(x);
+  const Tensor g = normal_tensor(y.shape(), rng.fork("grad_output"), 1.0);
+  const Tensor dx = ref->backward(x, g);
+  const Tensor ys = ref->forward(perturbed);
+  const std::int64_t m_out = y.numel();
+  check("backward", dx, [&](std::int64_t item) {
+    double s = 0;
+    for (std::int64_t j = 0; j < m_out; ++j) s += g.get(j) * ys.get(item * m_out + j);
+    return s;
+  });
+
+  const Tensor target = far_target(y, rng.fork("target"));
+  for (Metric metric : {Metric::l1, Metric::l2, Metric::cosine}) {
+    const LossAndGrad lg = ref->loss_and_grad(x, target, metric);
+    const std::vector<double> losses = distances(ys, target, metric);
+    check(std::string("loss_and_grad ") + metric_name(metric), lg.grad,
+          [&](std::int64_t item) { return losses[static_cast<std::size_t>(item)]; });
+  }
+}
+
+TEST(ReferenceFiniteDifferences, Gpt2) { check_reference_against_finite_differences("gpt2_k3_lm_head_vocab"); }
+
+TEST(ReferenceFiniteDifferences, Mlp) { check_reference_against_finite_differences("fcnet_vocab"); }
+
+}  // namespace
