@@ -10,6 +10,7 @@
 #include <optional>
 #include <sstream>
 
+#include "bench.hpp"
 #include "checkpoint.hpp"
 #include "compare.hpp"
 #include "config.hpp"
@@ -43,6 +44,7 @@ constexpr const char* kOverview =
     "  forward CONFIG --out FILE.safetensors      write the config's model output (and input gradient)\n"
     "  init CONFIG --out DIR                      save the config's model as a Hugging Face GPT-2 folder\n"
     "  compare CONFIG --across section.key=A,B,.. run one experiment per value and compare them\n"
+    "  bench                                      time an inversion step per backend against this machine\n"
     "  plugins                                    list the plugins found, and those refused\n"
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
     "\n"
@@ -276,6 +278,55 @@ int cmd_compare(const std::vector<std::string>& args, std::ostream& out, std::os
   return 0;
 }
 
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string word; std::getline(in, word, ',');)
+    if (!word.empty()) out.push_back(word);
+  return out;
+}
+
+int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  BenchRequest r;
+  po::options_description visible(
+      "lminv bench [options]\n\nTimes one inversion step (forward + loss + input gradient) of GPT-2 small on each "
+      "backend, dtype, model and batch size, and measures this machine's copy bandwidth and f32 GEMM rate in the "
+      "same run, to give each step's share of its roofline. See bench/RESULTS.md.\n\noptions");
+  visible.add(common_options());
+  visible.add_options()("backends", po::value<std::string>()->default_value("reference,torch,onednn"), "backends")(
+      "dtypes", po::value<std::string>()->default_value("f32,f64"), "dtypes")(
+      "batches", po::value<std::string>()->default_value("1,8,32"), "batch sizes (independent starts)")(
+      "models", po::value<std::string>()->default_value("1block,12blocks,12blocks-lmhead"), "models")(
+      "tokens", po::value<std::int64_t>()->default_value(5), "prompt length T")(
+      "repeat", po::value<int>()->default_value(3), "timed steps per cell (best counts)")(
+      "n-layer", po::value<std::int64_t>()->default_value(12), "blocks of the model (12: GPT-2 small)")(
+      "out", po::value<std::string>(), "append the results as JSON Lines to FILE");
+  const po::variables_map vm = parse(args, visible, {}, {});
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  r.backends = split_commas(vm["backends"].as<std::string>());
+  r.dtypes = split_commas(vm["dtypes"].as<std::string>());
+  r.models = split_commas(vm["models"].as<std::string>());
+  r.batches.clear();
+  for (const std::string& b : split_commas(vm["batches"].as<std::string>())) {
+    char* end = nullptr;
+    const long long v = std::strtoll(b.c_str(), &end, 10);
+    if (*end || v < 1) throw UsageError("bench: --batches: '" + b + "' is not a positive integer");
+    r.batches.push_back(v);
+  }
+  r.tokens = vm["tokens"].as<std::int64_t>();
+  r.repeat = vm["repeat"].as<int>();
+  r.n_layer = vm["n-layer"].as<std::int64_t>();
+  if (r.tokens < 1 || r.repeat < 1 || r.n_layer < 1) throw UsageError("bench: --tokens, --repeat, --n-layer must be >= 1");
+  if (vm.count("out")) r.out_file = vm["out"].as<std::string>();
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  run_bench(r, registry, out);
+  return 0;
+}
+
 std::string supports(const Registry& registry, const PluginInfo& info) {
   if (info.kind != PluginKind::backend) return info.summary;
   try {
@@ -370,6 +421,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       {"forward", cmd_forward},
       {"init", cmd_init},
       {"compare", cmd_compare},
+      {"bench", cmd_bench},
       {"plugins", cmd_plugins},
       {"tokenize", cmd_tokenize}};
   auto command = commands.find(args[0]);

@@ -1,0 +1,170 @@
+#include "bench.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <iomanip>
+#include <nlohmann/json.hpp>
+#include <ostream>
+
+#include "lminv/ops.hpp"
+#include "report.hpp"
+#include "weights_init.hpp"
+
+#ifdef LMINV_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#endif
+
+namespace lminv {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Best time of `repeat` calls of f after one warm-up call.
+template <class F>
+double best_time(int repeat, F&& f) {
+  f();
+  double best = INFINITY;
+  for (int i = 0; i < repeat; ++i) {
+    const auto start = Clock::now();
+    f();
+    best = std::min(best, seconds_since(start));
+  }
+  return best;
+}
+
+// Bytes copied per second by memcpy of a buffer far larger than the caches (each byte read once, written once).
+double copy_bandwidth() {
+  const std::size_t n = std::size_t{1} << 29;  // 512 MiB
+  std::vector<char> a(n, 1), b(n, 0);
+  const double s = best_time(3, [&] { std::memcpy(b.data(), a.data(), n); });
+  return static_cast<double>(n) / s;
+}
+
+// f32 GEMM rate (FLOP/s) through oneDNN's sgemm, square matrices of 2048.
+double gemm_rate() {
+#ifdef LMINV_HAVE_DNNL
+  const dnnl_dim_t n = 2048;
+  std::vector<float> a(n * n, 1.0f), b(n * n, 0.5f), c(n * n, 0.0f);
+  const double s = best_time(3, [&] {
+    dnnl_sgemm('N', 'N', n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+  });
+  return 2.0 * n * n * n / s;
+#else
+  return 0;
+#endif
+}
+
+struct ModelCase {
+  std::string name;
+  std::int64_t blocks;
+  Head head;
+};
+
+ModelCase model_case(const std::string& name, const BenchRequest& r) {
+  if (name == "1block") return {name, 1, Head::none};
+  if (name == "12blocks") return {name, r.n_layer, Head::none};
+  if (name == "12blocks-lmhead") return {name, r.n_layer, Head::lm_head};
+  throw Error("bench: unknown model '" + name + "' (1block | 12blocks | 12blocks-lmhead)");
+}
+
+// Parameters a step multiplies by: every block used, and the tied lm_head.
+double parameters_used(const ModelSpec& s) {
+  const double d = static_cast<double>(s.n_embd);
+  const double block = 3 * d * d + d * d + 2 * d * static_cast<double>(s.inner());
+  return static_cast<double>(s.blocks) * block + (s.head == Head::lm_head ? static_cast<double>(s.vocab_size) * d : 0);
+}
+
+}  // namespace
+
+void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& out) {
+  out << "lminv bench: GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V " << r.vocab << "), " << r.tokens
+      << " tokens, one step = loss_and_grad (l2), best of " << r.repeat << "\n"
+      << std::flush;
+  const double copy = copy_bandwidth();
+  const double gemm = gemm_rate();
+  out << "machine: copy " << std::fixed << std::setprecision(1) << copy / 1e9 << " GB/s (memcpy of 512 MiB), f32 GEMM "
+      << (gemm > 0 ? std::to_string(static_cast<int>(gemm / 1e9)) + " GFLOP/s (oneDNN sgemm 2048^3)"
+                   : std::string("not measured (lminv built without oneDNN)"))
+      << "\n\n";
+  const nlohmann::json machine = {{"kind", "machine"}, {"time", utc_timestamp()}, {"copy_bytes_per_s", copy},
+                                  {"gemm_f32_flop_per_s", gemm}};
+  if (!r.out_file.empty()) append_json_line(r.out_file, machine);
+
+  out << std::left << std::setw(11) << "backend" << std::setw(6) << "dtype" << std::setw(17) << "model" << std::right
+      << std::setw(4) << "B" << std::setw(11) << "s/step" << std::setw(10) << "GFLOP/s" << std::setw(9) << "% GEMM"
+      << std::setw(11) << "bw bound" << std::setw(10) << "x bound" << "\n";
+
+  for (const std::string& dtype_text : r.dtypes) {
+    const std::optional<DType> dtype = parse_dtype(dtype_text);
+    if (!dtype) throw Error("bench: unknown dtype '" + dtype_text + "'");
+    ModelSpec base;
+    base.family = "gpt2";
+    base.n_layer = r.n_layer;
+    base.n_embd = r.n_embd;
+    base.n_head = r.n_head;
+    base.vocab_size = r.vocab;
+    base.seq_len = r.tokens;
+    base.dtype = *dtype;
+    auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
+    for (const std::string& backend_name : r.backends) {
+      if (!registry.find(PluginKind::backend, backend_name)) {
+        out << std::left << std::setw(11) << backend_name << "not installed: skipped\n";
+        continue;
+      }
+      std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
+      backend->configure(Options("backend", "lminv bench", {}));
+      const BackendInfo info = backend->info();
+      if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end() ||
+          std::find(info.families.begin(), info.families.end(), "gpt2") == info.families.end()) {
+        out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << "not supported: skipped\n";
+        continue;
+      }
+      for (const std::string& model_name : r.models) {
+        const ModelCase mc = model_case(model_name, r);
+        ModelSpec spec = base;
+        spec.blocks = mc.blocks;
+        spec.head = mc.head;
+        auto model = keep_alive(backend->create_model(spec, weights), backend);
+        for (std::int64_t batch : r.batches) {
+          Tensor input(spec.dtype, input_shape(spec, batch));
+          Rng rng(batch);
+          fill_normal(input, rng, 0.0, 0.02);
+          const Tensor target = model->forward(input.slice0(0, 1));
+          const double seconds = best_time(r.repeat, [&] { (void)model->loss_and_grad(input, target, Metric::l2); });
+          // Forward and input-gradient backward each multiply every used weight with B T vectors.
+          const double flops = 4.0 * parameters_used(spec) * static_cast<double>(r.tokens * batch);
+          const double weight_bytes = 2.0 * parameters_used(spec) * static_cast<double>(dtype_size(spec.dtype));
+          const double bw_bound = weight_bytes / copy;
+          out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << std::setw(17) << model_name
+              << std::right << std::setw(4) << batch << std::setw(11) << std::setprecision(4) << seconds
+              << std::setw(10) << std::setprecision(1) << flops / seconds / 1e9 << std::setw(9)
+              << (gemm > 0 ? 100.0 * flops / seconds / gemm : NAN) << std::setw(11) << std::setprecision(4)
+              << bw_bound << std::setw(10) << std::setprecision(2) << seconds / bw_bound << "\n"
+              << std::flush;
+          if (!r.out_file.empty())
+            append_json_line(r.out_file, {{"kind", "step"},
+                                          {"backend", backend_name},
+                                          {"dtype", dtype_text},
+                                          {"model", model_name},
+                                          {"batch", batch},
+                                          {"tokens", r.tokens},
+                                          {"seconds_per_step", seconds},
+                                          {"flops_per_step", flops},
+                                          {"weight_bytes_per_step", weight_bytes},
+                                          {"bandwidth_bound_s", bw_bound},
+                                          {"times_bandwidth_bound", seconds / bw_bound},
+                                          {"share_of_gemm_rate", gemm > 0 ? flops / seconds / gemm : 0.0}});
+        }
+      }
+    }
+  }
+  out << "\nGFLOP/s counts 4 x (parameters used) x B x T per step (forward + input-gradient backward); "
+         "bw bound = the weights read twice at the copy rate; x bound = s/step over it.\n";
+}
+
+}  // namespace lminv

@@ -1,0 +1,293 @@
+// The torch backend's families, as the reference backend computes them (plugins/backend-reference: mlp_model.cpp,
+// gpt2_model.cpp, gpt2_layers.hpp), written as ATen graphs for autograd.
+//
+// GPT-2 (Hugging Face's GPT2LMHeadModel, first k blocks):
+//   h_0   = x + wpe[0:T],   x = input (input = embedding, [B, T, d]) or input @ wte (input = vocab, [B, T, V])
+//   a_l   = h_l + attn.c_proj(attention(attn.c_attn(ln_1(h_l))))      causal, scores scaled by 1 / sqrt(head_dim)
+//   h_l+1 = a_l + mlp.c_proj(gelu_tanh(mlp.c_fc(ln_2(a_l))))
+//   output = [ main(h_k) | h_layers[0] | h_layers[1] | ... ] along the last dimension, [B, T, D_main + d len(layers)]
+//   main   = h_k (head none), ln_f(h_k) (head ln_f) or ln_f(h_k) @ wte^T (head lm_head, tied, D_main = V)
+// with L = max(k, max(layers)) blocks run. Conv1D weights are [in, out] (x W + b); LayerNorm eps is the spec's.
+//
+// MLP families (nn.Linear weights [out, in], GELU in its exact erf form):
+//   fcnet                [B, T d] -> Linear(T d, 4 T d) -> GELU -> Linear(4 T d, 4 T d)      output [B, 4 T d]
+//   fcnet_noninvertible  the same with a last layer of T d outputs                          output [B, T d]
+//   transformer_mlp      per token: Linear(d, inner) -> GELU -> Linear(inner, d)           output [B, T, d]
+// after x = input or input @ wte (input = vocab). spec.blocks and spec.head are not used; layers must be empty.
+#include "torch_networks.hpp"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/softmax.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace lminv::torch_backend {
+
+c10::ScalarType scalar_type(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return at::kFloat;
+    case DType::f64: return at::kDouble;
+    case DType::bf16: return at::kBFloat16;  // the same 16 bits as lminv::bf16
+  }
+  throw Error(std::string(kWho) + ": unknown dtype");
+}
+
+at::Tensor to_aten(const Tensor& t, const at::TensorOptions& options) {
+  if (t.nbytes() != static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype()))
+    throw Error(std::string(kWho) + ": an empty tensor where values were expected");
+  const at::Tensor view = at::from_blob(const_cast<void*>(t.raw()), t.shape(),
+                                        at::TensorOptions().dtype(scalar_type(t.dtype())));
+  return view.to(options, /*non_blocking=*/false, /*copy=*/true);
+}
+
+Tensor to_lminv(const at::Tensor& t, DType dtype) {
+  const at::Tensor host = t.detach().to(at::kCPU, scalar_type(dtype)).contiguous();
+  Tensor out(dtype, Shape(host.sizes().begin(), host.sizes().end()));
+  if (out.nbytes()) std::memcpy(out.raw(), host.data_ptr(), out.nbytes());
+  return out;
+}
+
+namespace {
+
+// The weights a network uses, checked and converted once. `sizes` describes the spec for error messages.
+class WeightLoader {
+ public:
+  WeightLoader(const WeightSet& weights, const at::TensorOptions& options, std::string family, std::string sizes)
+      : weights_(weights), options_(options), family_(std::move(family)), sizes_(std::move(sizes)) {}
+
+  at::Tensor operator()(const std::string& name, const Shape& shape) const {
+    if (!weights_.contains(name))
+      throw Error(std::string(kWho) + ": family '" + family_ + "' needs weight '" + name + "' " + shape_string(shape) +
+                  ", which the weights lack" + sizes_);
+    const Tensor& tensor = weights_.get(name);
+    if (tensor.shape() != shape)
+      throw Error(std::string(kWho) + ": weight '" + name + "' has shape " + shape_string(tensor.shape()) +
+                  ", expected " + shape_string(shape) + sizes_);
+    return to_aten(tensor, options_);
+  }
+
+ private:
+  const WeightSet& weights_;
+  at::TensorOptions options_;
+  std::string family_, sizes_;
+};
+
+// ---- GPT-2 --------------------------------------------------------------------------------------------------------
+
+class Gpt2Network final : public Network {
+ public:
+  Gpt2Network(const ModelSpec& spec, const WeightSet& weights, const at::TensorOptions& options)
+      : C_(spec.n_embd),
+        NH_(spec.n_head),
+        hs_(spec.n_embd / spec.n_head),
+        T_(spec.seq_len),
+        k_(spec.blocks),
+        eps_(spec.layer_norm_epsilon),
+        head_(spec.head),
+        vocab_input_(spec.input == InputSpace::vocab),
+        layers_(spec.layers) {
+    const std::int64_t V = spec.vocab_size, inner = spec.inner();
+    std::int64_t L = k_;
+    for (std::int64_t l : layers_) L = std::max(L, l);
+    const WeightLoader load(weights, options, "gpt2",
+                            " (family 'gpt2' with n_embd " + std::to_string(spec.n_embd) + ", n_inner " +
+                                std::to_string(inner) + ", vocab_size " + std::to_string(V) + ", n_positions " +
+                                std::to_string(spec.n_positions) + ")");
+    if (vocab_input_ || head_ == Head::lm_head) wte_ = load("wte.weight", {V, C_});
+    // Only the first T positions are ever added: keep them, contiguous.
+    wpe_ = load("wpe.weight", {spec.n_positions, C_}).narrow(0, 0, T_).contiguous();
+    for (std::int64_t l = 0; l < L; ++l) {
+      const std::string h = "h." + std::to_string(l) + ".";
+      Block b;
+      b.ln_1_weight = load(h + "ln_1.weight", {C_});
+      b.ln_1_bias = load(h + "ln_1.bias", {C_});
+      b.attn_weight = load(h + "attn.c_attn.weight", {C_, 3 * C_});
+      b.attn_bias = load(h + "attn.c_attn.bias", {3 * C_});
+      b.attn_proj_weight = load(h + "attn.c_proj.weight", {C_, C_});
+      b.attn_proj_bias = load(h + "attn.c_proj.bias", {C_});
+      b.ln_2_weight = load(h + "ln_2.weight", {C_});
+      b.ln_2_bias = load(h + "ln_2.bias", {C_});
+      b.fc_weight = load(h + "mlp.c_fc.weight", {C_, inner});
+      b.fc_bias = load(h + "mlp.c_fc.bias", {inner});
+      b.mlp_proj_weight = load(h + "mlp.c_proj.weight", {inner, C_});
+      b.mlp_proj_bias = load(h + "mlp.c_proj.bias", {C_});
+      blocks_.push_back(std::move(b));
+    }
+    if (head_ != Head::none) {
+      ln_f_weight_ = load("ln_f.weight", {C_});
+      ln_f_bias_ = load("ln_f.bias", {C_});
+    }
+    // True above the diagonal: position t attends to positions <= t only.
+    causal_mask_ = at::ones({T_, T_}, options.dtype(at::kBool)).triu(1);
+  }
+
+  at::Tensor forward(const at::Tensor& x) const override {
+    std::vector<at::Tensor> stream;  // h_0 .. h_L
+    stream.reserve(blocks_.size() + 1);
+    stream.push_back((vocab_input_ ? at::matmul(x, wte_) : x).add(wpe_));
+    for (const Block& b : blocks_) stream.push_back(block(stream.back(), b));
+
+    const at::Tensor& h_k = stream[static_cast<std::size_t>(k_)];
+    at::Tensor main = h_k;
+    if (head_ != Head::none) main = layer_norm(h_k, ln_f_weight_, ln_f_bias_);
+    if (head_ == Head::lm_head) main = at::linear(main, wte_);  // ln_f(h_k) wte^T
+    if (layers_.empty()) return main;
+    std::vector<at::Tensor> parts{main};
+    for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
+    return at::cat(parts, -1);
+  }
+
+ private:
+  struct Block {
+    at::Tensor ln_1_weight, ln_1_bias;            // [C]
+    at::Tensor attn_weight, attn_bias;            // [C, 3C], [3C]
+    at::Tensor attn_proj_weight, attn_proj_bias;  // [C, C], [C]
+    at::Tensor ln_2_weight, ln_2_bias;            // [C]
+    at::Tensor fc_weight, fc_bias;                // [C, inner], [inner]
+    at::Tensor mlp_proj_weight, mlp_proj_bias;    // [inner, C], [C]
+  };
+
+  at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
+    return at::layer_norm(x, {C_}, weight, bias, eps_, /*cudnn_enable=*/true);
+  }
+
+  // Hugging Face's Conv1D: [B, T, in] -> [B, T, out], x W + b with W [in, out] as stored.
+  static at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+    std::vector<std::int64_t> sizes = x.sizes().vec();
+    sizes.back() = weight.size(1);
+    return at::addmm(bias, x.reshape({-1, weight.size(0)}), weight).view(sizes);
+  }
+
+  // Causal self-attention of qkv [B, T, 3C] -> [B, T, C] (heads merged).
+  at::Tensor attention(const at::Tensor& qkv) const {
+    const std::int64_t B = qkv.size(0);
+    const std::vector<at::Tensor> qkv_parts = qkv.split(C_, -1);
+    auto heads = [&](const at::Tensor& t) { return t.reshape({B, T_, NH_, hs_}).transpose(1, 2); };  // [B, NH, T, hs]
+    const at::Tensor q = heads(qkv_parts[0]), k = heads(qkv_parts[1]), v = heads(qkv_parts[2]);
+    const at::Tensor scores = at::matmul(q, k.transpose(-2, -1))
+                                  .div(std::sqrt(static_cast<double>(hs_)))
+                                  .masked_fill(causal_mask_, -std::numeric_limits<double>::infinity());
+    const at::Tensor att = at::softmax(scores, -1);                          // [B, NH, T, T]
+    return at::matmul(att, v).transpose(1, 2).reshape({B, T_, C_});  // [B, T, C]
+  }
+
+  at::Tensor block(const at::Tensor& h, const Block& b) const {
+    const at::Tensor qkv = conv1d(layer_norm(h, b.ln_1_weight, b.ln_1_bias), b.attn_weight, b.attn_bias);
+    const at::Tensor a = h.add(conv1d(attention(qkv), b.attn_proj_weight, b.attn_proj_bias));
+    const at::Tensor fc = conv1d(layer_norm(a, b.ln_2_weight, b.ln_2_bias), b.fc_weight, b.fc_bias);
+    return a.add(conv1d(at::gelu(fc, "tanh"), b.mlp_proj_weight, b.mlp_proj_bias));
+  }
+
+  std::int64_t C_, NH_, hs_, T_, k_;
+  double eps_;
+  Head head_;
+  bool vocab_input_;
+  std::vector<std::int64_t> layers_;
+  at::Tensor wte_;  // [V, C], when the input is in vocabulary space or the head is lm_head
+  at::Tensor wpe_;  // [T, C]
+  std::vector<Block> blocks_;
+  at::Tensor ln_f_weight_, ln_f_bias_;  // [C], unless the head is none
+  at::Tensor causal_mask_;              // [T, T] bool
+};
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw Error(std::string(kWho) + ": family 'gpt2' " + what);
+}
+
+// ---- MLP families -------------------------------------------------------------------------------------------------
+
+class MlpNetwork final : public Network {
+ public:
+  MlpNetwork(const ModelSpec& spec, const WeightSet& weights, const at::TensorOptions& options)
+      : per_token_(spec.family == "transformer_mlp"), vocab_input_(spec.input == InputSpace::vocab) {
+    const std::int64_t T = spec.seq_len, d = spec.n_embd;
+    std::int64_t in = d, hidden = spec.inner(), out = d;
+    if (!per_token_) {
+      in = T * d;
+      hidden = 4 * in;
+      out = spec.family == "fcnet" ? 4 * in : in;
+    }
+    const WeightLoader load(weights, options, spec.family,
+                            " for family '" + spec.family + "' with n_embd " + std::to_string(d) + ", seq_len " +
+                                std::to_string(T) +
+                                (vocab_input_ ? ", vocab_size " + std::to_string(spec.vocab_size) : ""));
+    fc1_weight_ = load("fc1.weight", {hidden, in});
+    fc1_bias_ = load("fc1.bias", {hidden});
+    fc2_weight_ = load("fc2.weight", {out, hidden});
+    fc2_bias_ = load("fc2.bias", {out});
+    if (vocab_input_) wte_ = load("wte.weight", {spec.vocab_size, d});
+  }
+
+  at::Tensor forward(const at::Tensor& x) const override {
+    at::Tensor e = vocab_input_ ? at::matmul(x, wte_) : x;  // [B, T, d]
+    if (!per_token_) e = e.reshape({x.size(0), -1});         // [B, T d]
+    return at::linear(at::gelu(at::linear(e, fc1_weight_, fc1_bias_)), fc2_weight_, fc2_bias_);
+  }
+
+ private:
+  bool per_token_, vocab_input_;
+  at::Tensor fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;  // nn.Linear: [out, in], [out]
+  at::Tensor wte_;                                            // [V, d], input = vocab only
+};
+
+void require_positive(const ModelSpec& spec, const char* key, std::int64_t value, const char* why = "") {
+  if (value <= 0)
+    throw Error(std::string(kWho) + ": family '" + spec.family + "' needs a positive " + key + why + ", got " +
+                std::to_string(value));
+}
+
+}  // namespace
+
+std::unique_ptr<Network> make_gpt2_network(const ModelSpec& spec, const WeightSet& weights,
+                                           const at::TensorOptions& options) {
+  require(spec.n_embd > 0, "needs a positive n_embd, got " + std::to_string(spec.n_embd));
+  require(spec.n_head > 0, "needs a positive n_head, got " + std::to_string(spec.n_head));
+  require(spec.n_embd % spec.n_head == 0, "needs n_embd divisible by n_head, got n_embd " +
+                                              std::to_string(spec.n_embd) + " and n_head " +
+                                              std::to_string(spec.n_head));
+  require(spec.n_layer >= 0, "needs n_layer >= 0, got " + std::to_string(spec.n_layer));
+  require(spec.inner() > 0, "needs a positive MLP width (n_inner, or 4 n_embd), got " + std::to_string(spec.inner()));
+  require(spec.n_positions > 0, "needs a positive n_positions, got " + std::to_string(spec.n_positions));
+  require(spec.seq_len > 0, "needs a positive seq_len (the prompt's token count), got " + std::to_string(spec.seq_len));
+  require(spec.seq_len <= spec.n_positions, "takes at most n_positions = " + std::to_string(spec.n_positions) +
+                                                " tokens, got seq_len " + std::to_string(spec.seq_len));
+  require(spec.blocks >= 0 && spec.blocks <= spec.n_layer,
+          "has n_layer = " + std::to_string(spec.n_layer) + " blocks: blocks must be in 0 .. " +
+              std::to_string(spec.n_layer) + ", got " + std::to_string(spec.blocks));
+  for (std::int64_t l : spec.layers)
+    require(l >= 0 && l <= spec.n_layer, "has n_layer = " + std::to_string(spec.n_layer) +
+                                             " blocks: every entry of layers must be in 0 .. " +
+                                             std::to_string(spec.n_layer) + ", got " + std::to_string(l));
+  if (spec.input == InputSpace::vocab || spec.head == Head::lm_head)
+    require(spec.vocab_size > 0, "needs a positive vocab_size, got " + std::to_string(spec.vocab_size));
+  require(std::isfinite(spec.layer_norm_epsilon) && spec.layer_norm_epsilon >= 0,
+          "needs a finite layer_norm_epsilon >= 0, got " + std::to_string(spec.layer_norm_epsilon));
+  return std::make_unique<Gpt2Network>(spec, weights, options);
+}
+
+std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const WeightSet& weights,
+                                          const at::TensorOptions& options) {
+  require_positive(spec, "n_embd", spec.n_embd);
+  require_positive(spec, "seq_len", spec.seq_len, " (the prompt's token count)");
+  if (spec.family == "transformer_mlp") require_positive(spec, "MLP width (n_inner, or 4 n_embd)", spec.inner());
+  if (spec.input == InputSpace::vocab) require_positive(spec, "vocab_size", spec.vocab_size);
+  if (!spec.layers.empty())
+    throw Error(std::string(kWho) + ": family '" + spec.family +
+                "' has no blocks whose outputs could be added (layers is not empty)");
+  return std::make_unique<MlpNetwork>(spec, weights, options);
+}
+
+}  // namespace lminv::torch_backend
