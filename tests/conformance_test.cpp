@@ -239,7 +239,7 @@ std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
 double tolerance(DType t) {
   switch (t) {
     case DType::f64: return 1e-10;
-    case DType::f32: return 1e-8;
+    case DType::f32: return 1e-4;
     case DType::bf16: return 5e-2;
   }
   return 0;
@@ -402,10 +402,7 @@ TEST_P(Conformance, MatchesTheReference) {
   std::unique_ptr<Model> ref = backend("reference")->create_model(ref_spec, weights);
   std::unique_ptr<Model> model;
   try {
-    auto wrong = std::make_shared<WeightSet>(*weights);
-    if (wrong->contains("h.0.attn.c_attn.bias") && c.dtype == DType::f64) { Tensor t = wrong->get("h.0.attn.c_attn.bias"); t.set(3, t.get(3) + 1e-6); wrong->set("h.0.attn.c_attn.bias", t); }
-    if (wrong->contains("fc2.bias") && c.dtype == DType::f64) { Tensor t = wrong->get("fc2.bias"); t.set(0, t.get(0) + 1e-6); wrong->set("fc2.bias", t); }
-    model = under_test->create_model(spec, wrong);
+    model = under_test->create_model(spec, weights);
   } catch (const Error& e) {
     FAIL() << "create_model threw for a family, dtype and device the backend lists: " << e.what();
   }
@@ -474,7 +471,7 @@ TEST_P(Conformance, MatchesTheReference) {
   std::vector<double> losses;
   for (std::int64_t b = 0; b < kBatch; ++b) {
     const Tensor xb = x_dt.slice0(b, b + 1);
-    ys.push_back(model->forward(xb)); if (b == 1) ys.back().set(0, std::nextafter(ys.back().get(0), 1e300));
+    ys.push_back(model->forward(xb));
     dxs.push_back(model->backward(xb, g.to(dt).slice0(b, b + 1)));
     LossAndGrad lb = model->loss_and_grad(xb, target.to(dt).slice0(b, b + 1), Metric::l2);
     ASSERT_EQ(lb.loss.size(), 1u);
@@ -636,8 +633,7 @@ void check_reference_against_finite_differences(const std::string& case_name) {
   auto check = [&](const std::string& what, const Tensor& analytic, const std::function<double(std::int64_t)>& f) {
     Tensor fd(DType::f64, x.shape());
     for (std::int64_t i = 0; i < n; ++i) fd.set(i, (f(2 * i) - f(2 * i + 1)) / (2 * h));
-    Tensor an = analytic; an.set(0, an.get(0) * (1 + 1e-5) + 1e-9);
-    const Difference d = difference(an, fd);
+    const Difference d = difference(analytic, fd);
     EXPECT_LT(d.error, 1e-6) << case_name << ", " << what << ": analytic gradient against central differences: "
                              << d.text();
   };
