@@ -11,11 +11,12 @@
 // Then, per backend: an unsupported dtype, device "tpu" and a wrong input shape are lminv::Errors naming them.
 // And the truth itself: the reference in f64 against central finite differences.
 //
-// Test names read <backend>_<dtype>_<device>_<model>, e.g. Backends/Conformance.MatchesTheReference/
-// torch_f32_cpu_gpt2_k3_lm_head_vocab. Run one backend with --gtest_filter='*/torch_*'.
-#include <gtest/gtest.h>
-
+// Test names: Conformance/BackendCase.MatchesTheReference/<backend>_<dtype>_<device>_<model> (for example
+// .../torch_f32_cpu_gpt2_k3_lm_head_vocab), Conformance/BackendErrors.<check>/<backend>, ConformanceReference.<check>.
+// One backend: --gtest_filter='*/torch_*:*/torch' (or ctest -R '/torch'). LMINV_CONFORMANCE_VERBOSE=1 prints each
+// case's worst normalised errors, to see the margins to the tolerances.
 #include <dlfcn.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cctype>
@@ -87,7 +88,7 @@ std::shared_ptr<Backend> backend(const std::string& name) {
   try {
     b = registry().create_backend(name);
   } catch (const Error& e) {
-    throw Error(std::string(e.what()) + " (searched " + LMINV_BUILD_PLUGIN_DIR + ")" + rejections());
+    throw Error(e.what() + rejections());
   }
   b->configure(Options("backend", "conformance_test", {{"threads", "1"}}));
   made[name] = b;
@@ -130,7 +131,7 @@ std::string dtype_list(const std::vector<DType>& dtypes) {
   return join(names);
 }
 
-// ---- the model cases -------------------------------------------------------------------------------------------------
+// ---- the model cases ------------------------------------------------------------------------------------------------
 
 struct ModelCase {
   std::string name;  // gpt2_k3_lm_head_vocab, fcnet_embedding, ...
@@ -234,7 +235,7 @@ std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
   return shared;
 }
 
-// ---- comparisons -----------------------------------------------------------------------------------------------------
+// ---- comparisons ----------------------------------------------------------------------------------------------------
 
 double tolerance(DType t) {
   switch (t) {
@@ -252,9 +253,12 @@ struct Difference {
   double got = 0, want = 0, scale = 0;
   std::string text() const {
     std::ostringstream s;
-    s.precision(6);
-    s << "normalised error " << error << " (worst element " << at << ": " << got << " vs reference " << want
-      << "; max |reference| " << scale << ")";
+    s.precision(3);
+    s << "normalised error " << error << " (worst element " << at << ": ";
+    s.precision(12);
+    s << got << " vs expected " << want;
+    s.precision(3);
+    s << ", |difference| " << std::abs(got - want) << "; max |expected| " << scale << ")";
     return s.str();
   }
 };
@@ -282,6 +286,10 @@ Difference difference(const std::vector<double>& got, const std::vector<double>&
                     Tensor::from<double>({static_cast<std::int64_t>(want.size())}, want));
 }
 
+bool verbose() {
+  return std::getenv("LMINV_CONFORMANCE_VERBOSE") != nullptr;
+}
+
 bool bit_identical(const Tensor& a, const Tensor& b) {
   if (a.dtype() != b.dtype() || a.shape() != b.shape()) return false;
   for (std::int64_t i = 0; i < a.numel(); ++i)
@@ -296,23 +304,36 @@ Tensor normal_tensor(Shape shape, Rng rng, double std) {
 }
 
 // Values exactly representable in `dtype`, as f64: what both the backend and the reference are given.
-Tensor rounded(const Tensor& t, DType dtype) { return t.to(dtype).to(DType::f64); }
+Tensor rounded(const Tensor& t, DType dtype) {
+  return t.to(dtype).to(DType::f64);
+}
 
-// A target per item whose every element is at least half the output's scale away from the output, so the sign of
-// o - t (l1's gradient) is the same in every dtype.
-Tensor far_target(const Tensor& output, Rng rng) {
-  Tensor t = output.to(DType::f64);
+// Targets whose every element is at least half the output's scale away from that element of every item of the batch,
+// so the sign of o - t (l1's gradient) is the same in every dtype: one per item ([B, ...]) or one for all ([1, ...]).
+Tensor far_target(const Tensor& output, Rng rng, bool one_for_all) {
+  const std::int64_t B = output.dim(0), n = output.numel() / B;
   double scale = 0;
-  for (std::int64_t i = 0; i < t.numel(); ++i) scale = std::max(scale, std::abs(t.get(i)));
+  for (std::int64_t i = 0; i < output.numel(); ++i) scale = std::max(scale, std::abs(output.get(i)));
   if (scale == 0) scale = 1;
-  for (std::int64_t i = 0; i < t.numel(); ++i) {
-    const double offset = (0.5 + 0.5 * rng.uniform()) * scale;
-    t.set(i, t.get(i) + (rng.uniform() < 0.5 ? -offset : offset));
+  Shape shape = output.shape();
+  if (one_for_all) shape[0] = 1;
+  Tensor t(DType::f64, shape);
+  for (std::int64_t i = 0; i < n; ++i) {
+    double lo = output.get(i), hi = lo;
+    for (std::int64_t b = 1; b < B; ++b) {
+      lo = std::min(lo, output.get(b * n + i));
+      hi = std::max(hi, output.get(b * n + i));
+    }
+    for (std::int64_t b = 0; b < shape[0]; ++b) {
+      const double offset = (0.5 + 0.5 * rng.uniform()) * scale;
+      const double o = output.get(b * n + i);
+      t.set(b * n + i, rng.uniform() < 0.5 ? (one_for_all ? lo : o) - offset : (one_for_all ? hi : o) + offset);
+    }
   }
   return t;
 }
 
-// ---- the parametrized cases ------------------------------------------------------------------------------------------
+// ---- the parametrized cases -----------------------------------------------------------------------------------------
 
 struct Case {
   std::string backend;
@@ -356,7 +377,7 @@ std::vector<Case> all_cases() {
   return out;
 }
 
-class Conformance : public testing::TestWithParam<Case> {
+class BackendCase : public testing::TestWithParam<Case> {
  protected:
   // The worst normalised error of each check, printed at the end when LMINV_CONFORMANCE_VERBOSE is set (to see the
   // margins) and recorded as test properties (in --gtest_output=xml).
@@ -372,14 +393,14 @@ class Conformance : public testing::TestWithParam<Case> {
       line << " " << what << " " << std::scientific << error;
       RecordProperty(what, std::to_string(error));
     }
-    if (std::getenv("LMINV_CONFORMANCE_VERBOSE")) std::cout << "[  errors  ]" << line.str() << "\n";
+    if (verbose()) std::cout << "[  errors  ]" << line.str() << "\n";
   }
 
  private:
   std::map<std::string, double> errors_;
 };
 
-TEST_P(Conformance, MatchesTheReference) {
+TEST_P(BackendCase, MatchesTheReference) {
   const Case& c = GetParam();
   if (!c.load_error.empty()) FAIL() << "backend '" << c.backend << "' is listed but cannot be made: " << c.load_error;
   const std::shared_ptr<Backend> under_test = backend(c.backend);
@@ -444,8 +465,8 @@ TEST_P(Conformance, MatchesTheReference) {
   }
 
   // loss_and_grad for each metric: one target per item, and one target broadcast over the batch
-  const Tensor target = rounded(far_target(y_ref, rng.fork("target")), dt);
-  const Tensor target1 = target.slice0(0, 1);
+  const Tensor target = rounded(far_target(y_ref, rng.fork("target"), false), dt);
+  const Tensor target1 = rounded(far_target(y_ref, rng.fork("target for all"), true), dt);
   for (Metric metric : {Metric::l1, Metric::l2, Metric::cosine}) {
     for (const Tensor* t : {&target, &target1}) {
       SCOPED_TRACE(std::string("loss_and_grad ") + metric_name(metric) + ", target " + shape_string(t->shape()));
@@ -462,22 +483,23 @@ TEST_P(Conformance, MatchesTheReference) {
     }
   }
 
-  // batched = one by one: forward, backward and loss_and_grad of the batch against single calls on each item
+  // batched = one by one: forward, backward and loss_and_grad of the batch against single calls on each item. Each
+  // backward here follows a forward pass on another input, so a backend that keeps activations must notice.
   const bool exact = c.backend == "reference";
   const Tensor y_batch = model->forward(x_dt);
-  const Tensor dx_batch = model->backward(x_dt, g.to(dt));
   const LossAndGrad l_batch = model->loss_and_grad(x_dt, target.to(dt), Metric::l2);
   std::vector<Tensor> ys, dxs, lgs;
   std::vector<double> losses;
   for (std::int64_t b = 0; b < kBatch; ++b) {
     const Tensor xb = x_dt.slice0(b, b + 1);
-    ys.push_back(model->forward(xb));
     dxs.push_back(model->backward(xb, g.to(dt).slice0(b, b + 1)));
+    ys.push_back(model->forward(xb));
     LossAndGrad lb = model->loss_and_grad(xb, target.to(dt).slice0(b, b + 1), Metric::l2);
     ASSERT_EQ(lb.loss.size(), 1u);
     losses.push_back(lb.loss[0]);
     lgs.push_back(std::move(lb.grad));
   }
+  const Tensor dx_batch = model->backward(x_dt, g.to(dt));
   const std::vector<std::pair<const char*, std::pair<Tensor, Tensor>>> batched{
       {"forward", {y_batch, Tensor::concat0(ys)}},
       {"backward", {dx_batch, Tensor::concat0(dxs)}},
@@ -490,8 +512,8 @@ TEST_P(Conformance, MatchesTheReference) {
     ASSERT_EQ(batch.shape(), singles.shape()) << what << ": batched and one-by-one shapes differ";
     if (exact) {
       EXPECT_TRUE(bit_identical(batch, singles))
-          << what << ": a batch of " << kBatch << " is not bit-identical to single calls: "
-          << difference(batch, singles).text();
+          << what << ": a batch of " << kBatch
+          << " is not bit-identical to single calls: " << difference(batch, singles).text();
     } else {
       const Difference d = difference(batch, singles);
       note("batched", d.error);
@@ -501,11 +523,11 @@ TEST_P(Conformance, MatchesTheReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, Conformance, testing::ValuesIn(all_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(Conformance, BackendCase, testing::ValuesIn(all_cases()), case_name);
 
-// ---- errors, per backend ---------------------------------------------------------------------------------------------
+// ---- errors, per backend --------------------------------------------------------------------------------------------
 
-class ConformanceErrors : public testing::TestWithParam<std::string> {
+class BackendErrors : public testing::TestWithParam<std::string> {
  protected:
   // A spec of a family the backend lists (tiny GPT-2 preferred), in its first dtype, on the cpu when it lists it.
   ModelSpec supported_spec(const BackendInfo& info) const {
@@ -522,8 +544,8 @@ class ConformanceErrors : public testing::TestWithParam<std::string> {
         s.device = contains(info.devices, std::string("cpu")) || info.devices.empty() ? "cpu" : info.devices.front();
         return s;
       }
-    throw Error("backend '" + GetParam() + "' lists none of the families this suite tests (it lists: " +
-                join(info.families) + ")");
+    throw Error("backend '" + GetParam() +
+                "' lists none of the families this suite tests (it lists: " + join(info.families) + ")");
   }
 
   // Expects create_model(spec) to throw an lminv::Error whose message contains `needle`.
@@ -547,15 +569,17 @@ std::vector<std::string> backends_that_load() {
     try {
       backend(name);
       out.push_back(name);
-    } catch (const std::exception&) {  // reported by Backends/Conformance.MatchesTheReference/<name>_not_loaded
+    } catch (const std::exception&) {  // reported by Conformance/BackendCase.MatchesTheReference/<name>_not_loaded
     }
   }
   return out;
 }
 
-std::string backend_name(const testing::TestParamInfo<std::string>& info) { return sanitize(info.param); }
+std::string backend_name(const testing::TestParamInfo<std::string>& info) {
+  return sanitize(info.param);
+}
 
-TEST_P(ConformanceErrors, UnsupportedDtypeIsAnErrorNamingIt) {
+TEST_P(BackendErrors, UnsupportedDtypeIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
   const BackendInfo info = b->info();
   const ModelSpec base = supported_spec(info);
@@ -572,14 +596,14 @@ TEST_P(ConformanceErrors, UnsupportedDtypeIsAnErrorNamingIt) {
                  << "): no unsupported dtype to try";
 }
 
-TEST_P(ConformanceErrors, UnknownDeviceIsAnErrorNamingIt) {
+TEST_P(BackendErrors, UnknownDeviceIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
   ModelSpec s = supported_spec(b->info());
   s.device = "tpu";
   expect_refused(*b, s, "tpu", "device tpu");
 }
 
-TEST_P(ConformanceErrors, WrongInputShapeIsAnErrorNamingIt) {
+TEST_P(BackendErrors, WrongInputShapeIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
   const ModelSpec s = supported_spec(b->info());
   std::string why;
@@ -603,8 +627,8 @@ TEST_P(ConformanceErrors, WrongInputShapeIsAnErrorNamingIt) {
   }
 }
 
-GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(ConformanceErrors);
-INSTANTIATE_TEST_SUITE_P(Backends, ConformanceErrors, testing::ValuesIn(backends_that_load()), backend_name);
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(BackendErrors);
+INSTANTIATE_TEST_SUITE_P(Conformance, BackendErrors, testing::ValuesIn(backends_that_load()), backend_name);
 
 // ---- the truth itself: the reference in f64 against central finite differences --------------------------------------
 
@@ -634,8 +658,9 @@ void check_reference_against_finite_differences(const std::string& case_name) {
     Tensor fd(DType::f64, x.shape());
     for (std::int64_t i = 0; i < n; ++i) fd.set(i, (f(2 * i) - f(2 * i + 1)) / (2 * h));
     const Difference d = difference(analytic, fd);
-    EXPECT_LT(d.error, 1e-6) << case_name << ", " << what << ": analytic gradient against central differences: "
-                             << d.text();
+    if (verbose()) std::cout << "[  errors  ] " << case_name << " " << what << " " << d.error << "\n";
+    EXPECT_LT(d.error, 1e-6) << case_name << ", " << what
+                             << ": analytic gradient against central differences: " << d.text();
   };
 
   const Tensor y = ref->forward(x);
@@ -649,7 +674,7 @@ void check_reference_against_finite_differences(const std::string& case_name) {
     return s;
   });
 
-  const Tensor target = far_target(y, rng.fork("target"));
+  const Tensor target = far_target(y, rng.fork("target"), false);
   for (Metric metric : {Metric::l1, Metric::l2, Metric::cosine}) {
     const LossAndGrad lg = ref->loss_and_grad(x, target, metric);
     const std::vector<double> losses = distances(ys, target, metric);
@@ -658,8 +683,12 @@ void check_reference_against_finite_differences(const std::string& case_name) {
   }
 }
 
-TEST(ReferenceFiniteDifferences, Gpt2) { check_reference_against_finite_differences("gpt2_k3_lm_head_vocab"); }
+TEST(ConformanceReference, MatchesFiniteDifferencesOnGpt2) {
+  check_reference_against_finite_differences("gpt2_k3_lm_head_vocab");
+}
 
-TEST(ReferenceFiniteDifferences, Mlp) { check_reference_against_finite_differences("fcnet_vocab"); }
+TEST(ConformanceReference, MatchesFiniteDifferencesOnMlp) {
+  check_reference_against_finite_differences("fcnet_vocab");
+}
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones.h>
 #include <dlfcn.h>
+#include <omp.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -55,31 +56,80 @@ void* blas_handle() {
   return handle;
 }
 
-// LibTorch's intra-op threads before anything here changed them: "all cores" for threads = 0.
-int default_threads() {
-  static const int n = at::get_num_threads();
-  return n;
+// How the OpenBLAS that LibTorch calls runs its threads (openblas_get_parallel): 0 sequential, 1 its own pthreads,
+// 2 OpenMP; -1 when LibTorch's BLAS is not OpenBLAS (MKL in pip's LibTorch, say).
+int openblas_parallel() {
+  static const int mode = [] {
+    using GetParallel = int (*)();
+    void* blas = blas_handle();
+    auto get = blas ? reinterpret_cast<GetParallel>(dlsym(blas, "openblas_get_parallel")) : nullptr;
+    return get ? get() : -1;
+  }();
+  return mode;
 }
 
-// Sets LibTorch's intra-op threads, and OpenBLAS's when it is LibTorch's BLAS, to `threads` (0 = all cores).
-// Both are process-wide; each call sets them again, so two models with different settings each run with their own.
-void apply_threads(int threads) {
-  const int n = threads > 0 ? threads : default_threads();
-  static int applied = 0;
-  if (n == applied && at::get_num_threads() == n) return;
-  at::set_num_threads(n);
-  if (void* blas = blas_handle()) {
-    using SetThreads = void (*)(int);
-    if (auto set = reinterpret_cast<SetThreads>(dlsym(blas, "openblas_set_num_threads"))) set(n);
-  }
-  applied = n;
+// OpenBLAS's thread count functions, when LibTorch's BLAS is OpenBLAS.
+struct OpenBlasThreads {
+  int (*get)() = nullptr;
+  void (*set)(int) = nullptr;
+};
+const OpenBlasThreads& openblas_threads() {
+  static const OpenBlasThreads f = [] {
+    OpenBlasThreads t;
+    if (void* blas = blas_handle()) {
+      t.get = reinterpret_cast<int (*)()>(dlsym(blas, "openblas_get_num_threads"));
+      t.set = reinterpret_cast<void (*)(int)>(dlsym(blas, "openblas_set_num_threads"));
+      if (!t.get || !t.set) t = {};
+    }
+    return t;
+  }();
+  return f;
 }
+
+// For the life of a model call: the threads of LibTorch's intra-op pool (OpenMP, the calling thread's setting) and
+// of OpenBLAS for `settings`, and the previous values back afterwards. Both are process-wide, and another backend
+// in the same process (`lminv compare` runs several) must not find its "all cores" turned into one.
+//
+// With Debian's pthreads OpenBLAS there are two pools of busy-waiting threads, ATen's for element-wise kernels and
+// OpenBLAS's for matrix products, and on the same cores they slow each other down (GPT-2 small, f32, 2 cores:
+// loss_and_grad at batch 32 took 1.5 s with both pools at 2 threads, 0.82 s with ATen at 1 and OpenBLAS at 2,
+// 3.4 s the other way round). So there the matrix products get the threads and ATen one, unless aten_threads says
+// otherwise. An OpenMP OpenBLAS shares ATen's pool, and other BLAS libraries are LibTorch's business: ATen gets them.
+class ThreadScope {
+ public:
+  explicit ThreadScope(const ThreadSettings& settings) {
+    // The caller's OpenMP setting, read before any ATen call: ATen's first use in a thread sets it to its own
+    // default (half the logical CPUs on x86, assuming hyper-threads: 1 on a 2-core machine without them).
+    omp_before_ = omp_get_max_threads();
+    static const int all = omp_before_;  // "all cores" as the reference backend counts them (OMP_NUM_THREADS or all)
+    const int n = settings.threads > 0 ? settings.threads : all;
+    const int aten = settings.aten_threads > 0 ? settings.aten_threads : (openblas_parallel() == 1 ? 1 : n);
+    at::set_num_threads(aten);
+    const OpenBlasThreads& blas = openblas_threads();
+    if (blas.get) {
+      blas_before_ = blas.get();
+      if (n != blas_before_) blas.set(n);
+    }
+  }
+  ~ThreadScope() {
+    omp_set_num_threads(omp_before_);
+    const OpenBlasThreads& blas = openblas_threads();
+    if (blas.get && blas.get() != blas_before_) blas.set(blas_before_);
+  }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int omp_before_ = 1;
+  int blas_before_ = 1;
+};
 
 // ---- the model ----------------------------------------------------------------------------------------------------
 
 class TorchModel final : public Model {
  public:
-  TorchModel(const ModelSpec& spec, std::unique_ptr<Network> network, at::TensorOptions options, int threads)
+  TorchModel(const ModelSpec& spec, std::unique_ptr<Network> network, at::TensorOptions options,
+             ThreadSettings threads)
       : spec_(spec), network_(std::move(network)), options_(std::move(options)), threads_(threads) {}
 
   const ModelSpec& spec() const override { return spec_; }
@@ -87,7 +137,7 @@ class TorchModel final : public Model {
   Tensor forward(const Tensor& input) override {
     check_input(input);
     return guarded("forward", [&] {
-      apply_threads(threads_);
+      const ThreadScope threads(threads_);
       // The output of the last backward or loss_and_grad, when it was for this input (optimizers that walk call
       // backward, then forward on the same point).
       if (last_output_.defined() && same_tensor(input, last_input_)) return to_lminv(last_output_, spec_.dtype);
@@ -99,7 +149,7 @@ class TorchModel final : public Model {
   Tensor backward(const Tensor& input, const Tensor& grad_output) override {
     check_input(input);
     return guarded("backward", [&] {
-      apply_threads(threads_);
+      const ThreadScope threads(threads_);
       at::AutoGradMode grad_mode(true);
       const at::Tensor x = to_aten(input, options_).requires_grad_(true);
       const at::Tensor output = network_->forward(x);
@@ -120,7 +170,7 @@ class TorchModel final : public Model {
   LossAndGrad loss_and_grad(const Tensor& input, const Tensor& target, Metric metric) override {
     check_input(input);
     return guarded("loss_and_grad", [&] {
-      apply_threads(threads_);
+      const ThreadScope threads(threads_);
       at::AutoGradMode grad_mode(true);
       const at::Tensor x = to_aten(input, options_).requires_grad_(true);
       const at::Tensor output = network_->forward(x);
@@ -176,7 +226,7 @@ class TorchModel final : public Model {
     const bool trailing_equal = target.rank() == output.dim() && target.rank() > 0 &&
                                 std::equal(target.shape().begin() + 1, target.shape().end(), output.sizes().begin() + 1);
     if (!trailing_equal || (target.dim(0) != 1 && target.dim(0) != B))
-      throw Error("loss: target " + shape_string(target.shape()) + " does not match output " +
+      throw Error(std::string(kWho) + ": loss: target " + shape_string(target.shape()) + " does not match output " +
                   shape_string(Shape(output.sizes().begin(), output.sizes().end())));
     const at::Tensor o = output.detach().to(at::kDouble).reshape({B, -1});
     const at::Tensor t = device_target(target).reshape({target.dim(0), -1});  // broadcasts over B when it is [1, n]
@@ -212,7 +262,7 @@ class TorchModel final : public Model {
   ModelSpec spec_;
   std::unique_ptr<Network> network_;
   at::TensorOptions options_;
-  int threads_ = 0;
+  ThreadSettings threads_;
   Tensor last_input_;        // the input of the last pass run with autograd ...
   at::Tensor last_output_;   // ... and its output (detached), for a forward on the same input
   Tensor target_host_;       // the last target ...
@@ -242,7 +292,10 @@ void TorchBackend::configure(const Options& options) {
   const std::int64_t threads = options.get_int("threads", 0);
   if (threads < 0) options.fail("threads", "expected 0 (all cores) or a positive number of threads");
   if (threads > 4096) options.fail("threads", "expected at most 4096 threads");
-  threads_ = static_cast<int>(threads);
+  const std::int64_t aten_threads = options.get_int("aten_threads", 0);
+  if (aten_threads < 0) options.fail("aten_threads", "expected 0 (automatic) or a positive number of threads");
+  if (aten_threads > 4096) options.fail("aten_threads", "expected at most 4096 threads");
+  threads_ = {static_cast<int>(threads), static_cast<int>(aten_threads)};
 }
 
 std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::shared_ptr<const WeightSet> weights) {
@@ -264,7 +317,7 @@ std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::sh
     throw Error(std::string(kWho) + ": family '" + spec.family + "' is not supported (supported: " + join(families) +
                 ")");
   return guarded("create_model", [&]() -> std::unique_ptr<Model> {
-    apply_threads(threads_);
+    const ThreadScope threads(threads_);
     const at::TensorOptions options =
         at::TensorOptions().dtype(scalar_type(spec.dtype)).device(spec.device == "cuda" ? at::kCUDA : at::kCPU);
     std::unique_ptr<Network> network =
@@ -282,6 +335,7 @@ TorchRuntime torch_runtime() {
     r.build_config = at::show_config();
     r.parallel_info = at::get_parallel_info();
     r.cuda = torch::cuda::is_available();
+    r.openblas_parallel = openblas_parallel();
     if (void* blas = blas_handle()) {
       Dl_info info{};
       if (void* gemm = dlsym(blas, "sgemm_"); gemm && dladdr(gemm, &info) && info.dli_fname) {

@@ -21,12 +21,23 @@ const std::vector<std::string>& supported_families();
 // Whether LibTorch sees a CUDA device (torch::cuda::is_available()).
 bool cuda_available();
 
-// Config keys of [backend] read here: threads (0 = all cores; sets LibTorch's intra-op threads and, when LibTorch's
-// BLAS is OpenBLAS, OpenBLAS's threads: both are process-wide settings).
+// Threads, from the [backend] keys:
+//   threads       0 = all cores (omp_get_max_threads(), as the reference backend counts them), or how many
+//   aten_threads  LibTorch's intra-op (OpenMP) pool; 0 = automatic: 1 when LibTorch's BLAS is a pthreads OpenBLAS
+//                 (Debian's: OpenBLAS then gets `threads` for the matrix products, and two pools of busy-waiting
+//                 threads do not fight over the same cores), else `threads`
+// Both are process-wide settings: each model call sets them for its duration and puts the previous values back.
+struct ThreadSettings {
+  int threads = 0;
+  int aten_threads = 0;
+};
+
+// Config keys of [backend] read here: threads, aten_threads (see ThreadSettings).
 //
 // Models: weights are converted once, in create_model, to the spec's dtype and device, and kept for the model's
 // life (the WeightSet is not kept). Inputs of any dtype are converted to the model's; outputs are in the model's
-// dtype, input gradients in the input's. A model is not safe to call from two threads at once. Every error thrown
+// dtype, input gradients in the input's. A forward on the input of the last backward or loss_and_grad reuses that
+// pass's output. A model is not safe to call from two threads at once. Every error thrown
 // is an lminv::Error (LibTorch's c10::Error is caught and rethrown with the backend's name).
 class TorchBackend : public Backend {
  public:
@@ -34,10 +45,10 @@ class TorchBackend : public Backend {
   void configure(const Options& options) override;
   std::unique_ptr<Model> create_model(const ModelSpec& spec, std::shared_ptr<const WeightSet> weights) override;
 
-  int threads() const { return threads_; }
+  const ThreadSettings& threads() const { return threads_; }
 
  private:
-  int threads_ = 0;
+  ThreadSettings threads_;
 };
 
 // For tests and benchmarks: what LibTorch was built with and what it runs on.
@@ -47,6 +58,7 @@ struct TorchRuntime {
   std::string parallel_info;  // at::get_parallel_info()
   std::string blas_library;   // the file that provides sgemm_ in this process (resolved symlinks), or "" if none
   std::string openblas_config;  // openblas_get_config(), when OpenBLAS is loaded
+  int openblas_parallel = -1;   // openblas_get_parallel(): 0 sequential, 1 pthreads, 2 OpenMP; -1 not OpenBLAS
   bool cuda = false;
 };
 TorchRuntime torch_runtime();
