@@ -438,9 +438,10 @@ class Gpt2Model final : public Model {
                             {DNNL_ARG_MEAN, view(p.ln_f_mean, stat)},
                             {DNNL_ARG_VARIANCE, view(p.ln_f_var, stat)}},
                            small_rows});
-      if (spec_.head == Head::lm_head)
+      if (spec_.head == Head::lm_head) {
         p.forward.push_back({matmul("lm_head matmul", ctx_, nc, wte_t_.get_desc(), nullptr, main_md),
                              {{DNNL_ARG_SRC, normed}, {DNNL_ARG_WEIGHTS, wte_t_}, {DNNL_ARG_DST, p.out_main}}});
+      }
     }
 
     // ---- backward ----

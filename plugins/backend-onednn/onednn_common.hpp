@@ -229,28 +229,36 @@ class WeightStore {
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({m_hint, K}), any, plain({m_hint, N})), ctx_.engine);
     const memory::desc preferred = pd.weights_desc();
     memory mem;
-    if (preferred == as_stored || is_plain_layout(preferred)) {
+    if (preferred == as_stored || is_plain_layout(preferred) || !takes_blocked(preferred, K, N, 32 * m_hint)) {
       mem = memory(as_stored, ctx_.engine, const_cast<float*>(values));
     } else {
       memory source(as_stored, ctx_.engine, const_cast<float*>(values));
       mem = memory(preferred, ctx_.engine);
       dnnl::reorder(source, mem).execute(ctx_.stream, source, mem);
       ctx_.stream.wait();
-      ++reordered_;
     }
     matrices_.emplace(key, mem);
     return mem;
   }
 
-  int reordered() const { return reordered_; }
-
  private:
+  // Whether a matmul with `rows` source rows takes weights in the blocked layout `md` with a kernel of its own (plans
+  // for large batches use the layout chosen for a batch of one; oneDNN's reference kernel would be far slower than the
+  // gemm on the stored bytes).
+  bool takes_blocked(const memory::desc& md, Index K, Index N, Index rows) const {
+    try {
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({rows, K}), md, plain({rows, N})), ctx_.engine);
+      return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }
+
   std::shared_ptr<const WeightSet> weights_;
   Context& ctx_;
   std::string what_;
   std::map<std::string, Tensor> converted_;
   std::map<std::pair<std::string, bool>, memory> matrices_;
-  int reordered_ = 0;
 };
 
 // ---- loss ---------------------------------------------------------------------------------------------------------
