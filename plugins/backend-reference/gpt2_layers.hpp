@@ -216,6 +216,56 @@ void attention_forward(Real* out, Real* att, const Real* qkv, Index B, Index T, 
   });
 }
 
+// The same attention for B new tokens at position t, each against a kept prefix: token b's scores are its query
+// against the prefix keys k_cache[0 .. t-1] and then against its own key, in that order, so that its output has the
+// bits attention_head_forward gives position t of the whole sequence (same operations, same order).
+template <class Real>
+LMINV_NO_FP_CONTRACT_ATTR __attribute__((noinline)) void attention_head_next(Real* out, Real* scores, const Real* qkv,
+                                                                             const Real* k_cache, const Real* v_cache,
+                                                                             Index t, Index C, Index hs) {
+  LMINV_NO_FP_CONTRACT
+  // out: this head's columns of (C), scores (t + 1), qkv: this head's columns of one token's (3C),
+  // k_cache, v_cache: this head's columns of (t, C)
+  const Real sqrt_hs = std::sqrt(Real(hs));
+  const Real* q = qkv;
+  auto key = [&](Index t2) { return t2 < t ? k_cache + t2 * C : qkv + C; };
+  auto value = [&](Index t2) { return t2 < t ? v_cache + t2 * C : qkv + 2 * C; };
+  Real max_score = -std::numeric_limits<Real>::infinity();
+  for (Index t2 = 0; t2 <= t; ++t2) {
+    const Real* k = key(t2);
+    Real dot = 0;
+    for (Index i = 0; i < hs; ++i) dot += q[i] * k[i];
+    scores[t2] = dot / sqrt_hs;
+    max_score = std::max(max_score, scores[t2]);
+  }
+  Real sum = 0;
+  for (Index t2 = 0; t2 <= t; ++t2) {
+    scores[t2] = std::exp(scores[t2] - max_score);
+    sum += scores[t2];
+  }
+  for (Index t2 = 0; t2 <= t; ++t2) scores[t2] = scores[t2] / sum;
+  for (Index i = 0; i < hs; ++i) out[i] = 0;
+  for (Index t2 = 0; t2 <= t; ++t2) {
+    const Real* v = value(t2);
+    for (Index i = 0; i < hs; ++i) out[i] += scores[t2] * v[i];
+  }
+}
+
+template <class Real>
+void attention_next(Real* out, const Real* qkv, const Real* k_cache, const Real* v_cache, Index B, Index t, Index C,
+                    Index NH, int threads = 0) {
+  // out (B, C), qkv (B, 3C), k_cache (t, C), v_cache (t, C)
+  const Index hs = C / NH;
+  parallel_ranges(B * NH, 1, (t + 1) * hs, threads, [&](Index begin, Index end) {
+    std::vector<Real> scores(static_cast<std::size_t>(t + 1));
+    for (Index bh = begin; bh < end; ++bh) {
+      const Index b = bh / NH, h = bh % NH;
+      attention_head_next(out + b * C + h * hs, scores.data(), qkv + b * 3 * C + h * hs, k_cache + h * hs,
+                          v_cache + h * hs, t, C, hs);
+    }
+  });
+}
+
 // The softmax's backward d s[t2] = att[t2] (datt[t2] - sum_j att[j] datt[j]), then through the scaled dot products.
 // One head's gradients are gathered over all positions by one thread, in a fixed order.
 template <class Real>

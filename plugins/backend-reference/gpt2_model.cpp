@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "gpt2_layers.hpp"
+#include "lminv/prefix_cache.hpp"
 #include "reference_backend.hpp"
 #include "tensor_util.hpp"
 
@@ -126,7 +127,130 @@ class Gpt2Model final : public Model {
     return {std::move(on_output.loss), backward_saved(on_output.grad, input.dtype())};
   }
 
+  void* capability(std::string_view name) override {
+    if (name != kPrefixCache) return nullptr;
+    if (!cache_) cache_ = std::make_unique<Cache>(*this);
+    return static_cast<PrefixCache*>(cache_.get());
+  }
+
  private:
+  // The prefix cache: each block's keys and values of the prefix positions, (t, C) each. A position runs through
+  // the same layer functions as forward() with its rows as the batch, and attention_next in place of the whole
+  // sequence's attention, so its output has forward()'s bits at that position.
+  class Cache final : public PrefixCache {
+   public:
+    explicit Cache(Gpt2Model& model) : m_(model), keys_(model.L_), values_(model.L_) {}
+
+    void reset() override {
+      length_ = 0;
+      for (auto& k : keys_) k.clear();
+      for (auto& v : values_) v.clear();
+    }
+    std::int64_t length() const override { return length_; }
+
+    void append(const Tensor& rows) override {
+      Tensor converted;
+      const Real* x = m_.cache_rows<Real>(rows, converted, "append");
+      if (length_ + rows.dim(0) > m_.T_)
+        throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(rows.dim(0)) +
+                    " positions to " + std::to_string(length_) + " exceeds seq_len " + std::to_string(m_.T_));
+      for (Index i = 0; i < rows.dim(0); ++i) {  // one position at a time: each attends to those before it
+        m_.position_forward(x + i * m_.width(), 1, length_, keys_, values_, /*keep=*/true, nullptr);
+        ++length_;
+      }
+    }
+
+    Tensor next(const Tensor& candidates) override {
+      Tensor converted;
+      const Real* x = m_.cache_rows<Real>(candidates, converted, "next");
+      if (length_ >= m_.T_)
+        throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(m_.T_) +
+                    " positions (seq_len)");
+      Tensor out(dtype_of<Real>::value, {candidates.dim(0), m_.out_width_});
+      m_.position_forward(x, candidates.dim(0), length_, keys_, values_, /*keep=*/false, out.data<Real>());
+      return out;
+    }
+
+   private:
+    Gpt2Model& m_;
+    Index length_ = 0;
+    std::vector<std::vector<Real>> keys_, values_;  // per block: (length, C)
+  };
+
+  // Candidate rows [B, d or V] as Real, checked.
+  template <class R>
+  const R* cache_rows(const Tensor& rows, Tensor& storage, const char* what) const {
+    if (rows.rank() != 2 || rows.dim(1) != width())
+      throw Error(std::string(kWho) + ": prefix cache: " + what + " takes rows [n, " + std::to_string(width()) +
+                  "] (input = " + input_space_name(spec_.input) + "), got " + shape_string(rows.shape()));
+    return values_as<R>(rows, storage, threads_);
+  }
+
+  // B inputs x (B, d or V) at position t, after the prefix whose keys and values are kept per block. With keep
+  // (B = 1), the input's own keys and values are appended to them. With out, writes the output rows (B, out_width).
+  void position_forward(const Real* x, Index B, Index t, std::vector<std::vector<Real>>& keys,
+                        std::vector<std::vector<Real>>& values, bool keep, Real* out) const {
+    const Index C = C_;
+    const Real eps = static_cast<Real>(spec_.layer_norm_epsilon);
+    std::vector<std::vector<Real>> stream(static_cast<std::size_t>(L_ + 1), std::vector<Real>(B * C));
+    std::vector<Real> ln(B * C), qkv(B * 3 * C), y(B * C), branch(B * C), residual(B * C), mean(B), rstd(B);
+    std::vector<Real> fc(B * inner_), fc_gelu(B * inner_);
+
+    // h_0 = x + wpe[t], as embedding_forward computes each row
+    Real* h0 = stream[0].data();
+    if (spec_.input == InputSpace::vocab) {
+      vecmat_rows(h0, x, params_.wte, B, V_, C, threads_);
+    } else {
+      std::memcpy(h0, x, static_cast<std::size_t>(B * C) * sizeof(Real));
+    }
+    const Real* pos = params_.wpe + t * C;
+    for (Index b = 0; b < B; ++b)
+      for (Index c = 0; c < C; ++c) h0[b * C + c] += pos[c];
+
+    for (Index l = 0; l < L_; ++l) {  // block_forward with attention_next
+      const BlockParams<Real>& p = params_.h[l];
+      const Real* h = stream[l].data();
+      layernorm_forward(ln.data(), mean.data(), rstd.data(), h, p.ln_1_weight, p.ln_1_bias, B, C, eps, threads_);
+      conv1d_forward(qkv.data(), ln.data(), p.attn_c_attn_weight, p.attn_c_attn_bias, B, C, 3 * C, threads_);
+      attention_next(y.data(), qkv.data(), keys[l].data(), values[l].data(), B, t, C, NH_, threads_);
+      if (keep) {
+        keys[l].insert(keys[l].end(), qkv.begin() + C, qkv.begin() + 2 * C);
+        values[l].insert(values[l].end(), qkv.begin() + 2 * C, qkv.begin() + 3 * C);
+      }
+      conv1d_forward(branch.data(), y.data(), p.attn_c_proj_weight, p.attn_c_proj_bias, B, C, C, threads_);
+      residual_forward(residual.data(), h, branch.data(), B * C);
+      layernorm_forward(ln.data(), mean.data(), rstd.data(), residual.data(), p.ln_2_weight, p.ln_2_bias, B, C, eps,
+                        threads_);
+      conv1d_forward(fc.data(), ln.data(), p.mlp_c_fc_weight, p.mlp_c_fc_bias, B, C, inner_, threads_);
+      gelu_tanh_forward_parallel(fc_gelu.data(), fc.data(), B * inner_, threads_);
+      conv1d_forward(branch.data(), fc_gelu.data(), p.mlp_c_proj_weight, p.mlp_c_proj_bias, B, inner_, C, threads_);
+      residual_forward(stream[l + 1].data(), residual.data(), branch.data(), B * C);
+    }
+    if (!out) return;
+
+    // The output rows, laid out as forward()'s: [ main(h_k) | h_layers[0] | ... ]
+    const Real* h_k = stream[k_].data();
+    std::vector<Real> main(static_cast<std::size_t>(B * main_width_));
+    if (spec_.head == Head::none) {
+      std::memcpy(main.data(), h_k, static_cast<std::size_t>(B * C) * sizeof(Real));
+    } else {
+      std::vector<Real> normed(static_cast<std::size_t>(B * C));
+      layernorm_forward(normed.data(), mean.data(), rstd.data(), h_k, params_.ln_f_weight, params_.ln_f_bias, B, C,
+                        eps, threads_);
+      if (spec_.head == Head::lm_head)
+        lm_head_forward(main.data(), normed.data(), params_.wte, B, C, V_, threads_);
+      else
+        main.swap(normed);
+    }
+    for (Index b = 0; b < B; ++b) {
+      Real* row = out + b * out_width_;
+      std::memcpy(row, main.data() + b * main_width_, static_cast<std::size_t>(main_width_) * sizeof(Real));
+      for (std::size_t j = 0; j < spec_.layers.size(); ++j)
+        std::memcpy(row + main_width_ + static_cast<Index>(j) * C, stream[spec_.layers[j]].data() + b * C,
+                    static_cast<std::size_t>(C) * sizeof(Real));
+    }
+  }
+
   // The weight `name` as a Real array of the given shape: in place when its dtype is Real, else converted once.
   const Real* map(const std::string& name, const Shape& shape) {
     if (!weights_->contains(name))
@@ -370,6 +494,8 @@ class Gpt2Model final : public Model {
   std::vector<std::vector<Real>> stream_;
   std::vector<BlockActivations<Real>> blocks_;
   std::vector<Real> ln_f_mean_, ln_f_rstd_;
+
+  std::unique_ptr<Cache> cache_;  // made on the first request for the capability
 };
 
 void require(bool ok, const std::string& what) {

@@ -1,6 +1,7 @@
 // The torch backend: configuration, model creation, and the Model calls on top of a family's forward graph
 // (torch_networks.cpp): forward without autograd, the input gradient by autograd, and loss_and_grad as one forward,
-// the metric and its output gradient on the device (in f64, as the SDK's metric_item computes them), one backward.
+// the metric and its output gradient on the device (in f64, as the SDK's metric_item computes them), one backward;
+// and the "prefix_cache" capability of the causal family (gpt2) on top of the network's cached-prefix calls.
 #include "torch_backend.hpp"
 
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <exception>
 #include <utility>
 
+#include "lminv/prefix_cache.hpp"
 #include "torch_networks.hpp"
 
 namespace lminv::torch_backend {
@@ -124,6 +126,65 @@ class ThreadScope {
   int blas_before_ = 1;
 };
 
+// ---- the prefix cache ---------------------------------------------------------------------------------------------
+
+// The "prefix_cache" capability of a model whose network has one (gpt2): the prefix's attention keys and values per
+// block, in the model's dtype on its device (Network::append_prefix), and the candidates run as B single positions
+// against them (Network::next_after_prefix): per block a few [B, C] x [C, *] matrix products and per head one
+// [B, hs] x [hs, t] product, where FullForwardPrefix runs B forward passes over all seq_len positions. Calls run
+// under the model's thread settings and without autograd, like forward().
+class TorchPrefixCache final : public PrefixCache {
+ public:
+  TorchPrefixCache(const ModelSpec& spec, const Network& network, const at::TensorOptions& options,
+                   const ThreadSettings& threads)
+      : spec_(spec), network_(network), options_(options), threads_(threads) {}
+
+  void reset() override { cache_ = KeyValueCache(); }
+  std::int64_t length() const override { return cache_.length; }
+
+  void append(const Tensor& rows) override {
+    check_rows(rows, "append");
+    const std::int64_t n = rows.dim(0);
+    if (cache_.length + n > spec_.seq_len)
+      throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(n) + " positions to a prefix of " +
+                  std::to_string(cache_.length) + " exceeds seq_len " + std::to_string(spec_.seq_len));
+    if (n == 0) return;
+    guarded("prefix cache append", [&] {
+      const ThreadScope threads(threads_);
+      at::NoGradGuard no_grad;
+      network_.append_prefix(to_aten(rows, options_), cache_);
+    });
+  }
+
+  Tensor next(const Tensor& candidates) override {
+    check_rows(candidates, "next");
+    if (cache_.length >= spec_.seq_len)
+      throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(spec_.seq_len) +
+                  " positions (seq_len " + std::to_string(spec_.seq_len) + "): no position is left for next()");
+    return guarded("prefix cache next", [&] {
+      const ThreadScope threads(threads_);
+      at::NoGradGuard no_grad;
+      return to_lminv(network_.next_after_prefix(to_aten(candidates, options_), cache_), spec_.dtype);
+    });
+  }
+
+ private:
+  void check_rows(const Tensor& rows, const char* call) const {
+    const bool embedding = spec_.input == InputSpace::embedding;
+    const std::int64_t width = embedding ? spec_.n_embd : spec_.vocab_size;
+    if (rows.rank() != 2 || rows.dim(1) != width)
+      throw Error(std::string(kWho) + ": prefix cache: " + call + " takes rows [n, " + std::to_string(width) +
+                  "] (input = " + input_space_name(spec_.input) + ", " + (embedding ? "n_embd " : "vocab_size ") +
+                  std::to_string(width) + "), got " + shape_string(rows.shape()));
+  }
+
+  const ModelSpec& spec_;  // the model's, which outlives this cache
+  const Network& network_;
+  at::TensorOptions options_;
+  ThreadSettings threads_;
+  KeyValueCache cache_;
+};
+
 // ---- the model ----------------------------------------------------------------------------------------------------
 
 class TorchModel final : public Model {
@@ -184,6 +245,13 @@ class TorchModel final : public Model {
       result.grad = to_lminv(grad, input.dtype());
       return result;
     });
+  }
+
+  // "prefix_cache": a TorchPrefixCache, made on the first request, when the family has one (gpt2); else nullptr.
+  void* capability(std::string_view name) override {
+    if (name != kPrefixCache || !network_->has_prefix_cache()) return nullptr;
+    if (!prefix_cache_) prefix_cache_ = std::make_unique<TorchPrefixCache>(spec_, *network_, options_, threads_);
+    return static_cast<PrefixCache*>(prefix_cache_.get());
   }
 
  private:
@@ -263,6 +331,8 @@ class TorchModel final : public Model {
   std::unique_ptr<Network> network_;
   at::TensorOptions options_;
   ThreadSettings threads_;
+  // After network_, which it uses: destroyed before it.
+  std::unique_ptr<PrefixCache> prefix_cache_;
   Tensor last_input_;        // the input of the last pass run with autograd ...
   at::Tensor last_output_;   // ... and its output (detached), for a forward on the same input
   Tensor target_host_;       // the last target ...

@@ -37,8 +37,10 @@ struct ThreadSettings {
 // Models: weights are converted once, in create_model, to the spec's dtype and device, and kept for the model's
 // life (the WeightSet is not kept). Inputs of any dtype are converted to the model's; outputs are in the model's
 // dtype, input gradients in the input's. A forward on the input of the last backward or loss_and_grad reuses that
-// pass's output. A model is not safe to call from two threads at once. Every error thrown
-// is an lminv::Error (LibTorch's c10::Error is caught and rethrown with the backend's name).
+// pass's output. gpt2 models offer the "prefix_cache" capability (lminv/prefix_cache.hpp: the prefix's keys and
+// values per block, candidates run as single positions against them); the MLP families offer none. A model and its
+// prefix cache are not safe to call from two threads at once. Every error thrown is an lminv::Error (LibTorch's
+// c10::Error is caught and rethrown with the backend's name).
 class TorchBackend : public Backend {
  public:
   BackendInfo info() const override;  // devices: cpu, and cuda only when cuda_available()

@@ -9,6 +9,10 @@
 //   main   = h_k (head none), ln_f(h_k) (head ln_f) or ln_f(h_k) @ wte^T (head lm_head, tied, D_main = V)
 // with L = max(k, max(layers)) blocks run. Conv1D weights are [in, out] (x W + b); LayerNorm eps is the spec's.
 //
+// GPT-2 is causal, so it also runs a few positions at a time against the keys and values of the positions before
+// them (the prefix cache: append_prefix, next_after_prefix): each position's row of the attention scores is the same
+// as in forward(), split into the part against the kept prefix and the part among the new positions.
+//
 // MLP families (nn.Linear weights [out, in], GELU in its exact erf form):
 //   fcnet                [B, T d] -> Linear(T d, 4 T d) -> GELU -> Linear(4 T d, 4 T d)      output [B, 4 T d]
 //   fcnet_noninvertible  the same with a last layer of T d outputs                          output [B, T d]
@@ -18,6 +22,7 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/gelu.h>
@@ -60,6 +65,14 @@ Tensor to_lminv(const at::Tensor& t, DType dtype) {
   Tensor out(dtype, Shape(host.sizes().begin(), host.sizes().end()));
   if (out.nbytes()) std::memcpy(out.raw(), host.data_ptr(), out.nbytes());
   return out;
+}
+
+// Families without a prefix cache: TorchModel offers none (has_prefix_cache() is false), so these are not reached.
+void Network::append_prefix(const at::Tensor& /*rows*/, KeyValueCache& /*cache*/) const {
+  throw Error(std::string(kWho) + ": this family has no prefix cache");
+}
+at::Tensor Network::next_after_prefix(const at::Tensor& /*candidates*/, const KeyValueCache& /*cache*/) const {
+  throw Error(std::string(kWho) + ": this family has no prefix cache");
 }
 
 namespace {
@@ -158,17 +171,46 @@ class Gpt2Network final : public Network {
   at::Tensor forward(const at::Tensor& x) const override {
     std::vector<at::Tensor> stream;  // h_0 .. h_L
     stream.reserve(blocks_.size() + 1);
-    stream.push_back((vocab_input_ ? affine(x, wte_, Layout::in_out) : x).add(wpe_));
+    stream.push_back(embed(x, 0));
     for (const Block& b : blocks_) stream.push_back(block(stream.back(), b));
+    return output(stream);
+  }
 
-    const at::Tensor& h_k = stream[static_cast<std::size_t>(k_)];
-    at::Tensor main = h_k;
-    if (head_ != Head::none) main = layer_norm(h_k, ln_f_weight_, ln_f_bias_);
-    if (head_ == Head::lm_head) main = affine(main, wte_, Layout::out_in);  // ln_f(h_k) wte^T
-    if (layers_.empty()) return main;
-    std::vector<at::Tensor> parts{main};
-    for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
-    return at::cat(parts, -1);
+  bool has_prefix_cache() const override { return true; }
+
+  void append_prefix(const at::Tensor& rows, KeyValueCache& cache) const override {
+    const std::int64_t n = rows.size(0), t = cache.length;
+    std::vector<at::Tensor> keys(blocks_.size()), values(blocks_.size());  // the cache's next state
+    at::Tensor h = embed(rows.unsqueeze(0), t);                            // [1, n, C]
+    for (std::size_t l = 0; l < blocks_.size(); ++l) {
+      const Block& b = blocks_[l];
+      at::Tensor new_keys, new_values;  // [NH, n, hs]
+      const at::Tensor att = attention_after_prefix(qkv(h, b), prefix_part(cache.keys, t, l),
+                                                    prefix_part(cache.values, t, l), &new_keys, &new_values);
+      keys[l] = t > 0 ? at::cat({cache.keys[l], new_keys}, 1) : new_keys.contiguous();
+      values[l] = t > 0 ? at::cat({cache.values[l], new_values}, 1) : new_values.contiguous();
+      // The last block's output at the prefix is not needed: only later blocks read h at earlier positions.
+      if (l + 1 < blocks_.size()) h = after_attention(h, att, b);
+    }
+    // Nothing below throws: the cache changes whole or not at all.
+    cache.keys = std::move(keys);
+    cache.values = std::move(values);
+    cache.length = t + n;
+  }
+
+  at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const override {
+    const std::int64_t t = cache.length;
+    std::vector<at::Tensor> stream;  // h_0 .. h_L at position t, [B, 1, C]
+    stream.reserve(blocks_.size() + 1);
+    stream.push_back(embed(candidates.unsqueeze(1), t));
+    for (std::size_t l = 0; l < blocks_.size(); ++l) {
+      const Block& b = blocks_[l];
+      const at::Tensor& h = stream.back();
+      const at::Tensor att =
+          attention_after_prefix(qkv(h, b), prefix_part(cache.keys, t, l), prefix_part(cache.values, t, l));
+      stream.push_back(after_attention(h, att, b));
+    }
+    return output(stream).select(1, 0);  // [B, D]
   }
 
  private:
@@ -190,6 +232,24 @@ class Gpt2Network final : public Network {
     return affine(x, weight, Layout::in_out, bias);
   }
 
+  // h_0 = x + wpe at positions start .. start + n - 1, for x [B, n, d or V] -> [B, n, C].
+  at::Tensor embed(const at::Tensor& x, std::int64_t start) const {
+    const at::Tensor e = vocab_input_ ? affine(x, wte_, Layout::in_out) : x;
+    return e.add(wpe_.narrow(0, start, x.size(1)));
+  }
+
+  // The output from the residual stream h_0 .. h_L ([B, n, C] each): [ main(h_k) | h_layers[0] | ... ], [B, n, D].
+  at::Tensor output(const std::vector<at::Tensor>& stream) const {
+    const at::Tensor& h_k = stream[static_cast<std::size_t>(k_)];
+    at::Tensor main = h_k;
+    if (head_ != Head::none) main = layer_norm(h_k, ln_f_weight_, ln_f_bias_);
+    if (head_ == Head::lm_head) main = affine(main, wte_, Layout::out_in);  // ln_f(h_k) wte^T
+    if (layers_.empty()) return main;
+    std::vector<at::Tensor> parts{main};
+    for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
+    return at::cat(parts, -1);
+  }
+
   // Causal self-attention of qkv [B, T, 3C] -> [B, T, C] (heads merged).
   at::Tensor attention(const at::Tensor& qkv) const {
     const std::int64_t B = qkv.size(0);
@@ -203,12 +263,62 @@ class Gpt2Network final : public Network {
     return at::matmul(att, v).transpose(1, 2).reshape({B, T_, C_});  // [B, T, C]
   }
 
-  at::Tensor block(const at::Tensor& h, const Block& b) const {
-    const at::Tensor qkv = conv1d(layer_norm(h, b.ln_1_weight, b.ln_1_bias), b.attn_weight, b.attn_bias);
-    const at::Tensor a = h.add(conv1d(attention(qkv), b.attn_proj_weight, b.attn_proj_bias));
+  // Attention of n new positions in each of B sequences that share a prefix of t positions, whose keys and values
+  // per head are given (prefix_keys, prefix_values [NH, t, hs]; undefined when t is 0): qkv [B, n, 3C] of the new
+  // positions -> [B, n, C] (heads merged). A new position attends to the whole prefix and, causally, to the new
+  // positions up to itself: its row of forward()'s scores, in two parts. The prefix is the same for the B sequences,
+  // so each head meets the queries of all B n positions in one matrix product. When given, new_keys and new_values
+  // receive the new positions' keys and values [NH, n, hs] (of sequence 0: the prefix's own, when B is 1).
+  at::Tensor attention_after_prefix(const at::Tensor& qkv, const at::Tensor& prefix_keys,
+                                    const at::Tensor& prefix_values, at::Tensor* new_keys = nullptr,
+                                    at::Tensor* new_values = nullptr) const {
+    const std::int64_t B = qkv.size(0), n = qkv.size(1), t = prefix_keys.defined() ? prefix_keys.size(1) : 0;
+    const std::vector<at::Tensor> qkv_parts = qkv.split(C_, -1);
+    auto heads = [&](const at::Tensor& x) { return x.reshape({B, n, NH_, hs_}).transpose(1, 2); };  // [B, NH, n, hs]
+    const at::Tensor q = heads(qkv_parts[0]), k = heads(qkv_parts[1]), v = heads(qkv_parts[2]);
+    if (new_keys) *new_keys = k[0];
+    if (new_values) *new_values = v[0];
+    const double scale = std::sqrt(static_cast<double>(hs_));
+    at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).div(scale);  // [B, NH, n, n]: among the new positions
+    if (n > 1) {  // the top-left n x n of the T x T mask: true above the diagonal
+      const at::Tensor mask = causal_mask_.narrow(0, 0, n).narrow(1, 0, n);
+      scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
+    }
+    if (t > 0) {
+      const at::Tensor queries = q.permute({1, 0, 2, 3}).reshape({NH_, B * n, hs_});  // per head, every query a row
+      const at::Tensor prefix_scores = at::bmm(queries, prefix_keys.transpose(1, 2))  // [NH, B n, t]
+                                           .div(scale)
+                                           .view({NH_, B, n, t})
+                                           .permute({1, 0, 2, 3});  // [B, NH, n, t]
+      scores = at::cat({prefix_scores, scores}, -1);                // [B, NH, n, t + n]
+    }
+    const at::Tensor att = at::softmax(scores, -1);        // subtracts each row's maximum first: stable
+    at::Tensor out = at::matmul(att.narrow(-1, t, n), v);  // [B, NH, n, hs]
+    if (t > 0) {
+      const at::Tensor weights = att.narrow(-1, 0, t).permute({1, 0, 2, 3}).reshape({NH_, B * n, t});
+      out = out.add(at::bmm(weights, prefix_values).view({NH_, B, n, hs_}).permute({1, 0, 2, 3}));
+    }
+    return out.transpose(1, 2).reshape({B, n, C_});  // [B, n, C]
+  }
+
+  // The prefix's keys or values of block l: [NH, t, hs], undefined while the prefix is empty.
+  static at::Tensor prefix_part(const std::vector<at::Tensor>& parts, std::int64_t t, std::size_t l) {
+    return t > 0 ? parts[l] : at::Tensor();
+  }
+
+  // The block's attention input: c_attn(ln_1(h)), [B, n, C] -> [B, n, 3C].
+  at::Tensor qkv(const at::Tensor& h, const Block& b) const {
+    return conv1d(layer_norm(h, b.ln_1_weight, b.ln_1_bias), b.attn_weight, b.attn_bias);
+  }
+
+  // The rest of the block from its attention's output att [B, n, C]: a = h + c_proj(att); a + mlp(ln_2(a)).
+  at::Tensor after_attention(const at::Tensor& h, const at::Tensor& att, const Block& b) const {
+    const at::Tensor a = h.add(conv1d(att, b.attn_proj_weight, b.attn_proj_bias));
     const at::Tensor fc = conv1d(layer_norm(a, b.ln_2_weight, b.ln_2_bias), b.fc_weight, b.fc_bias);
     return a.add(conv1d(at::gelu(fc, "tanh"), b.mlp_proj_weight, b.mlp_proj_bias));
   }
+
+  at::Tensor block(const at::Tensor& h, const Block& b) const { return after_attention(h, attention(qkv(h, b)), b); }
 
   std::int64_t C_, NH_, hs_, T_, k_;
   double eps_;

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lminv/model.hpp"
 #include "lminv/weights.hpp"
@@ -18,12 +19,30 @@ namespace lminv::torch_backend {
 
 inline const char* const kWho = "torch backend";
 
+// The attention keys and values of a prefix of `length` positions, one pair per block run, each [NH, length, hs]:
+// the prefix cache's state (see Network::append_prefix).
+struct KeyValueCache {
+  std::int64_t length = 0;
+  std::vector<at::Tensor> keys, values;  // [L] of [NH, length, hs]; empty while length is 0
+};
+
 // A family's forward pass: x [B, T, d or V] (the model's dtype, on its device) -> the output [B, ...] as the
 // reference backend lays it out. Tensors made here take part in autograd when x requires grad.
 class Network {
  public:
   virtual ~Network() = default;
   virtual at::Tensor forward(const at::Tensor& x) const = 0;
+
+  // Whether the family is run position by position against a KeyValueCache (gpt2): the two calls below.
+  virtual bool has_prefix_cache() const { return false; }
+
+  // Runs the prefix's next n positions, rows [n, d or V], through the blocks against `cache` and appends their keys
+  // and values to it. Nothing changes when it throws. The caller keeps cache.length + n within seq_len.
+  virtual void append_prefix(const at::Tensor& rows, KeyValueCache& cache) const;
+
+  // The output at position t = cache.length for each of B candidates [B, d or V] following the cached prefix:
+  // [B, D], row b = forward(prefix, candidate b)[t]. The caller keeps t below seq_len.
+  virtual at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const;
 };
 
 // Check the spec as the reference backend does (errors name the field), load and convert the weights the spec uses

@@ -9,6 +9,7 @@
 #include "lminv/optimizer.hpp"
 #include "lminv/options.hpp"
 #include "lminv/plugin.hpp"
+#include "lminv/prefix_cache.hpp"
 #include "lminv/rng.hpp"
 #include "lminv/tensor.hpp"
 #include "lminv/weights.hpp"

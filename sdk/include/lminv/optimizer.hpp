@@ -48,6 +48,11 @@ struct Result {
   std::int64_t steps = 0;
   Metric metric = Metric::l1;
   std::map<std::string, double> values;  // method-specific summary figures
+  // Methods that search over tokens directly (sequential, brute_force) give the tokens they found; the host then
+  // reports them as they are instead of decoding `input`. Empty for methods that end in a continuous input.
+  std::vector<std::int64_t> ids;
+  // Method-specific measurements per position or per round (a certificate margin per position, say).
+  std::map<std::string, std::vector<double>> series;
 };
 
 class Optimizer {

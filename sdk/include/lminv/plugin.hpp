@@ -15,7 +15,8 @@
 
 namespace lminv {
 
-inline constexpr std::uint32_t kAbiVersion = 1;
+// 1: the first. 2: Result gained ids and series.
+inline constexpr std::uint32_t kAbiVersion = 2;
 inline constexpr const char* kPluginEntry = "lminv_plugin";
 
 enum class PluginKind : std::uint32_t { backend = 1, optimizer = 2, decoder = 3 };

@@ -1,0 +1,729 @@
+// The "prefix_cache" capability (lminv/prefix_cache.hpp) of every backend plugin, loaded by name through the registry.
+//
+// For each backend named in LMINV_PREFIX_CACHE_BACKENDS (set by tests/CMakeLists.txt to the backends built), each
+// dtype and device its info() lists, and each model case below (small random GPT-2s: every head, blocks 0 .. n_layer,
+// extra layers, both input spaces; and transformer_mlp where a backend offers a cache for it):
+//   - after a random prefix of each length t = 0 .. seq_len - 1, next() on B random candidates gives, row by row,
+//     (a) forward() on the whole sequence (the prefix, the candidate, random positions after it) at row t, and
+//     (b) FullForwardPrefix's rows, within the dtype's tolerance as max |a - b| / max |expected| (the conformance
+//     suite's normalised error); the reference backend's rows are bit-identical to its forward()'s.
+// Per backend, dtype and device: reset() and appending again gives the same rows, appending rows one at a time gives
+// what appending them together gives, next() leaves the prefix as it was, and a full prefix, a wrong width or a wrong
+// rank are lminv::Errors naming the problem (the cache unchanged after them). And per backend: fcnet is not causal,
+// so no backend offers a cache for it.
+//
+// A backend whose gpt2 model offers no cache fails where it must have one (reference, torch) and is skipped with a
+// message elsewhere (onednn has none). Test names: PrefixCache/NextCase.MatchesForward/<backend>_<dtype>_<device>_
+// <model>, PrefixCache/CacheChecks.<check>/<backend>_<dtype>_<device>. LMINV_PREFIX_CACHE_VERBOSE=1 prints each
+// case's worst errors; the worst per backend and dtype are printed at the end in any case.
+#include "lminv/prefix_cache.hpp"
+
+#include <dlfcn.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <typeinfo>
+#include <vector>
+
+#include "lminv/lminv.hpp"
+#include "registry.hpp"
+#include "weights_init.hpp"
+
+using namespace lminv;
+
+namespace {
+
+constexpr std::uint64_t kSeed = 20240717;
+
+// ---- the backends under test --------------------------------------------------------------------------------------
+
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> out;
+  std::string word;
+  for (char c : list + ";") {
+    if (c == ';' || c == ',' || c == ' ') {
+      if (!word.empty()) out.push_back(word);
+      word.clear();
+    } else {
+      word += c;
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> backends_under_test() {
+#ifdef LMINV_PREFIX_CACHE_BACKENDS
+  return split(LMINV_PREFIX_CACHE_BACKENDS);
+#else
+  return {"reference"};
+#endif
+}
+
+// The backends that must offer a prefix cache for gpt2; others may offer none (the case is then skipped).
+bool must_offer(const std::string& backend, const std::string& family) {
+  return family == "gpt2" && (backend == "reference" || backend == "torch");
+}
+
+const Registry& registry() {
+  static const Registry r({LMINV_BUILD_PLUGIN_DIR});
+  return r;
+}
+
+// The backend plugin `name`, made and configured once per process (threads = 1: the models are small). Throws Error
+// naming it, with the registry's refusals, when it is not there.
+std::shared_ptr<Backend> backend(const std::string& name) {
+  static std::map<std::string, std::shared_ptr<Backend>> made;
+  auto it = made.find(name);
+  if (it != made.end()) return it->second;
+  std::shared_ptr<Backend> b;
+  try {
+    b = registry().create_backend(name);
+  } catch (const Error& e) {
+    std::string refused;
+    for (const RejectedPlugin& p : registry().rejected()) refused += "\n  refused " + p.file.string() + ": " + p.reason;
+    throw Error(e.what() + refused);
+  }
+  b->configure(Options("backend", "prefix_cache_test", {{"threads", "1"}}));
+  made[name] = b;
+  return b;
+}
+
+// Whether a CUDA device is present, asked of the driver itself (libcuda), so the suite links no CUDA library.
+bool cuda_device_present(std::string& why) {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    why = "no CUDA driver on this machine (libcuda.so.1 does not load)";
+    return false;
+  }
+  using Init = int (*)(unsigned);
+  using Count = int (*)(int*);
+  auto init = reinterpret_cast<Init>(dlsym(lib, "cuInit"));
+  auto count = reinterpret_cast<Count>(dlsym(lib, "cuDeviceGetCount"));
+  int n = 0;
+  if (!init || !count || init(0) != 0 || count(&n) != 0 || n == 0) {
+    why = "the CUDA driver reports no usable device";
+    return false;
+  }
+  return true;
+}
+
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+std::string join(const std::vector<std::string>& words) {
+  std::string out;
+  for (const std::string& w : words) out += (out.empty() ? "" : ", ") + w;
+  return out;
+}
+
+std::string sanitize(std::string s) {
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return s;
+}
+
+// ---- the model cases ----------------------------------------------------------------------------------------------
+
+struct ModelCase {
+  std::string name;  // gpt2_k3_lm_head_vocab, ...
+  ModelSpec spec;    // dtype and device are the test case's
+};
+
+// n_embd 32 in 4 heads of 8, 3 blocks, 97 tokens, 7 positions of input.
+ModelSpec small_gpt2() {
+  ModelSpec s;
+  s.family = "gpt2";
+  s.n_layer = 3;
+  s.n_embd = 32;
+  s.n_head = 4;
+  s.vocab_size = 97;
+  s.n_positions = 16;
+  s.seq_len = 7;
+  return s;
+}
+
+std::vector<ModelCase> model_cases() {
+  std::vector<ModelCase> out;
+  for (std::int64_t k = 0; k <= 3; ++k)
+    for (Head head : {Head::none, Head::ln_f, Head::lm_head})
+      for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+        ModelSpec s = small_gpt2();
+        s.blocks = k;
+        s.head = head;
+        s.input = input;
+        out.push_back({"gpt2_k" + std::to_string(k) + "_" + head_name(head) + "_" + input_space_name(input), s});
+      }
+  // Extra block outputs: after the main output, from blocks below and above k.
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    ModelSpec s = small_gpt2();
+    s.blocks = 2;
+    s.head = Head::none;
+    s.layers = {1, 3};
+    s.input = input;
+    out.push_back({std::string("gpt2_k2_none_layers1_3_") + input_space_name(input), s});
+    s.blocks = 1;
+    s.head = Head::lm_head;
+    s.layers = {0, 3, 2};
+    out.push_back({std::string("gpt2_k1_lm_head_layers0_3_2_") + input_space_name(input), s});
+  }
+  // Causal too: checked where a backend offers a cache for it.
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    ModelSpec s = small_gpt2();
+    s.family = "transformer_mlp";
+    s.n_layer = 0;
+    s.blocks = 0;
+    s.head = Head::none;
+    s.input = input;
+    out.push_back({std::string("transformer_mlp_") + input_space_name(input), s});
+  }
+  return out;
+}
+
+const ModelCase& model_case(const std::string& name) {
+  static const std::vector<ModelCase> cases = model_cases();
+  for (const ModelCase& c : cases)
+    if (c.name == name) return c;
+  throw Error("prefix_cache_test: no model case named " + name);
+}
+
+// init_random_weights in f64, then made to matter as in the conformance suite: GPT-2's initialisation has LayerNorm
+// weights 1, biases 0 and near-uniform attention, so here every bias and LayerNorm parameter is random and c_attn is
+// scaled so that the attention is far from uniform (a cache that mixed up positions would show).
+std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
+  static std::map<std::string, std::shared_ptr<const WeightSet>> made;
+  ModelSpec s = spec;
+  s.dtype = DType::f64;
+  const std::string key = s.family + "/" + std::to_string(s.n_embd) + "/" + std::to_string(s.seq_len);
+  auto it = made.find(key);
+  if (it != made.end()) return it->second;
+  WeightSet w = init_random_weights(s, kSeed, 1);
+  if (s.family == "gpt2") {
+    const Rng root = Rng(kSeed).fork("prefix cache");
+    auto ends_with = [](const std::string& s, const std::string& end) {
+      return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+    };
+    for (const std::string& name : w.names()) {
+      Tensor t = w.get(name);
+      Rng rng = root.fork(name);
+      if (ends_with(name, "ln_1.weight") || ends_with(name, "ln_2.weight") || name == "ln_f.weight")
+        fill_normal(t, rng, 1.0, 0.2);
+      else if (ends_with(name, ".bias"))
+        fill_normal(t, rng, 0.0, 0.05);
+      else if (ends_with(name, "attn.c_attn.weight"))
+        scale(t, 10.0);
+      else
+        continue;
+      w.set(name, std::move(t));
+    }
+  }
+  auto shared = std::make_shared<const WeightSet>(std::move(w));
+  made[key] = shared;
+  return shared;
+}
+
+// ---- tensors and comparisons --------------------------------------------------------------------------------------
+
+double tolerance(DType t) {
+  switch (t) {
+    case DType::f64: return 1e-10;
+    case DType::f32: return 1e-4;
+    case DType::bf16: return 5e-2;
+  }
+  return 0;
+}
+
+std::int64_t width(const ModelSpec& spec) {
+  return spec.input == InputSpace::embedding ? spec.n_embd : spec.vocab_size;
+}
+
+// Random rows [n, width] in `dtype`: token embeddings (std 0.1, GPT-2's scale) or vocabulary-space vectors (std 1).
+Tensor random_rows(const ModelSpec& spec, std::int64_t n, Rng rng, DType dtype) {
+  Tensor t(DType::f64, {n, width(spec)});
+  fill_normal(t, rng, 0.0, spec.input == InputSpace::vocab ? 1.0 : 0.1);
+  return t.to(dtype);
+}
+
+// max |got - want| / max |want| (max |got - want| itself when want is all zeros), with where the worst element is.
+struct Difference {
+  double error = 0;
+  std::int64_t at = 0;
+  double got = 0, want = 0, scale = 0;
+  std::string text() const {
+    std::ostringstream s;
+    s.precision(3);
+    s << "normalised error " << error << " (worst element " << at << ": ";
+    s.precision(12);
+    s << got << " vs expected " << want;
+    s.precision(3);
+    s << ", |difference| " << std::abs(got - want) << "; max |expected| " << scale << ")";
+    return s.str();
+  }
+};
+
+Difference difference(const Tensor& got, const Tensor& want) {
+  Difference d;
+  double worst = -1;
+  for (std::int64_t i = 0; i < want.numel(); ++i) {
+    d.scale = std::max(d.scale, std::abs(want.get(i)));
+    const double e = std::abs(got.get(i) - want.get(i));
+    if (!(e <= worst)) {  // NaN counts as worst
+      worst = e;
+      d.at = i;
+      d.got = got.get(i);
+      d.want = want.get(i);
+    }
+  }
+  d.error = d.scale > 0 ? worst / d.scale : worst;
+  if (std::isnan(worst)) d.error = worst;
+  return d;
+}
+
+bool bit_identical(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+// Rows t of each item of a forward output [B, T, D]: [B, D].
+Tensor row_at(const Tensor& output, std::int64_t t) {
+  const std::int64_t B = output.dim(0), T = output.dim(1), D = output.dim(2);
+  Tensor rows(output.dtype(), {B, D});
+  const std::size_t row_bytes = static_cast<std::size_t>(D) * dtype_size(output.dtype());
+  for (std::int64_t b = 0; b < B; ++b)
+    std::memcpy(static_cast<unsigned char*>(rows.raw()) + static_cast<std::size_t>(b) * row_bytes,
+                static_cast<const unsigned char*>(output.raw()) + static_cast<std::size_t>(b * T + t) * row_bytes,
+                row_bytes);
+  return rows;
+}
+
+// The worst normalised errors seen, per "<backend> <dtype> <device>" and check, printed when the suite ends.
+std::map<std::string, std::map<std::string, double>>& worst_errors() {
+  static std::map<std::string, std::map<std::string, double>> errors;
+  return errors;
+}
+
+bool verbose() {
+  return std::getenv("LMINV_PREFIX_CACHE_VERBOSE") != nullptr;
+}
+
+class PrintWorstErrors : public testing::Environment {
+ public:
+  void TearDown() override {
+    for (const auto& [where, checks] : worst_errors()) {
+      std::ostringstream line;
+      line.precision(2);
+      line << "[  errors  ] " << where << ":";
+      for (const auto& [check, error] : checks) line << " " << check << " " << std::scientific << error;
+      std::cout << line.str() << "\n";
+    }
+  }
+};
+const testing::Environment* const kPrintWorstErrors = testing::AddGlobalTestEnvironment(new PrintWorstErrors);
+
+// ---- what every test needs: the backend's model and its cache -----------------------------------------------------
+
+struct Where {
+  std::string backend;
+  DType dtype = DType::f64;
+  std::string device;
+  std::string load_error;  // set when the backend could not be made: the test fails with it
+  std::string text() const { return backend + " " + dtype_name(dtype) + " " + device; }
+};
+
+// The model of `spec` on `where`, and its cache, or a reason to fail or skip (in `failure` or `skip`).
+struct CachedModel {
+  std::unique_ptr<Model> model;
+  PrefixCache* cache = nullptr;
+  std::string failure, skip;
+};
+
+CachedModel cached_model(const Where& where, ModelSpec spec) {
+  CachedModel m;
+  if (!where.load_error.empty()) {
+    m.failure = "backend '" + where.backend + "' is listed but cannot be made: " + where.load_error;
+    return m;
+  }
+  const std::shared_ptr<Backend> b = backend(where.backend);
+  const BackendInfo info = b->info();
+  if (!contains(info.families, spec.family)) {
+    m.skip = "backend '" + where.backend + "' does not list family '" + spec.family +
+             "' (it lists: " + join(info.families) + "): not tested";
+    return m;
+  }
+  std::string why;
+  if (where.device == "cuda" && !cuda_device_present(why)) {
+    m.skip = "backend '" + where.backend + "' lists device cuda, but " + why + ": not tested here";
+    return m;
+  }
+  spec.dtype = where.dtype;
+  spec.device = where.device;
+  try {
+    m.model = b->create_model(spec, weights_for(spec));
+  } catch (const Error& e) {
+    m.failure = std::string("create_model threw for a family, dtype and device the backend lists: ") + e.what();
+    return m;
+  }
+  m.cache = prefix_cache_of(*m.model);
+  if (!m.cache) {
+    const std::string none = "backend '" + where.backend + "' offers no prefix_cache for family '" + spec.family +
+                             "' (Model::capability(\"prefix_cache\") is nullptr)";
+    if (must_offer(where.backend, spec.family))
+      m.failure = none + ", which it must";
+    else
+      m.skip = none + ": not tested";
+  }
+  return m;
+}
+
+// Fails or skips the calling test as `m` says.
+#define LMINV_REQUIRE_CACHE(m)                       \
+  do {                                               \
+    if (!(m).failure.empty()) FAIL() << (m).failure; \
+    if (!(m).skip.empty()) GTEST_SKIP() << (m).skip; \
+  } while (false)
+
+// Every backend x listed dtype x listed device. A backend that cannot be made gives one failing entry.
+std::vector<Where> all_places() {
+  std::vector<Where> out;
+  for (const std::string& name : backends_under_test()) {
+    BackendInfo info;
+    try {
+      info = backend(name)->info();
+    } catch (const std::exception& e) {
+      out.push_back({name, DType::f64, "", e.what()});
+      continue;
+    }
+    for (DType dtype : info.dtypes)
+      for (const std::string& device : info.devices) out.push_back({name, dtype, device, ""});
+  }
+  return out;
+}
+
+std::string where_name(const Where& w) {
+  if (!w.load_error.empty()) return sanitize(w.backend) + "_not_loaded";
+  return sanitize(w.backend + "_" + dtype_name(w.dtype) + "_" + w.device);
+}
+
+// ---- next() against forward() and FullForwardPrefix, every model case and prefix length ---------------------------
+
+struct NextCase {
+  Where where;
+  std::string model;  // a model_cases() name
+};
+
+void PrintTo(const NextCase& c, std::ostream* os) {
+  *os << c.where.text() << " " << c.model;
+}
+
+std::vector<NextCase> all_next_cases() {
+  std::vector<NextCase> out;
+  for (const Where& w : all_places()) {
+    if (!w.load_error.empty()) {
+      out.push_back({w, ""});
+      continue;
+    }
+    for (const ModelCase& m : model_cases()) out.push_back({w, m.name});
+  }
+  return out;
+}
+
+std::string next_case_name(const testing::TestParamInfo<NextCase>& info) {
+  const NextCase& c = info.param;
+  return c.where.load_error.empty() ? where_name(c.where) + "_" + sanitize(c.model) : where_name(c.where);
+}
+
+class NextCaseTest : public testing::TestWithParam<NextCase> {};
+
+TEST_P(NextCaseTest, MatchesForward) {
+  const NextCase& c = GetParam();
+  const ModelCase* m = c.where.load_error.empty() ? &model_case(c.model) : nullptr;
+  CachedModel cm = cached_model(c.where, m ? m->spec : small_gpt2());
+  LMINV_REQUIRE_CACHE(cm);
+  Model& model = *cm.model;
+  PrefixCache& cache = *cm.cache;
+  const ModelSpec& spec = model.spec();
+  const DType dt = spec.dtype;
+  const double tol = tolerance(dt);
+  const bool exact = c.where.backend == "reference";
+  const std::int64_t T = spec.seq_len, w = width(spec);
+  FullForwardPrefix full(model);
+  std::map<std::string, double>& worst = worst_errors()[c.where.text()];
+  double worst_forward = 0, worst_full = 0;
+
+  const Rng rng = Rng(kSeed).fork(c.model).fork(dtype_name(dt));
+  for (std::int64_t t = 0; t < T; ++t) {
+    SCOPED_TRACE("prefix length t = " + std::to_string(t));
+    const std::int64_t B = t % 2 == 0 ? 5 : 1;  // single candidates too: a backend may take another path for them
+    const Rng rt = rng.fork("t " + std::to_string(t));
+    const Tensor prefix = random_rows(spec, t, rt.fork("prefix"), dt);          // [t, w]
+    const Tensor candidates = random_rows(spec, B, rt.fork("candidates"), dt);  // [B, w]
+    // The whole sequences [B, T, w]: the prefix, candidate b, then random rows (different in each item: position t
+    // must not see them).
+    const Tensor after = random_rows(spec, B * (T - t - 1), rt.fork("after"), dt);
+    Tensor sequences(dt, {B, T, w});
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t p = 0; p < T; ++p)
+        for (std::int64_t i = 0; i < w; ++i) {
+          const double v = p < t    ? prefix.get(p * w + i)
+                           : p == t ? candidates.get(b * w + i)
+                                    : after.get((b * (T - t - 1) + p - t - 1) * w + i);
+          sequences.set((b * T + p) * w + i, v);
+        }
+
+    cache.reset();
+    if (t > 0) cache.append(prefix);
+    ASSERT_EQ(cache.length(), t);
+    Tensor rows;
+    try {
+      rows = cache.next(candidates);
+    } catch (const Error& e) {
+      FAIL() << "next threw: " << e.what();
+    }
+    EXPECT_EQ(cache.length(), t) << "next changed the prefix's length";
+    const Tensor want = row_at(model.forward(sequences), t);  // [B, D]
+    ASSERT_EQ(rows.shape(), want.shape()) << "next's rows have another shape than forward()'s row t";
+    EXPECT_EQ(rows.dtype(), dt) << "next's rows are not in the model's dtype";
+    full.reset();
+    if (t > 0) full.append(prefix);
+    const Tensor want_full = full.next(candidates);
+
+    const Difference df = difference(rows, want), dff = difference(rows, want_full);
+    worst_forward = std::max(worst_forward, df.error);
+    worst_full = std::max(worst_full, dff.error);
+    if (exact) {
+      EXPECT_TRUE(bit_identical(rows, want)) << "next's rows are not bit-identical to forward()'s row t: " << df.text();
+      EXPECT_TRUE(bit_identical(rows, want_full))
+          << "next's rows are not bit-identical to FullForwardPrefix's: " << dff.text();
+    } else {
+      EXPECT_LE(df.error, tol) << "next against forward()'s row t: " << df.text() << ", tolerance " << tol;
+      EXPECT_LE(dff.error, tol) << "next against FullForwardPrefix: " << dff.text() << ", tolerance " << tol;
+    }
+  }
+  worst["vs_forward"] = std::max(worst["vs_forward"], worst_forward);
+  worst["vs_full_forward_prefix"] = std::max(worst["vs_full_forward_prefix"], worst_full);
+  if (verbose())
+    std::cout << "[  errors  ] vs forward " << worst_forward << ", vs FullForwardPrefix " << worst_full << "\n";
+}
+
+INSTANTIATE_TEST_SUITE_P(PrefixCache, NextCaseTest, testing::ValuesIn(all_next_cases()), next_case_name);
+
+// ---- the cache's own behaviour, per backend, dtype and device -----------------------------------------------------
+
+// A model with everything in its output: 3 blocks, lm_head, and block 1's output after it.
+ModelSpec checks_spec(InputSpace input) {
+  ModelSpec s = small_gpt2();
+  s.blocks = 3;
+  s.head = Head::lm_head;
+  s.layers = {1};
+  s.input = input;
+  return s;
+}
+
+class CacheChecks : public testing::TestWithParam<Where> {
+ protected:
+  // Expects `got` to be `want`: bit-identical on the reference, within the tolerance elsewhere.
+  void expect_same(const Tensor& got, const Tensor& want, const std::string& what) {
+    ASSERT_EQ(got.shape(), want.shape()) << what;
+    const Difference d = difference(got, want);
+    double& worst = worst_errors()[GetParam().text()][test_name()];
+    worst = std::max(worst, d.error);
+    if (GetParam().backend == "reference")
+      EXPECT_TRUE(bit_identical(got, want)) << what << ": not bit-identical: " << d.text();
+    else
+      EXPECT_LE(d.error, tolerance(GetParam().dtype)) << what << ": " << d.text();
+  }
+
+  // The test's name without its parameter's: ErrorsNameTheProblem, ...
+  static std::string test_name() {
+    const std::string name = testing::UnitTest::GetInstance()->current_test_info()->name();
+    return name.substr(0, name.find('/'));
+  }
+
+  // Expects f to throw an lminv::Error whose message contains every one of `needles`.
+  template <class F>
+  void expect_error(F&& f, const std::vector<std::string>& needles, const std::string& what) {
+    try {
+      f();
+      ADD_FAILURE() << what << " was accepted";
+    } catch (const Error& e) {
+      for (const std::string& needle : needles)
+        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+            << "the error for " << what << " does not name '" << needle << "': " << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << what << " threw a " << typeid(e).name() << ", not an lminv::Error: " << e.what();
+    }
+  }
+};
+
+TEST_P(CacheChecks, ResetThenAppendAgainGivesTheSame) {
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    SCOPED_TRACE(std::string("input = ") + input_space_name(input));
+    CachedModel cm = cached_model(GetParam(), checks_spec(input));
+    LMINV_REQUIRE_CACHE(cm);
+    PrefixCache& cache = *cm.cache;
+    const ModelSpec& spec = cm.model->spec();
+    EXPECT_EQ(prefix_cache_of(*cm.model), cm.cache) << "the model's cache is one object";
+    const Rng rng = Rng(kSeed).fork("reset").fork(input_space_name(input));
+    const Tensor prefix = random_rows(spec, 4, rng.fork("prefix"), spec.dtype);
+    const Tensor other = random_rows(spec, 5, rng.fork("other prefix"), spec.dtype);
+    const Tensor candidates = random_rows(spec, 6, rng.fork("candidates"), spec.dtype);
+    cache.reset();
+    cache.append(prefix);
+    const Tensor first = cache.next(candidates);
+    // Another prefix, longer, then reset: nothing of it may remain.
+    cache.reset();
+    cache.append(other);
+    cache.reset();
+    EXPECT_EQ(cache.length(), 0);
+    cache.append(prefix);
+    EXPECT_EQ(cache.length(), 4);
+    expect_same(cache.next(candidates), first, "next after reset() and the same prefix again");
+  }
+}
+
+TEST_P(CacheChecks, AppendingRowsOneAtATimeEqualsAppendingThemTogether) {
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    SCOPED_TRACE(std::string("input = ") + input_space_name(input));
+    CachedModel cm = cached_model(GetParam(), checks_spec(input));
+    LMINV_REQUIRE_CACHE(cm);
+    PrefixCache& cache = *cm.cache;
+    const ModelSpec& spec = cm.model->spec();
+    const Rng rng = Rng(kSeed).fork("one at a time").fork(input_space_name(input));
+    const std::int64_t t = spec.seq_len - 1;
+    const Tensor prefix = random_rows(spec, t, rng.fork("prefix"), spec.dtype);
+    const Tensor candidates = random_rows(spec, 3, rng.fork("candidates"), spec.dtype);
+    cache.reset();
+    cache.append(prefix);
+    const Tensor together = cache.next(candidates);
+    cache.reset();
+    for (std::int64_t p = 0; p < t; ++p) {
+      cache.append(prefix.slice0(p, p + 1));
+      EXPECT_EQ(cache.length(), p + 1);
+    }
+    expect_same(cache.next(candidates), together, "next after appending the prefix one row at a time");
+    // And in uneven parts: 2, then the rest.
+    cache.reset();
+    cache.append(prefix.slice0(0, 2));
+    cache.append(prefix.slice0(2, t));
+    expect_same(cache.next(candidates), together, "next after appending the prefix in two parts");
+  }
+}
+
+TEST_P(CacheChecks, NextLeavesThePrefixAsItWas) {
+  CachedModel cm = cached_model(GetParam(), checks_spec(InputSpace::embedding));
+  LMINV_REQUIRE_CACHE(cm);
+  PrefixCache& cache = *cm.cache;
+  const ModelSpec& spec = cm.model->spec();
+  const Rng rng = Rng(kSeed).fork("next leaves");
+  const Tensor prefix = random_rows(spec, 3, rng.fork("prefix"), spec.dtype);
+  const Tensor a = random_rows(spec, 4, rng.fork("a"), spec.dtype);
+  const Tensor b = random_rows(spec, 7, rng.fork("b"), spec.dtype);
+  cache.reset();
+  cache.append(prefix);
+  const Tensor first = cache.next(a);
+  cache.next(b);
+  EXPECT_EQ(cache.length(), 3);
+  expect_same(cache.next(a), first, "next on the same candidates after next on others");
+  // Candidates in another dtype are converted to the model's.
+  expect_same(cache.next(a.to(DType::f64)), first, "next on the same candidates given in f64");
+}
+
+TEST_P(CacheChecks, ErrorsNameTheProblem) {
+  CachedModel cm = cached_model(GetParam(), checks_spec(InputSpace::embedding));
+  LMINV_REQUIRE_CACHE(cm);
+  PrefixCache& cache = *cm.cache;
+  const ModelSpec& spec = cm.model->spec();
+  const std::int64_t T = spec.seq_len, w = width(spec);
+  const std::string seq_len = std::to_string(T);
+  const Rng rng = Rng(kSeed).fork("errors");
+  const DType dt = spec.dtype;
+
+  // Wrong width or rank, in append and next: the error names the shape given.
+  cache.reset();
+  cache.append(random_rows(spec, 2, rng.fork("prefix"), dt));
+  for (const Shape& shape : {Shape{2, w + 1}, Shape{1, w - 1}, Shape{1, 1, w}, Shape{w}}) {
+    const Tensor rows(dt, shape);
+    expect_error([&] { cache.append(rows); }, {shape_string(shape)}, "append of rows " + shape_string(shape));
+    expect_error([&] { cache.next(rows); }, {shape_string(shape)}, "next on candidates " + shape_string(shape));
+  }
+  EXPECT_EQ(cache.length(), 2) << "a refused call changed the prefix";
+
+  // More positions than seq_len: refused, the prefix unchanged.
+  expect_error([&] { cache.append(random_rows(spec, T - 1, rng.fork("too many"), dt)); }, {seq_len},
+               "appending " + std::to_string(T - 1) + " rows to a prefix of 2 (seq_len " + seq_len + ")");
+  EXPECT_EQ(cache.length(), 2) << "a refused append changed the prefix";
+  const Tensor candidates = random_rows(spec, 2, rng.fork("candidates"), dt);
+  EXPECT_NO_THROW(cache.next(candidates)) << "the cache is unusable after a refused append";
+
+  // A full prefix: next has no position left, append no room.
+  cache.append(random_rows(spec, T - 2, rng.fork("rest"), dt));
+  EXPECT_EQ(cache.length(), T);
+  expect_error([&] { cache.next(candidates); }, {seq_len}, "next on a full prefix (seq_len " + seq_len + ")");
+  expect_error([&] { cache.append(random_rows(spec, 1, rng.fork("one more"), dt)); }, {seq_len},
+               "appending to a full prefix (seq_len " + seq_len + ")");
+  EXPECT_EQ(cache.length(), T);
+  cache.reset();
+  EXPECT_NO_THROW(cache.next(candidates)) << "next after reset() of a full prefix";
+}
+
+std::string where_param_name(const testing::TestParamInfo<Where>& info) {
+  return where_name(info.param);
+}
+
+INSTANTIATE_TEST_SUITE_P(PrefixCache, CacheChecks, testing::ValuesIn(all_places()), where_param_name);
+
+// ---- per backend: no cache for a family that is not causal --------------------------------------------------------
+
+std::vector<std::string> backends_that_load() {
+  std::vector<std::string> out;
+  for (const std::string& name : backends_under_test()) {
+    try {
+      backend(name);
+      out.push_back(name);
+    } catch (const std::exception&) {  // reported by PrefixCache/NextCaseTest.MatchesForward/<name>_not_loaded
+    }
+  }
+  return out;
+}
+
+class NotCausal : public testing::TestWithParam<std::string> {};
+
+TEST_P(NotCausal, FcnetOffersNoPrefixCache) {
+  const std::shared_ptr<Backend> b = backend(GetParam());
+  const BackendInfo info = b->info();
+  if (!contains(info.families, std::string("fcnet"))) GTEST_SKIP() << "backend does not list fcnet";
+  ModelSpec s = small_gpt2();
+  s.family = "fcnet";
+  s.n_layer = 0;
+  s.blocks = 0;
+  s.head = Head::none;
+  s.n_embd = 8;
+  s.seq_len = 3;
+  s.dtype = info.dtypes.front();
+  s.device = contains(info.devices, std::string("cpu")) ? "cpu" : info.devices.front();
+  std::string why;
+  if (s.device == "cuda" && !cuda_device_present(why)) GTEST_SKIP() << "only cuda is listed, but " << why;
+  const std::unique_ptr<Model> model = b->create_model(s, weights_for(s));
+  EXPECT_EQ(prefix_cache_of(*model), nullptr)
+      << "fcnet's output at a position depends on every position: a prefix cache cannot give it";
+  EXPECT_EQ(model->capability("no such capability"), nullptr);
+}
+
+std::string backend_name(const testing::TestParamInfo<std::string>& info) {
+  return sanitize(info.param);
+}
+
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(NotCausal);
+INSTANTIATE_TEST_SUITE_P(PrefixCache, NotCausal, testing::ValuesIn(backends_that_load()), backend_name);
+
+}  // namespace
