@@ -1,0 +1,38 @@
+// The ranked policies of the sequential search: `linearized` and `gradient` (search.hpp has vocabulary and random
+// order).
+#pragma once
+
+#include <memory>
+
+#include "search.hpp"
+
+namespace lminv::sequential {
+
+// `linearized`: rank every token v by the distance a first-order model of position t predicts for it,
+//   score(v) = || F(e) + J (w_v - e) - y_t ||^2,
+// with J the D x d Jacobian of the position-t map (prefix fixed) at a point e: the mean token embedding, or, after
+// `relinearize_after` candidates failed under one ranking, the best candidate verified so far. J comes from finite
+// differences over the d unit directions (d + 1 rows through the prefix cache, `jacobian_batch` per call). With
+// `reuse_jacobian`, a position starts with the previous position's J (only F(e) is recomputed) and takes a fresh one
+// when that ranking fails. Needs input = embedding.
+struct LinearizedSettings {
+  double fd_step = 0.01;           // finite-difference step, relative to the spread of the token embeddings
+  bool reuse_jacobian = true;
+  Index relinearize_after = 64;    // candidates verified under one ranking before a new Jacobian
+  Index max_jacobians = 4;         // per position; after them the last ranking is followed to the end
+  Index jacobian_batch = 256;      // rows per backend call
+  void read(const Options& o);
+};
+std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& settings);
+
+// `gradient` (the paper's policy): a continuous proxy p at position t, started at the mean token embedding and
+// descended with Adam for `proxy_steps` steps on ||F_t(p) - y_t|| / ||y_t|| (gradients by the backend's backward
+// pass over the whole padded sequence); tokens ranked by ||w_v - p|| (embedding input) or by -p_v (vocab input).
+struct GradientSettings {
+  Index proxy_steps = 50;
+  double proxy_lr = 0.01;
+  void read(const Options& o);
+};
+std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& settings);
+
+}  // namespace lminv::sequential

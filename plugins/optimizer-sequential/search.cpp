@@ -1,0 +1,290 @@
+#include "search.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+namespace lminv::sequential {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool causal_family(const std::string& family) { return family == "gpt2" || family == "transformer_mlp"; }
+
+class VocabOrder final : public CandidateSource {
+ public:
+  void begin(Verifier&) override { next_ = 0; }
+  std::vector<Index> next(Verifier& v, Index n) override {
+    std::vector<Index> ids;
+    for (; next_ < v.vocab() && static_cast<Index>(ids.size()) < n; ++next_)
+      if (!v.verified(next_)) ids.push_back(next_);
+    return ids;
+  }
+  Index rank_of(Index id) const override { return id; }
+
+ private:
+  Index next_ = 0;
+};
+
+class RandomOrder final : public CandidateSource {
+ public:
+  explicit RandomOrder(Rng rng) : rng_(rng) {}
+  void begin(Verifier& v) override {  // a fresh permutation per position (Fisher-Yates)
+    order_.resize(static_cast<std::size_t>(v.vocab()));
+    std::iota(order_.begin(), order_.end(), Index{0});
+    for (Index i = v.vocab() - 1; i > 0; --i) std::swap(order_[i], order_[rng_.below(static_cast<std::uint64_t>(i + 1))]);
+    rank_.assign(order_.size(), 0);
+    for (std::size_t r = 0; r < order_.size(); ++r) rank_[order_[r]] = static_cast<Index>(r);
+    next_ = 0;
+  }
+  std::vector<Index> next(Verifier& v, Index n) override {
+    std::vector<Index> ids;
+    for (; next_ < v.vocab() && static_cast<Index>(ids.size()) < n; ++next_)
+      if (!v.verified(order_[next_])) ids.push_back(order_[next_]);
+    return ids;
+  }
+  Index rank_of(Index id) const override { return rank_.empty() ? -1 : rank_[id]; }
+
+ private:
+  Rng rng_;
+  std::vector<Index> order_, rank_;
+  Index next_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<CandidateSource> make_vocab_order() { return std::make_unique<VocabOrder>(); }
+std::unique_ptr<CandidateSource> make_random_order(Rng rng) { return std::make_unique<RandomOrder>(rng); }
+
+void SearchOptions::read(const Options& o) {
+  batch = o.get_int("batch", batch);
+  if (batch < 1) o.fail("batch", "must be at least 1");
+  epsilon = o.get_double("epsilon", epsilon);
+  if (!(epsilon >= 0) || !std::isfinite(epsilon)) o.fail("epsilon", "must be a finite number >= 0 (0: by dtype)");
+  epsilon_growth = o.get_double("epsilon_growth", epsilon_growth);
+  if (!(epsilon_growth > 1) || !std::isfinite(epsilon_growth)) o.fail("epsilon_growth", "must be a number > 1");
+  epsilon_max = o.get_double("epsilon_max", epsilon_max);
+  if (!(epsilon_max > 0) || !std::isfinite(epsilon_max)) o.fail("epsilon_max", "must be a positive number");
+  if (epsilon > epsilon_max) o.fail("epsilon", "must not exceed epsilon_max (" + std::to_string(epsilon_max) + ")");
+  use_cache = o.get_bool("cache", use_cache);
+}
+
+double default_epsilon(DType dtype) {
+  switch (dtype) {
+    case DType::f64: return 1e-9;
+    case DType::f32: return 1e-4;
+    case DType::bf16: return 5e-2;
+  }
+  return 1e-4;
+}
+
+// ---- Verifier -----------------------------------------------------------------------------------------------------
+
+Verifier::Verifier(Problem& problem, const SearchOptions& options) : problem_(problem), spec_(problem.model.spec()) {
+  if (!causal_family(spec_.family))
+    throw Error("needs a causal model (family gpt2 or transformer_mlp): the output at position t must not depend on "
+                "later positions; family '" +
+                spec_.family + "' is not");
+  const Tensor& target = problem.target;
+  if (target.rank() != 3 || target.dim(0) != 1)
+    throw Error("needs a target [1, T, D], got " + shape_string(target.shape()));
+  T_ = target.dim(1);
+  D_ = target.dim(2);
+  V_ = spec_.vocab_size;
+  width_ = spec_.input == InputSpace::embedding ? spec_.n_embd : V_;
+  if (T_ != spec_.seq_len)
+    throw Error("the target has " + std::to_string(T_) + " positions, the model " + std::to_string(spec_.seq_len));
+  if (spec_.input == InputSpace::embedding) {
+    if (!problem.weights || !problem.weights->contains("wte.weight"))
+      throw Error("needs the token embeddings (weight 'wte.weight' [V, d]) to make candidate inputs");
+    wte_model_ = problem.weights->get("wte.weight", {V_, spec_.n_embd}).to(spec_.dtype);
+  }
+  if (options.use_cache) cache_ = prefix_cache_of(problem.model);
+  backend_cache_ = cache_ != nullptr;
+  if (!cache_) {
+    fallback_ = std::make_unique<FullForwardPrefix>(problem.model);
+    cache_ = fallback_.get();
+  }
+  cache_->reset();
+  distance_.assign(static_cast<std::size_t>(V_), -1.0);
+}
+
+const std::vector<float>& Verifier::wte_f32() const {
+  if (wte_f32_.empty()) {
+    const Tensor& wte = problem_.weights->get("wte.weight", {V_, spec_.n_embd});
+    wte_f32_.resize(static_cast<std::size_t>(wte.numel()));
+    if (wte.dtype() == DType::f32) {
+      std::memcpy(wte_f32_.data(), wte.raw(), wte.nbytes());
+    } else {
+      for (Index i = 0; i < wte.numel(); ++i) wte_f32_[i] = static_cast<float>(wte.get(i));
+    }
+  }
+  return wte_f32_;
+}
+
+Tensor Verifier::rows(const std::vector<Index>& ids) const {
+  const Index n = static_cast<Index>(ids.size());
+  Tensor out(spec_.dtype, {n, width_});
+  if (spec_.input == InputSpace::vocab) {
+    for (Index i = 0; i < n; ++i) out.set(i * width_ + ids[i], 1.0);
+    return out;
+  }
+  const std::size_t row = static_cast<std::size_t>(width_) * dtype_size(spec_.dtype);
+  for (Index i = 0; i < n; ++i)
+    std::memcpy(static_cast<unsigned char*>(out.raw()) + static_cast<std::size_t>(i) * row,
+                static_cast<const unsigned char*>(wte_model_.raw()) + static_cast<std::size_t>(ids[i]) * row, row);
+  return out;
+}
+
+Tensor Verifier::outputs(const Tensor& input_rows, Index chunk) {
+  const Index n = input_rows.dim(0);
+  if (n <= chunk) return cache_->next(input_rows);
+  std::vector<Tensor> parts;
+  for (Index begin = 0; begin < n; begin += chunk)
+    parts.push_back(cache_->next(input_rows.slice0(begin, std::min(n, begin + chunk))));
+  return Tensor::concat0(parts);
+}
+
+void Verifier::begin_position(Index t) {
+  t_ = t;
+  y_.assign(static_cast<std::size_t>(D_), 0.0);
+  double sq = 0;
+  for (Index j = 0; j < D_; ++j) {
+    y_[j] = problem_.target.get(t * D_ + j);
+    sq += y_[j] * y_[j];
+  }
+  y_norm_ = std::sqrt(sq);
+  std::fill(distance_.begin(), distance_.end(), -1.0);
+  verified_count_ = 0;
+}
+
+double Verifier::relative_distance(const Tensor& rows, Index r) const {
+  double sq = 0;
+  const Index base = r * D_;
+  switch (rows.dtype()) {
+    case DType::f32: {
+      const float* o = rows.data<float>() + base;
+      for (Index j = 0; j < D_; ++j) sq += (o[j] - y_[j]) * (o[j] - y_[j]);
+      break;
+    }
+    case DType::f64: {
+      const double* o = rows.data<double>() + base;
+      for (Index j = 0; j < D_; ++j) sq += (o[j] - y_[j]) * (o[j] - y_[j]);
+      break;
+    }
+    default:
+      for (Index j = 0; j < D_; ++j) sq += (rows.get(base + j) - y_[j]) * (rows.get(base + j) - y_[j]);
+  }
+  return std::sqrt(sq) / (y_norm_ > 0 ? y_norm_ : 1.0);
+}
+
+std::vector<double> Verifier::verify(const std::vector<Index>& ids) {
+  const Tensor out = cache_->next(rows(ids));
+  std::vector<double> d(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    d[i] = relative_distance(out, static_cast<Index>(i));
+    if (distance_[ids[i]] < 0) ++verified_count_;
+    distance_[ids[i]] = d[i];
+  }
+  return d;
+}
+
+void Verifier::accept(Index id) {
+  cache_->append(rows({id}));
+  prefix_.push_back(id);
+}
+
+// ---- the search ---------------------------------------------------------------------------------------------------
+
+Result run_search(Problem& problem, Observer& observer, const SearchOptions& options, CandidateSource& source,
+                  const std::string& who) {
+  Verifier v(problem, options);
+  const Index T = v.seq_len(), V = v.vocab();
+  const double eps0 = options.epsilon > 0 ? options.epsilon : default_epsilon(v.spec().dtype);
+  std::map<std::string, std::vector<double>> series;
+  auto record = [&](const char* name, double value) { series[name].push_back(value); };
+  Tensor found(v.spec().dtype, {1, T, v.width()});
+  Index candidates_total = 0, unverified = 0;
+  double worst_margin = std::numeric_limits<double>::infinity(), largest_eps = 0, total_distance = 0;
+
+  for (Index t = 0; t < T; ++t) {
+    const auto start = Clock::now();
+    v.begin_position(t);
+    source.begin(v);
+    double eps = eps0;
+    Index accepted = -1;
+    for (;;) {
+      const std::vector<Index> ids = source.next(v, options.batch);
+      if (ids.empty()) break;  // every token verified
+      const std::vector<double> d = v.verify(ids);
+      if (!options.stop_at_first) continue;
+      for (std::size_t i = 0; i < ids.size(); ++i)
+        if (d[i] <= eps && (accepted < 0 || d[i] < v.distance(accepted))) accepted = ids[i];
+      if (accepted >= 0) break;
+    }
+    if (accepted < 0) {  // a whole pass: the closest token, with epsilon grown until it passes (or gives up)
+      for (Index id = 0; id < V; ++id)
+        if (v.verified(id) && (accepted < 0 || v.distance(id) < v.distance(accepted))) accepted = id;
+      if (accepted < 0) throw Error(who + ": no candidate was verified at position " + std::to_string(t));
+      while (v.distance(accepted) > eps && eps * options.epsilon_growth <= options.epsilon_max)
+        eps *= options.epsilon_growth;
+    }
+    const double dist = v.distance(accepted);
+    const bool ok = dist <= eps;
+    double best_rejected = std::numeric_limits<double>::infinity();
+    for (Index id = 0; id < V; ++id)
+      if (id != accepted && v.verified(id)) best_rejected = std::min(best_rejected, v.distance(id));
+    const Index rank = source.rank_of(accepted);
+    const Index true_rank =
+        t < static_cast<Index>(problem.true_ids.size()) ? source.rank_of(problem.true_ids[t]) : Index{-1};
+    const Index candidates = v.verified_count();
+    v.accept(accepted);
+
+    record("distance", dist);
+    record("epsilon", eps);
+    record("best_rejected", std::isfinite(best_rejected) ? best_rejected : NAN);
+    record("margin", std::isfinite(best_rejected) ? best_rejected - dist : NAN);
+    record("candidates", static_cast<double>(candidates));
+    record("verified", ok ? 1.0 : 0.0);
+    record("rank", static_cast<double>(rank));
+    record("true_rank", static_cast<double>(true_rank));
+    record("seconds", std::chrono::duration<double>(Clock::now() - start).count());
+    candidates_total += candidates;
+    unverified += ok ? 0 : 1;
+    if (std::isfinite(best_rejected)) worst_margin = std::min(worst_margin, best_rejected - dist);
+    largest_eps = std::max(largest_eps, eps);
+    total_distance += dist;
+
+    const Tensor row = v.rows({accepted});
+    std::memcpy(static_cast<unsigned char*>(found.raw()) + static_cast<std::size_t>(t) * row.nbytes(), row.raw(),
+                row.nbytes());
+    Step step;
+    step.index = t + 1;
+    step.total = T;
+    step.loss = {dist};
+    step.input = &found;
+    step.values = {{"candidates", static_cast<double>(candidates)}, {"epsilon", eps}};
+    observer.on_step(step);
+  }
+
+  Result result;
+  result.input = found;
+  result.ids = v.prefix();
+  result.metric = Metric::l2;
+  result.loss = total_distance / static_cast<double>(T);  // mean relative L2 distance of the accepted rows
+  result.steps = T;
+  result.series = std::move(series);
+  result.values = source.totals();
+  result.values["candidates_verified"] = static_cast<double>(candidates_total);
+  result.values["candidates_per_position"] = static_cast<double>(candidates_total) / static_cast<double>(T);
+  result.values["unverified_positions"] = static_cast<double>(unverified);
+  result.values["min_margin"] = std::isfinite(worst_margin) ? worst_margin : NAN;
+  result.values["max_epsilon"] = largest_eps;
+  result.values["backend_prefix_cache"] = v.backend_cache() ? 1.0 : 0.0;
+  return result;
+}
+
+}  // namespace lminv::sequential
