@@ -1,6 +1,8 @@
 #include "cli.hpp"
 
 #include <boost/program_options.hpp>
+#include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -16,9 +18,11 @@
 #include "config.hpp"
 #include "experiment.hpp"
 #include "paths.hpp"
+#include "prompts.hpp"
 #include "registry.hpp"
 #include "report.hpp"
 #include "runner.hpp"
+#include "sweep.hpp"
 #include "safetensors.hpp"
 #include "tokenizer.hpp"
 
@@ -47,6 +51,8 @@ constexpr const char* kOverview =
     "  bench                                      time an inversion step per backend against this machine\n"
     "  plugins                                    list the plugins found, and those refused\n"
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
+    "  prompts --out FILE                         write a prompt set: corpus sentences + random token ids\n"
+    "  sweep CONFIG --prompts FILE [--grid ...]   run CONFIG on every prompt (x every grid point), resumable\n"
     "\n"
     "Every command takes --help, and --plugin-dir DIR (repeatable) to search more folders for plugins.\n";
 
@@ -405,6 +411,86 @@ int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::o
   return 0;
 }
 
+int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv sweep CONFIG --prompts FILE [--grid section.key=A,B,...] [options]\n\nRuns CONFIG on every prompt of "
+      "FILE (one a line, or JSON Lines with \"ids\" or \"text\": see docs/datasets.md) at every point of the grid "
+      "(the product of the --grid dimensions). Each run appends one JSON record to <output.dir>/sweep.jsonl (or "
+      "--records FILE) as it finishes; running the same command again skips the runs already recorded, so an "
+      "interrupted sweep resumes where it stopped. At the end: per grid point the exact-match rate, token accuracy, "
+      "inversion time per prompt (mean, median, max) and candidates verified per position, printed and written next "
+      "to the records (-summary.md, -summary.json).\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("prompts", po::value<std::string>(), "the prompt file")(
+      "grid", po::value<std::vector<std::string>>()->composing(), "section.key=value1,value2,... (repeatable)")(
+      "records", po::value<std::string>(), "the JSON Lines file of the runs (default <output.dir>/sweep.jsonl)")(
+      "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("config")) throw UsageError("sweep: missing CONFIG (see lminv sweep --help)");
+  if (!vm.count("prompts")) throw UsageError("sweep: missing --prompts FILE");
+  SweepRequest request;
+  request.config_file = vm["config"].as<std::string>();
+  request.prompts = vm["prompts"].as<std::string>();
+  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  if (vm.count("grid"))
+    for (const std::string& g : vm["grid"].as<std::vector<std::string>>()) request.grid.push_back(parse_grid(g));
+  if (vm.count("records")) request.records = vm["records"].as<std::string>();
+  request.limit = vm["limit"].as<std::int64_t>();
+  if (request.limit < 0) throw UsageError("sweep: --limit must be >= 0");
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  run_sweep(request, registry, out);
+  return 0;
+}
+
+int cmd_prompts(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
+  po::options_description visible(
+      "lminv prompts --out FILE [options]\n\nWrites a prompt set for dataset runs as JSON Lines (see "
+      "docs/datasets.md): sentences drawn from a text corpus, cut to their first --tokens tokens, and random token "
+      "sequences, shuffled together; the same seed, corpus and tokenizer give the same file. The default corpus is "
+      "/usr/share/common-licenses, the license texts of Debian's base-files package (on every Debian system).\n\n"
+      "options");
+  visible.add_options()("help,h", "show this help")("out", po::value<std::string>(), "the JSON Lines file to write")(
+      "corpus", po::value<std::vector<std::string>>()->composing(),
+      "a text file, or a folder of them (repeatable; default /usr/share/common-licenses)")(
+      "count", po::value<std::int64_t>()->default_value(100), "prompts in all")(
+      "tokens", po::value<std::int64_t>()->default_value(20), "token ids per prompt")(
+      "random-fraction", po::value<double>()->default_value(0.1, "0.1"), "share of random token sequences, in [0, 1]")(
+      "seed", po::value<std::string>()->default_value("0"), "seed of the draws (0 .. 2^64 - 1)")(
+      "tokenizer", po::value<std::string>(), "tokenizer folder (default: the embedded GPT-2 tables)");
+  const po::variables_map vm = parse(args, visible, {}, {});
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("out")) throw UsageError("prompts: missing --out FILE");
+  MakePromptsRequest r;
+  r.out = vm["out"].as<std::string>();
+  if (vm.count("corpus"))
+    for (const std::string& c : vm["corpus"].as<std::vector<std::string>>()) r.corpus.emplace_back(c);
+  r.count = vm["count"].as<std::int64_t>();
+  r.tokens = vm["tokens"].as<std::int64_t>();
+  r.random_fraction = vm["random-fraction"].as<double>();
+  const std::string seed = vm["seed"].as<std::string>();
+  char* end = nullptr;
+  errno = 0;
+  r.seed = std::strtoull(seed.c_str(), &end, 10);
+  if (seed.empty() || !std::isdigit(static_cast<unsigned char>(seed[0])) || *end || errno == ERANGE)
+    throw UsageError("prompts: --seed '" + seed + "' is not an integer in [0, 2^64)");
+  if (r.count < 1 || r.tokens < 1) throw UsageError("prompts: --count and --tokens must be at least 1");
+  if (!(r.random_fraction >= 0 && r.random_fraction <= 1))
+    throw UsageError("prompts: --random-fraction must lie in [0, 1]");
+  const Tokenizer tokenizer = Tokenizer::from_folder(vm.count("tokenizer") ? fs::path(vm["tokenizer"].as<std::string>())
+                                                                           : default_tokenizer_dir());
+  make_prompts(r, tokenizer, out);
+  return 0;
+}
+
 }  // namespace
 
 int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
@@ -423,7 +509,9 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       {"compare", cmd_compare},
       {"bench", cmd_bench},
       {"plugins", cmd_plugins},
-      {"tokenize", cmd_tokenize}};
+      {"tokenize", cmd_tokenize},
+      {"prompts", cmd_prompts},
+      {"sweep", cmd_sweep}};
   auto command = commands.find(args[0]);
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   try {

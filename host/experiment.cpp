@@ -87,35 +87,54 @@ std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Regi
 }
 
 Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend) {
-  Experiment e{Tokenizer::from_folder(tokenizer_folder(config)),
-               {},
-               {},
-               config.spec,
-               nullptr,
-               std::move(backend),
-               nullptr,
-               {},
-               0};
-  e.prompt_ids = config.prompt_text.empty() ? config.prompt_ids : e.tokenizer.encode(config.prompt_text);
-  if (e.prompt_ids.empty()) throw Error(config.source + ": [prompt] has no tokens");
-  e.spec.seq_len = static_cast<std::int64_t>(e.prompt_ids.size());
-  if (!config.vocab_size_explicit) e.spec.vocab_size = e.tokenizer.vocab_size();
-  check_supported(*e.backend, config.backend, e.spec);
+  ExperimentFactory factory(config, std::move(backend));
+  const std::vector<std::int64_t> ids =
+      config.prompt_text.empty() ? config.prompt_ids : factory.tokenizer().encode(config.prompt_text);
+  return factory.build(ids);
+}
 
-  const auto start = std::chrono::steady_clock::now();
-  e.weights = make_weights(config, e.spec);
-  e.weights_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+ExperimentFactory::ExperimentFactory(const ExperimentConfig& config, std::shared_ptr<Backend> backend)
+    : config_(config),
+      backend_(std::move(backend)),
+      tokenizer_(Tokenizer::from_folder(tokenizer_folder(config))),
+      spec_(config.spec) {
+  if (!config.vocab_size_explicit) spec_.vocab_size = tokenizer_.vocab_size();
+  spec_.seq_len = 1;  // checked per prompt
+  check_supported(*backend_, config.backend, spec_);
+}
 
-  for (std::int64_t id : e.prompt_ids)
-    if (id >= e.spec.vocab_size)
-      throw Error(config.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
-                  std::to_string(e.spec.vocab_size) + ")");
-  if (e.spec.seq_len > e.spec.n_positions && e.spec.family == "gpt2")
-    throw Error(config.source + ": [prompt] has " + std::to_string(e.spec.seq_len) + " tokens, more than the model's " +
-                std::to_string(e.spec.n_positions) + " positions");
-  e.prompt_text = display_text(e.tokenizer, e.prompt_ids);
-  e.model = keep_alive(e.backend->create_model(e.spec, e.weights), e.backend);
-  e.true_input = true_input_for(e.prompt_ids, e.spec, *e.weights);
+Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
+  if (ids.empty()) throw Error(config_.source + ": [prompt] has no tokens");
+  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  // GPT-2's and the per-token MLP's weights do not depend on the prompt's length; fcnet's do.
+  const bool per_length = spec_.family != "gpt2" && spec_.family != "transformer_mlp";
+  const std::int64_t key = per_length ? T : 0;
+  auto found = weights_.find(key);
+  if (found == weights_.end()) {
+    ModelSpec spec = spec_;
+    spec.seq_len = T;
+    const auto start = std::chrono::steady_clock::now();
+    std::shared_ptr<const WeightSet> weights = make_weights(config_, spec);
+    weights_seconds_[key] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    found = weights_.emplace(key, std::make_pair(spec, std::move(weights))).first;
+  }
+  ModelSpec spec = found->second.first;
+  spec.seq_len = T;
+  const std::shared_ptr<const WeightSet>& weights = found->second.second;
+
+  for (std::int64_t id : ids)
+    if (id < 0 || id >= spec.vocab_size)
+      throw Error(config_.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(spec.vocab_size) + ")");
+  if (spec.seq_len > spec.n_positions && spec.family == "gpt2")
+    throw Error(config_.source + ": [prompt] has " + std::to_string(spec.seq_len) + " tokens, more than the model's " +
+                std::to_string(spec.n_positions) + " positions");
+  std::shared_ptr<Model>& model = models_[T];
+  if (!model) model = keep_alive(backend_->create_model(spec, weights), backend_);
+
+  Experiment e{tokenizer_, ids, display_text(tokenizer_, ids), spec, weights, backend_, model, {}, 0};
+  e.true_input = true_input_for(ids, spec, *weights);
+  e.weights_seconds = weights_seconds_[key];
   return e;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,27 @@ std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Regi
 
 // Tokenizer, prompt, weights and model of `config`, on `backend` (made with make_backend).
 Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend);
+
+// What build_experiment makes, for many prompts: the tokenizer once, the weights once (once per prompt length for
+// the MLP families, whose weights depend on it), and one model per prompt length.
+class ExperimentFactory {
+ public:
+  ExperimentFactory(const ExperimentConfig& config, std::shared_ptr<Backend> backend);
+
+  const Tokenizer& tokenizer() const { return tokenizer_; }
+  std::int64_t vocab_size() const { return spec_.vocab_size; }  // before a checkpoint is read: the config's
+  // The experiment for prompt ids (checked against the vocabulary and the model's positions).
+  Experiment build(const std::vector<std::int64_t>& ids);
+
+ private:
+  ExperimentConfig config_;
+  std::shared_ptr<Backend> backend_;
+  Tokenizer tokenizer_;
+  ModelSpec spec_;  // seq_len unset
+  std::map<std::int64_t, std::pair<ModelSpec, std::shared_ptr<const WeightSet>>> weights_;  // by weights_key
+  std::map<std::int64_t, std::shared_ptr<Model>> models_;  // by seq_len
+  std::map<std::int64_t, double> weights_seconds_;
+};
 
 // The true input for token ids: their token-embedding rows [1, T, d], or one-hot vectors [1, T, V].
 Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights);

@@ -123,15 +123,18 @@ struct NextToken {
 
 // The full model's (every block, lm_head) most likely token after the last position, for the original
 // prompt and for the recovered one. GPT-2 only: the MLP families have no language-model head.
+// `cache` keeps the full model made for this prompt length, for the next prompt of a session.
 std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment& e,
-                                              const std::vector<std::int64_t>& recovered) {
+                                              const std::vector<std::int64_t>& recovered,
+                                              std::unique_ptr<Model>& cache) {
   if (e.spec.family != "gpt2") return std::nullopt;
   ModelSpec full = e.spec;
   full.blocks = full.n_layer;
   full.head = Head::lm_head;
   full.input = InputSpace::embedding;
   full.layers.clear();
-  std::unique_ptr<Model> model = backend.create_model(full, e.weights);
+  if (!cache) cache = backend.create_model(full, e.weights);
+  Model* model = cache.get();
   auto argmax_last = [&](const std::vector<std::int64_t>& ids) {
     const Tensor logits = model->forward(true_input_for(ids, full, *e.weights));  // (1, T, V)
     const std::int64_t V = logits.dim(-1), last = (logits.dim(1) - 1) * V;
@@ -146,19 +149,41 @@ std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment
 }  // namespace
 
 RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out) {
-  const auto run_start = Clock::now();
+  ExperimentSession session(config, registry);
+  const std::vector<std::int64_t> ids =
+      config.prompt_text.empty() ? config.prompt_ids : session.tokenizer().encode(config.prompt_text);
+  return session.run(ids, out, /*quiet=*/false, fs::path(config.output_dir) / "records.jsonl");
+}
 
+ExperimentSession::ExperimentSession(const ExperimentConfig& config, const Registry& registry) : config_(config) {
   // Plugins first: an unknown name or a bad option fails before anything expensive.
-  std::shared_ptr<Backend> backend = make_backend(config, registry);
-  std::shared_ptr<Optimizer> optimizer = registry.create_optimizer(config.optimizer);
-  optimizer->configure(config.optimizer_options);
+  backend_ = make_backend(config, registry);
+  optimizer_ = registry.create_optimizer(config.optimizer);
+  optimizer_->configure(config.optimizer_options);
   check_all_read(config.optimizer_options);
-  std::shared_ptr<Decoder> decoder = registry.create_decoder(config.decoder);
-  decoder->configure(config.decoder_options);
+  decoder_ = registry.create_decoder(config.decoder);
+  decoder_->configure(config.decoder_options);
   check_all_read(config.decoder_options);
+  factory_ = std::make_unique<ExperimentFactory>(config, backend_);
+}
+
+ExperimentSession::~ExperimentSession() = default;
+
+const Tokenizer& ExperimentSession::tokenizer() const { return factory_->tokenizer(); }
+std::int64_t ExperimentSession::vocab_size() const { return factory_->vocab_size(); }
+
+RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ostream& shown, bool quiet,
+                                  const fs::path& records, const nlohmann::json& extra) {
+  const auto run_start = Clock::now();
+  const ExperimentConfig& config = config_;
+  Backend* backend = backend_.get();
+  Optimizer* optimizer = optimizer_.get();
+  Decoder* decoder = decoder_.get();
+  std::ostringstream silent;
+  std::ostream& out = quiet ? silent : shown;
 
   auto t0 = Clock::now();
-  Experiment e = build_experiment(config, backend);
+  Experiment e = factory_->build(ids);
   const Tokenizer& tokenizer = e.tokenizer;
   const ModelSpec& spec = e.spec;
   const std::shared_ptr<const WeightSet>& weights = e.weights;
@@ -180,19 +205,25 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
       << ")  optimizer=" << config.optimizer << "  decoder=" << config.decoder << "\n"
       << std::flush;
 
-  t0 = Clock::now();
-  DecoderSetup setup;
-  setup.spec = spec;
-  setup.weights = weights;
-  setup.cache_dir = (config.cache_dir.empty() ? default_cache_dir() : fs::path(config.cache_dir)).string();
-  setup.tokenize = [&tokenizer](const std::string& text) { return tokenizer.encode(text); };
-  decoder->prepare(setup);
-  const double prepare_seconds = seconds_since(t0);
+  if (!decoder_prepared_) {  // once: the weights are the same for every prompt of the session
+    t0 = Clock::now();
+    DecoderSetup setup;
+    setup.spec = spec;
+    setup.weights = weights;
+    setup.cache_dir = (config.cache_dir.empty() ? default_cache_dir() : fs::path(config.cache_dir)).string();
+    const Tokenizer* session_tokenizer = &factory_->tokenizer();
+    setup.tokenize = [session_tokenizer](const std::string& text) { return session_tokenizer->encode(text); };
+    decoder->prepare(setup);
+    prepare_seconds_ = seconds_since(t0);
+    decoder_prepared_ = true;
+  }
+  const double prepare_seconds = prepare_seconds_;
 
   const Tensor target = model->forward(true_input);
 
   Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem")};
-  const bool progress = config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO));
+  const bool progress =
+      !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
   HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress);
   t0 = Clock::now();
   Result result = optimizer->run(problem, observer);
@@ -217,9 +248,17 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const double m_l1 = distances(shifted_output, target, Metric::l1)[0];
   const double m_metric = distances(shifted_output, target, result.metric)[0];
 
-  const std::int64_t width = found.dim(2);
-  const Decoded decoded = decoder->decode(std::move(found).reshape({spec.seq_len, width}));
-  summary.decoded_ids = decoded.best();
+  // Methods that search over tokens report them; the others end in a continuous input the decoder reads.
+  const bool tokens_from_optimizer = !result.ids.empty();
+  if (tokens_from_optimizer) {
+    if (result.ids.size() != summary.prompt_ids.size())
+      throw Error("optimizer '" + config.optimizer + "' returned " + std::to_string(result.ids.size()) +
+                  " tokens for a prompt of " + std::to_string(summary.prompt_ids.size()));
+    summary.decoded_ids = result.ids;
+  } else {
+    const std::int64_t width = found.dim(2);
+    summary.decoded_ids = decoder->decode(std::move(found).reshape({spec.seq_len, width})).best();
+  }
   summary.decoded_text = display_text(tokenizer, summary.decoded_ids);
   std::int64_t correct = 0;
   for (std::size_t t = 0; t < summary.prompt_ids.size(); ++t)
@@ -233,7 +272,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const double decoded_l1 = distances(decoded_output, target, Metric::l1)[0];
 
   // Does the recovered prompt make the full model predict the same next token as the original?
-  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids);
+  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids, full_models_[spec.seq_len]);
 
   const double steps_per_second = observer.steps() / std::max(optimize_seconds, 1e-9);
   out << "  result    " << quoted(summary.decoded_text) << "\n"
@@ -256,6 +295,8 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   for (const auto& [name, keys] : config.raw_sections) sections[name] = keys;
   nlohmann::json values = nlohmann::json::object();
   for (const auto& [k, v] : result.values) values[k] = v;
+  nlohmann::json series = nlohmann::json::object();
+  for (const auto& [k, v] : result.series) series[k] = v;
   summary.record = {
       {"lminv_version", LMINV_VERSION},
       {"time", utc_timestamp()},
@@ -275,7 +316,11 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
       {"inequality_4", out_l1 < m_l1},
       {"input_distance_l2", in_l2},
       {"ratio_input_output_l2", out_l2 > 0 ? nlohmann::json(in_l2 / out_l2) : nlohmann::json(nullptr)},
-      {"decoded", {{"ids", summary.decoded_ids}, {"text", summary.decoded_text}, {"output_distance_l1", decoded_l1}}},
+      {"decoded",
+       {{"ids", summary.decoded_ids},
+        {"text", summary.decoded_text},
+        {"by", tokens_from_optimizer ? "optimizer" : "decoder"},
+        {"output_distance_l1", decoded_l1}}},
       {"exact_match", summary.exact_match},
       {"next_token", next ? nlohmann::json{{"original", next->original},
                                            {"recovered", next->recovered},
@@ -284,6 +329,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
       {"token_accuracy", summary.token_accuracy},
       {"trajectory", observer.trajectory()},
       {"values", values},
+      {"series", series},
       {"time_s",
        {{"total", seconds_since(run_start)},
         {"weights", init_seconds},
@@ -291,7 +337,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
         {"optimize", optimize_seconds}}},
       {"steps_per_s", steps_per_second},
   };
-  const fs::path records = fs::path(config.output_dir) / "records.jsonl";
+  for (const auto& [key, value] : extra.items()) summary.record[key] = value;
   append_json_line(records, summary.record);
   out << "  record    " << records.string() << "\n";
   return summary;

@@ -5,6 +5,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <set>
+#include <string>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 namespace fs = std::filesystem;
@@ -76,7 +80,7 @@ TEST_F(Cli, TokenizePrintsIdsAndPieces) {
 }
 
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* command : {"run", "plugins", "tokenize"}) {
+  for (const char* command : {"run", "plugins", "tokenize", "sweep", "prompts"}) {
     const Outcome o = lminv(std::string(command) + " --help");
     EXPECT_EQ(o.status, 0) << command;
     EXPECT_NE(o.output.find(std::string("lminv ") + command), std::string::npos) << o.output;
@@ -223,4 +227,117 @@ TEST_F(Cli, CompareAcrossDtypesPrintsAndRecordsTheDifferences) {
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.output.find("--across 'backend.dtype': expected section.key=value1,value2"), std::string::npos)
       << bad.output;
+}
+
+namespace {
+
+std::vector<std::string> lines_of(const fs::path& file) {
+  std::vector<std::string> out;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+// Every record of a sweep file has its own run key; returns them.
+std::set<std::string> sweep_keys(const fs::path& file) {
+  std::set<std::string> keys;
+  for (const nlohmann::json& r : read_records(file)) {
+    EXPECT_TRUE(keys.insert(r["sweep"]["key"].get<std::string>()).second) << "run recorded twice: " << r["sweep"]["key"];
+    EXPECT_TRUE(r["exact_match"].get<bool>()) << r["sweep"]["key"];
+    EXPECT_EQ(r["decoded"]["by"], "optimizer");
+  }
+  return keys;
+}
+
+}  // namespace
+
+TEST_F(Cli, SequentialRunRecoversThePromptAndRecordsItsCertificate) {
+  const Outcome o = lminv("run " + std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini" + isolated());
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("recovered yes, exactly"), std::string::npos) << o.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0]["decoded"]["by"], "optimizer");
+  ASSERT_EQ(r[0]["series"]["margin"].size(), 5u);
+  for (const auto& m : r[0]["series"]["margin"]) EXPECT_GT(m.get<double>(), 0);
+  EXPECT_EQ(r[0]["values"]["unverified_positions"], 0.0);
+}
+
+// A sweep over 3 prompts x 2 grid points, then the same sweep over all 6 prompts: the first 6 runs are not redone and
+// their records stay as they were.
+TEST_F(Cli, SweepRunsPromptsTimesGridAndResumes) {
+  const std::string base = "sweep " + std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini --prompts " +
+                           std::string(LMINV_TEST_DATA_DIR) + "/prompts-tiny.txt --grid model.blocks=1,2" + isolated();
+  const fs::path file = dir_ / "out" / "sweep.jsonl";
+  const Outcome first = lminv(base + " --limit 3");
+  ASSERT_EQ(first.status, 0) << first.output;
+  EXPECT_NE(first.output.find("[6/6]"), std::string::npos) << first.output;
+  EXPECT_NE(first.output.find("model.blocks=2                   3    100%    100.0%"), std::string::npos)
+      << first.output;
+  const std::vector<std::string> before = lines_of(file);
+  ASSERT_EQ(before.size(), 6u);
+  EXPECT_EQ(sweep_keys(file).size(), 6u);
+
+  const Outcome second = lminv(base);
+  ASSERT_EQ(second.status, 0) << second.output;
+  EXPECT_NE(second.output.find("resuming: 6 of 12 runs already recorded"), std::string::npos) << second.output;
+  EXPECT_NE(second.output.find("[6/6]"), std::string::npos) << second.output;  // 6 left to run, not 12
+  const std::vector<std::string> after = lines_of(file);
+  ASSERT_EQ(after.size(), 12u);
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin()));
+  EXPECT_EQ(sweep_keys(file).size(), 12u);
+  EXPECT_TRUE(fs::exists(dir_ / "out" / "sweep-summary.md"));
+  const nlohmann::json summary = nlohmann::json::parse(std::ifstream(dir_ / "out" / "sweep-summary.json"));
+  ASSERT_EQ(summary["table"].size(), 2u);
+  EXPECT_EQ(summary["table"][0]["runs"], 6);
+  EXPECT_EQ(summary["table"][0]["exact_match_rate"], 1.0);
+
+  // Nothing left: a third call runs nothing and prints the same table.
+  const Outcome third = lminv(base);
+  ASSERT_EQ(third.status, 0) << third.output;
+  EXPECT_EQ(third.output.find("[1/"), std::string::npos) << third.output;
+  EXPECT_EQ(lines_of(file).size(), 12u);
+}
+
+// The process killed at an arbitrary moment (SIGKILL after 3 s: the random policy's runs take seconds each, the
+// whole sweep several times that), possibly in the middle of appending a record, then the same command again: every
+// run ends up recorded exactly once, and the records written before the kill are kept.
+TEST_F(Cli, InterruptedSweepLosesAndRepeatsNothing) {
+  const std::string args = "sweep " + std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini --prompts " +
+                           std::string(LMINV_TEST_DATA_DIR) +
+                           "/prompts-tiny.txt --limit 3 --grid optimizer.policy=linearized,random" + isolated();
+  const std::string killed = "timeout -s KILL 3 " + std::string(LMINV_BINARY) + " " + args + " > /dev/null 2>&1";
+  (void)std::system(killed.c_str());
+  const fs::path file = dir_ / "out" / "sweep.jsonl";
+  std::vector<std::string> before = fs::exists(file) ? lines_of(file) : std::vector<std::string>{};
+  std::ifstream raw(file, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(raw)), std::istreambuf_iterator<char>());
+  if (!bytes.empty() && bytes.back() != '\n') before.pop_back();  // a record cut short: dropped and redone
+  const Outcome resumed = lminv(args);
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  const std::vector<std::string> after = lines_of(file);
+  EXPECT_LT(before.size(), 6u) << "the sweep finished before it was killed: nothing was interrupted";
+  ASSERT_EQ(after.size(), 6u) << resumed.output;
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin()));
+  EXPECT_EQ(sweep_keys(file).size(), 6u);
+  if (!before.empty())
+    EXPECT_NE(resumed.output.find("resuming: " + std::to_string(before.size()) + " of 6"), std::string::npos)
+        << resumed.output;
+}
+
+TEST_F(Cli, SweepErrorsNameTheProblem) {
+  const std::string config = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini";
+  Outcome o = lminv("sweep " + config + " --prompts " + (dir_ / "missing.txt").string() + isolated());
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.output.find("missing.txt"), std::string::npos) << o.output;
+  o = lminv("sweep " + config + " --prompts " + std::string(LMINV_TEST_DATA_DIR) +
+            "/prompts-tiny.txt --grid model.blocks" + isolated());
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.output.find("--grid 'model.blocks'"), std::string::npos) << o.output;
+  o = lminv("sweep " + config + " --prompts " + std::string(LMINV_TEST_DATA_DIR) +
+            "/prompts-tiny.txt --grid model.nonsense=1" + isolated());
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.output.find("nonsense"), std::string::npos) << o.output;
+  o = lminv("sweep " + config + isolated());
+  EXPECT_EQ(o.status, 2);
 }

@@ -1,0 +1,323 @@
+#include "sweep.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <set>
+#include <sstream>
+
+#include "config.hpp"
+#include "prompts.hpp"
+#include "report.hpp"
+#include "runner.hpp"
+
+namespace lminv {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// One point of the grid: its assignments, in the order of the dimensions.
+struct GridPoint {
+  std::vector<std::pair<std::string, std::string>> values;
+
+  std::string label() const {
+    std::string s;
+    for (const auto& [key, value] : values) s += (s.empty() ? "" : " ") + key + "=" + value;
+    return s.empty() ? "(config)" : s;
+  }
+  nlohmann::json json() const {
+    nlohmann::json j = nlohmann::json::object();
+    for (const auto& [key, value] : values) j[key] = value;
+    return j;
+  }
+};
+
+std::vector<GridPoint> grid_points(const SweepRequest& request) {
+  std::vector<GridPoint> points{GridPoint{}};
+  for (const auto& [key, values] : request.grid) {
+    std::vector<GridPoint> next;
+    for (const GridPoint& p : points)
+      for (const std::string& v : values) {
+        GridPoint q = p;
+        q.values.emplace_back(key, v);
+        next.push_back(std::move(q));
+      }
+    points = std::move(next);
+  }
+  return points;
+}
+
+// FNV-1a: a fingerprint of a config that is the same on every machine and build.
+std::string fingerprint(const std::string& text) {
+  std::uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  std::ostringstream s;
+  s << std::hex << std::setw(16) << std::setfill('0') << h;
+  return s.str();
+}
+
+// The config as run, without [prompt] (the sweep's prompts replace it) and [output] (where records go and how the
+// run is shown do not change its result): runs of the same config on the same prompt are the same run.
+std::string config_fingerprint(const RawConfig& raw) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [section, keys] : raw.sections)
+    if (section != "prompt" && section != "output") j[section] = keys;
+  return fingerprint(j.dump());
+}
+
+std::string run_key(const std::string& config_print, std::size_t prompt_index, const std::vector<std::int64_t>& ids) {
+  std::string key = config_print + "/" + std::to_string(prompt_index) + "/";
+  for (std::size_t i = 0; i < ids.size(); ++i) key += (i ? "," : "") + std::to_string(ids[i]);
+  return key;
+}
+
+// The records already in the file, by run key. A last line without its newline (the process stopped while writing
+// it) is cut off, so that the next record starts on a line of its own; its run is redone.
+std::map<std::string, nlohmann::json> read_records(const fs::path& file, std::ostream& out) {
+  std::map<std::string, nlohmann::json> done;
+  if (!fs::exists(file)) return done;
+  std::string content;
+  {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw Error(file.string() + ": cannot read the sweep's records");
+    std::ostringstream s;
+    s << in.rdbuf();
+    content = s.str();
+  }
+  if (!content.empty() && content.back() != '\n') {
+    const std::size_t keep = content.rfind('\n') == std::string::npos ? 0 : content.rfind('\n') + 1;
+    out << "  " << file.string() << ": its last line was cut short (" << content.size() - keep
+        << " bytes, an interrupted write): dropped, its run is redone\n";
+    fs::resize_file(file, keep);
+    content.resize(keep);
+  }
+  std::istringstream lines(content);
+  std::size_t number = 0;
+  for (std::string line; std::getline(lines, line);) {
+    ++number;
+    if (line.empty()) continue;
+    nlohmann::json record;
+    try {
+      record = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(file.string() + ":" + std::to_string(number) + ": not a JSON record (" + e.what() +
+                  "); move the file away or repair the line to resume");
+    }
+    const nlohmann::json* sweep = record.contains("sweep") ? &record["sweep"] : nullptr;
+    if (sweep && sweep->is_object() && sweep->contains("key") && (*sweep)["key"].is_string()) {
+      const std::string key = (*sweep)["key"].get<std::string>();
+      done[key] = std::move(record);
+    }
+  }
+  return done;
+}
+
+double number_at(const nlohmann::json& j, std::initializer_list<const char*> path, double fallback = NAN) {
+  const nlohmann::json* p = &j;
+  for (const char* k : path) {
+    if (!p->is_object() || !p->contains(k)) return fallback;
+    p = &(*p)[k];
+  }
+  return p->is_number() ? p->get<double>() : fallback;
+}
+
+struct Stats {
+  double mean = NAN, median = NAN, max = NAN;
+};
+Stats stats_of(std::vector<double> v) {
+  v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return !std::isfinite(x); }), v.end());
+  if (v.empty()) return {};
+  std::sort(v.begin(), v.end());
+  Stats s;
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / static_cast<double>(v.size());
+  const std::size_t n = v.size();
+  s.median = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  s.max = v.back();
+  return s;
+}
+
+std::string fixed(double x, int digits) {
+  if (!std::isfinite(x)) return "-";
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(digits) << x;
+  return s.str();
+}
+
+std::string duration(double seconds) {
+  std::ostringstream s;
+  if (seconds < 120) s << static_cast<long long>(std::lround(seconds)) << " s";
+  else if (seconds < 7200) s << std::fixed << std::setprecision(1) << seconds / 60 << " min";
+  else s << std::fixed << std::setprecision(1) << seconds / 3600 << " h";
+  return s.str();
+}
+
+}  // namespace
+
+std::pair<std::string, std::vector<std::string>> parse_grid(const std::string& text) {
+  const std::size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0 || text.find('.') > eq)
+    throw Error("--grid '" + text + "': expected section.key=value1,value2,...");
+  std::vector<std::string> values;
+  std::stringstream list(text.substr(eq + 1));
+  for (std::string v; std::getline(list, v, ',');)
+    if (!v.empty()) values.push_back(v);
+  if (values.empty()) throw Error("--grid '" + text + "': give at least one value");
+  return {text.substr(0, eq), values};
+}
+
+void run_sweep(const SweepRequest& request, const Registry& registry, std::ostream& out) {
+  const std::vector<GridPoint> points = grid_points(request);
+  auto overrides_at = [&](const GridPoint& point) {
+    std::vector<std::string> overrides = request.overrides;
+    for (const auto& [key, value] : point.values) overrides.push_back(key + "=" + value);
+    return overrides;
+  };
+
+  // Every point's config is read and checked before anything runs: a bad grid value fails at once.
+  std::vector<RawConfig> raws;
+  std::vector<ExperimentConfig> configs;
+  for (const GridPoint& point : points) {
+    raws.push_back(read_config(request.config_file, overrides_at(point)));
+    configs.push_back(parse_experiment(raws.back()));
+  }
+  const fs::path records =
+      request.records.empty() ? fs::path(configs.front().output_dir) / "sweep.jsonl" : request.records;
+
+  // The prompts, tokenized with the first point's tokenizer.
+  std::unique_ptr<ExperimentSession> session = std::make_unique<ExperimentSession>(configs.front(), registry);
+  std::vector<PromptEntry> prompts = read_prompt_file(request.prompts, session->tokenizer(), session->vocab_size());
+  if (request.limit > 0 && static_cast<std::int64_t>(prompts.size()) > request.limit)
+    prompts.resize(static_cast<std::size_t>(request.limit));
+
+  std::map<std::string, nlohmann::json> done = read_records(records, out);
+  std::vector<std::vector<std::string>> keys(points.size());
+  std::size_t todo = 0;
+  for (std::size_t g = 0; g < points.size(); ++g) {
+    const std::string print = config_fingerprint(raws[g]);
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      keys[g].push_back(run_key(print, i, prompts[i].ids));
+      todo += done.count(keys[g].back()) ? 0 : 1;
+    }
+  }
+  const std::size_t total = points.size() * prompts.size();
+  out << "lminv sweep " << request.config_file << "\n"
+      << "  prompts   " << request.prompts.string() << " (" << prompts.size() << ")\n"
+      << "  grid      " << points.size() << " point" << (points.size() == 1 ? "" : "s") << ": ";
+  for (std::size_t g = 0; g < points.size(); ++g) out << (g ? "; " : "") << points[g].label();
+  out << "\n  records   " << records.string() << "\n";
+  if (todo < total) out << "  resuming: " << total - todo << " of " << total << " runs already recorded\n";
+  out << std::flush;
+
+  // The runs not recorded yet, point by point (one session per point: weights and models made once).
+  const auto start = Clock::now();
+  std::size_t ran = 0;
+  for (std::size_t g = 0; g < points.size(); ++g) {
+    bool any = false;
+    for (const std::string& key : keys[g]) any = any || !done.count(key);
+    if (!any) continue;
+    if (g > 0 || !session) session = std::make_unique<ExperimentSession>(configs[g], registry);
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      if (done.count(keys[g][i])) continue;
+      const nlohmann::json extra = {{"sweep",
+                                     {{"key", keys[g][i]},
+                                      {"config_file", request.config_file},
+                                      {"overrides", request.overrides},
+                                      {"grid", points[g].json()},
+                                      {"grid_label", points[g].label()},
+                                      {"prompts_file", request.prompts.string()},
+                                      {"prompt_index", i},
+                                      {"prompt_line", prompts[i].line},
+                                      {"prompt_kind", prompts[i].kind}}}};
+      const RunSummary summary = session->run(prompts[i].ids, out, /*quiet=*/true, records, extra);
+      done[keys[g][i]] = summary.record;
+      ++ran;
+      const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+      const double eta = elapsed / static_cast<double>(ran) * static_cast<double>(todo - ran);
+      const std::int64_t T = static_cast<std::int64_t>(summary.prompt_ids.size());
+      const std::int64_t correct = std::llround(summary.token_accuracy * static_cast<double>(T));
+      out << "  [" << ran << "/" << todo << "] " << points[g].label() << "  prompt " << i << " (" << prompts[i].kind
+          << ")  " << (summary.exact_match ? "exact" : "NOT exact") << " " << correct << "/" << T << "  "
+          << fixed(number_at(summary.record, {"time_s", "optimize"}), 2) << " s";
+      const double per_position = number_at(summary.record, {"values", "candidates_per_position"});
+      if (std::isfinite(per_position)) out << "  " << fixed(per_position, 1) << " candidates/position";
+      out << "  ETA " << duration(eta) << "\n" << std::flush;
+    }
+  }
+
+  // The summary of every run of this sweep, this invocation's and earlier ones'.
+  nlohmann::json table = nlohmann::json::array();
+  std::ostringstream md;
+  md << "| grid point | runs | exact match | token accuracy | time/prompt mean (s) | median (s) | max (s) | "
+        "candidates/position |\n|---|---|---|---|---|---|---|---|\n";
+  out << "\n  " << std::left << std::setw(28) << "grid point" << std::right << std::setw(6) << "runs" << std::setw(8)
+      << "exact" << std::setw(10) << "tok acc" << std::setw(10) << "mean s" << std::setw(10) << "median s"
+      << std::setw(10) << "max s" << std::setw(12) << "cand/pos" << "\n";
+  for (std::size_t g = 0; g < points.size(); ++g) {
+    std::vector<double> times, per_position;
+    double exact = 0, accuracy = 0;
+    std::size_t runs = 0;
+    for (const std::string& key : keys[g]) {
+      auto it = done.find(key);
+      if (it == done.end()) continue;
+      const nlohmann::json& r = it->second;
+      ++runs;
+      exact += r.value("exact_match", false) ? 1 : 0;
+      accuracy += number_at(r, {"token_accuracy"}, 0);
+      times.push_back(number_at(r, {"time_s", "optimize"}));
+      per_position.push_back(number_at(r, {"values", "candidates_per_position"}));
+    }
+    const double n = std::max<double>(1, static_cast<double>(runs));
+    const Stats t = stats_of(times), c = stats_of(per_position);
+    out << "  " << std::left << std::setw(28) << points[g].label() << std::right << std::setw(6) << runs
+        << std::setw(7) << fixed(100 * exact / n, 0) << "%" << std::setw(9) << fixed(100 * accuracy / n, 1) << "%"
+        << std::setw(10) << fixed(t.mean, 2) << std::setw(10) << fixed(t.median, 2) << std::setw(10)
+        << fixed(t.max, 2) << std::setw(12) << fixed(c.mean, 1) << "\n";
+    md << "| " << points[g].label() << " | " << runs << " | " << fixed(100 * exact / n, 0) << "% | "
+       << fixed(100 * accuracy / n, 1) << "% | " << fixed(t.mean, 2) << " | " << fixed(t.median, 2) << " | "
+       << fixed(t.max, 2) << " | " << fixed(c.mean, 1) << " |\n";
+    auto or_null = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
+    table.push_back({{"grid", points[g].json()},
+                     {"grid_label", points[g].label()},
+                     {"runs", runs},
+                     {"exact_match_rate", runs ? or_null(exact / n) : nlohmann::json(nullptr)},
+                     {"token_accuracy", runs ? or_null(accuracy / n) : nlohmann::json(nullptr)},
+                     {"time_per_prompt_s", {{"mean", or_null(t.mean)}, {"median", or_null(t.median)},
+                                            {"max", or_null(t.max)}}},
+                     {"candidates_per_position", or_null(c.mean)}});
+  }
+  out << "  (time: the inversion itself per prompt, " << "time_s.optimize in the records)\n";
+
+  std::string stem = records.string();
+  if (stem.size() > 6 && stem.compare(stem.size() - 6, 6, ".jsonl") == 0) stem.resize(stem.size() - 6);
+  const nlohmann::json summary = {{"lminv_version", LMINV_VERSION},
+                                  {"time", utc_timestamp()},
+                                  {"config_file", request.config_file},
+                                  {"overrides", request.overrides},
+                                  {"prompts_file", request.prompts.string()},
+                                  {"prompts", prompts.size()},
+                                  {"records", records.string()},
+                                  {"table", table}};
+  write_file_atomically(stem + "-summary.json", summary.dump(2) + "\n");
+  write_file_atomically(stem + "-summary.md", "# lminv sweep " + request.config_file + "\n\nPrompts: " +
+                                                  request.prompts.string() + " (" + std::to_string(prompts.size()) +
+                                                  "). Time: the inversion per prompt.\n\n" + md.str());
+  out << "  summary   " << stem << "-summary.md, " << stem << "-summary.json\n";
+}
+
+}  // namespace lminv

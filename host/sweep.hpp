@@ -1,0 +1,36 @@
+// `lminv sweep`: one config run on every prompt of a file, at every point of a grid of config values, with one JSON
+// Lines record per run, resumable, and a summary table at the end.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <iosfwd>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "registry.hpp"
+
+namespace lminv {
+
+struct SweepRequest {
+  std::string config_file;
+  std::vector<std::string> overrides;  // --set, applied at every grid point
+  std::filesystem::path prompts;       // one prompt a line, or JSON Lines (prompts.hpp)
+  // --grid section.key=v1,v2,...: each a dimension; the runs cover their product, the first dimension outermost.
+  std::vector<std::pair<std::string, std::vector<std::string>>> grid;
+  std::filesystem::path records;  // JSON Lines; empty: <output.dir>/sweep.jsonl of the config
+  std::int64_t limit = 0;         // the first N prompts only; 0: all
+};
+
+// Runs every (grid point, prompt) whose record is not in the records file yet (a record whose config, prompt index
+// and tokens match counts as done; a last line cut short by an interruption is dropped and its run redone), appends
+// one record per run as it finishes, then prints the summary of every run of this sweep, per grid point: runs,
+// exact-match rate, token accuracy, inversion time per prompt (mean, median, max), candidates verified per position.
+// The summary also goes to <records without .jsonl>-summary.md and -summary.json, written atomically.
+void run_sweep(const SweepRequest& request, const Registry& registry, std::ostream& out);
+
+// "section.key=v1,v2,..." -> a grid dimension; an Error naming the text when malformed.
+std::pair<std::string, std::vector<std::string>> parse_grid(const std::string& text);
+
+}  // namespace lminv
