@@ -9,6 +9,7 @@
 #include <ostream>
 
 #include "lminv/ops.hpp"
+#include "lminv/prefix_cache.hpp"
 #include "report.hpp"
 #include "weights_init.hpp"
 
@@ -77,6 +78,71 @@ double parameters_used(const ModelSpec& s) {
   const double d = static_cast<double>(s.n_embd);
   const double block = 3 * d * d + d * d + 2 * d * static_cast<double>(s.inner());
   return static_cast<double>(s.blocks) * block + (s.head == Head::lm_head ? static_cast<double>(s.vocab_size) * d : 0);
+}
+
+// The prefix cache's next(): B candidate tokens after a prefix of r.cache_prefix tokens, forward only, for every
+// backend whose GPT-2 models offer the capability (f32, head none).
+void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double gemm, std::ostream& out) {
+  out << "\nprefix cache: next() for B candidates after " << r.cache_prefix << " tokens (f32, head none)\n"
+      << std::left << std::setw(11) << "backend" << std::setw(17) << "model" << std::right << std::setw(6) << "B"
+      << std::setw(11) << "s/call" << std::setw(13) << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(9)
+      << "% GEMM" << "\n";
+  ModelSpec base;
+  base.family = "gpt2";
+  base.n_layer = r.n_layer;
+  base.n_embd = r.n_embd;
+  base.n_head = r.n_head;
+  base.vocab_size = r.vocab;
+  base.seq_len = r.cache_prefix + 1;
+  base.dtype = DType::f32;
+  base.head = Head::none;
+  auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
+  for (const std::string& backend_name : r.backends) {
+    if (!registry.find(PluginKind::backend, backend_name)) continue;
+    std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
+    backend->configure(Options("backend", "lminv bench", {}));
+    const BackendInfo info = backend->info();
+    if (std::find(info.dtypes.begin(), info.dtypes.end(), DType::f32) == info.dtypes.end()) continue;
+    for (const std::string& model_name : r.models) {
+      const ModelCase mc = model_case(model_name, r);
+      if (mc.head != Head::none) continue;
+      ModelSpec spec = base;
+      spec.blocks = mc.blocks;
+      auto model = keep_alive(backend->create_model(spec, weights), backend);
+      PrefixCache* cache = prefix_cache_of(*model);
+      if (!cache) {
+        out << std::left << std::setw(11) << backend_name << std::setw(17) << model_name << "no prefix cache\n";
+        break;
+      }
+      Rng rng(1);
+      Tensor prefix(DType::f32, {r.cache_prefix, spec.n_embd});
+      fill_normal(prefix, rng, 0.0, 0.02);
+      cache->reset();
+      cache->append(prefix);
+      for (std::int64_t batch : r.cache_batches) {
+        Tensor candidates(DType::f32, {batch, spec.n_embd});
+        fill_normal(candidates, rng, 0.0, 0.02);
+        const double seconds = best_time(r.repeat, [&] { (void)cache->next(candidates); });
+        // Each candidate multiplies every used weight once (attention over the prefix is not counted).
+        const double flops = 2.0 * parameters_used(spec) * static_cast<double>(batch);
+        out << std::left << std::setw(11) << backend_name << std::setw(17) << model_name << std::right << std::setw(6)
+            << batch << std::setw(11) << std::setprecision(4) << seconds << std::setw(13) << std::setprecision(0)
+            << static_cast<double>(batch) / seconds << std::setw(10) << std::setprecision(1) << flops / seconds / 1e9
+            << std::setw(9) << (gemm > 0 ? 100.0 * flops / seconds / gemm : NAN) << "\n"
+            << std::flush;
+        if (!r.out_file.empty())
+          append_json_line(r.out_file, {{"kind", "prefix_cache"},
+                                        {"backend", backend_name},
+                                        {"model", model_name},
+                                        {"batch", batch},
+                                        {"prefix", r.cache_prefix},
+                                        {"seconds_per_call", seconds},
+                                        {"flops_per_call", flops},
+                                        {"share_of_gemm_rate", gemm > 0 ? flops / seconds / gemm : 0.0}});
+      }
+    }
+  }
+  out << "GFLOP/s counts 2 x (parameters used) x B per call (one token per candidate).\n";
 }
 
 }  // namespace
@@ -165,6 +231,7 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   }
   out << "\nGFLOP/s counts 4 x (parameters used) x B x T per step (forward + input-gradient backward); "
          "bw bound = the weights read twice at the copy rate; x bound = s/step over it.\n";
+  if (!r.cache_batches.empty()) bench_prefix_cache(r, registry, gemm, out);
 }
 
 }  // namespace lminv

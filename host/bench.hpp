@@ -19,11 +19,15 @@ struct BenchRequest {
   std::int64_t tokens = 5;
   int repeat = 3;           // timed steps per cell (after one warm-up); the best counts
   std::string out_file;     // JSON Lines, one record per cell plus one for the machine
+  // The prefix cache (exact inversion's verifier): next() for B candidates after a prefix of cache_prefix tokens,
+  // on the backends that have the capability; batches of 16 verify, d + 1 = 769 rows take a Jacobian. Empty: skipped.
+  std::vector<std::int64_t> cache_batches = {16, 769};
+  std::int64_t cache_prefix = 19;
   std::int64_t n_embd = 768, n_head = 12, n_layer = 12, vocab = 50257;  // GPT-2 small
 };
 
 // Measures the machine (copy bandwidth, f32 GEMM rate through oneDNN when lminv was built with it),
-// then each cell, printing a table as it goes.
+// then each cell, printing a table as it goes; then the prefix-cache cells.
 void run_bench(const BenchRequest& request, const Registry& registry, std::ostream& out);
 
 }  // namespace lminv

@@ -52,7 +52,7 @@ constexpr const char* kOverview =
     "  plugins                                    list the plugins found, and those refused\n"
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
     "  prompts --out FILE                         write a prompt set: corpus sentences + random token ids\n"
-    "  sweep CONFIG --prompts FILE [--grid ...]   run CONFIG on every prompt (x every grid point), resumable\n"
+    "  sweep CONFIG... --prompts FILE [--grid ..] run configs on every prompt (x every grid point), resumable\n"
     "\n"
     "Every command takes --help, and --plugin-dir DIR (repeatable) to search more folders for plugins.\n";
 
@@ -306,6 +306,9 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "tokens", po::value<std::int64_t>()->default_value(5), "prompt length T")(
       "repeat", po::value<int>()->default_value(3), "timed steps per cell (best counts)")(
       "n-layer", po::value<std::int64_t>()->default_value(12), "blocks of the model (12: GPT-2 small)")(
+      "cache-batches", po::value<std::string>()->default_value("16,769"),
+      "candidates per prefix-cache call (exact inversion's verifier); 'none' skips those cells")(
+      "cache-prefix", po::value<std::int64_t>()->default_value(19), "prefix length for the prefix-cache cells")(
       "out", po::value<std::string>(), "append the results as JSON Lines to FILE");
   const po::variables_map vm = parse(args, visible, {}, {});
   if (vm.count("help")) {
@@ -322,6 +325,16 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
     if (*end || v < 1) throw UsageError("bench: --batches: '" + b + "' is not a positive integer");
     r.batches.push_back(v);
   }
+  r.cache_batches.clear();
+  if (vm["cache-batches"].as<std::string>() != "none")
+    for (const std::string& b : split_commas(vm["cache-batches"].as<std::string>())) {
+      char* end = nullptr;
+      const long long v = std::strtoll(b.c_str(), &end, 10);
+      if (*end || v < 1) throw UsageError("bench: --cache-batches: '" + b + "' is not a positive integer");
+      r.cache_batches.push_back(v);
+    }
+  r.cache_prefix = vm["cache-prefix"].as<std::int64_t>();
+  if (r.cache_prefix < 0 || r.cache_prefix + 1 > 1024) throw UsageError("bench: --cache-prefix must be in 0 .. 1023");
   r.tokens = vm["tokens"].as<std::int64_t>();
   r.repeat = vm["repeat"].as<int>();
   r.n_layer = vm["n-layer"].as<std::int64_t>();
@@ -413,9 +426,9 @@ int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::o
 
 int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   po::options_description visible(
-      "lminv sweep CONFIG --prompts FILE [--grid section.key=A,B,...] [options]\n\nRuns CONFIG on every prompt of "
-      "FILE (one a line, or JSON Lines with \"ids\" or \"text\": see docs/datasets.md) at every point of the grid "
-      "(the product of the --grid dimensions). Each run appends one JSON record to <output.dir>/sweep.jsonl (or "
+      "lminv sweep CONFIG [CONFIG ...] --prompts FILE [--grid section.key=A,B,...] [options]\n\nRuns each CONFIG "
+      "on every prompt of FILE (one a line, or JSON Lines with \"ids\" or \"text\": see docs/datasets.md) at every "
+      "point of the grid (the product of the --grid dimensions); several configs compare methods in one command. Each run appends one JSON record to <output.dir>/sweep.jsonl (or "
       "--records FILE) as it finishes; running the same command again skips the runs already recorded, so an "
       "interrupted sweep resumes where it stopped. At the end: per grid point the exact-match rate, token accuracy, "
       "inversion time per prompt (mean, median, max) and candidates verified per position, printed and written next "
@@ -426,15 +439,18 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "records", po::value<std::string>(), "the JSON Lines file of the runs (default <output.dir>/sweep.jsonl)")(
       "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)");
   po::positional_options_description positional;
-  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  po::options_description hidden;
+  hidden.add_options()("configs", po::value<std::vector<std::string>>());
+  positional.add("configs", -1);
+  const po::variables_map vm = parse(args, visible, positional, hidden);
   if (vm.count("help")) {
     out << visible << "\n";
     return 0;
   }
-  if (!vm.count("config")) throw UsageError("sweep: missing CONFIG (see lminv sweep --help)");
+  if (!vm.count("configs")) throw UsageError("sweep: missing CONFIG (see lminv sweep --help)");
   if (!vm.count("prompts")) throw UsageError("sweep: missing --prompts FILE");
   SweepRequest request;
-  request.config_file = vm["config"].as<std::string>();
+  request.config_files = vm["configs"].as<std::vector<std::string>>();
   request.prompts = vm["prompts"].as<std::string>();
   if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
   if (vm.count("grid"))

@@ -27,12 +27,14 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// One point of the grid: its assignments, in the order of the dimensions.
+// One point of the grid: a config and its assignments, in the order of the dimensions.
 struct GridPoint {
+  std::string config_file;
+  std::string config_name;  // shown in the label when the sweep has several configs
   std::vector<std::pair<std::string, std::string>> values;
 
   std::string label() const {
-    std::string s;
+    std::string s = config_name;
     for (const auto& [key, value] : values) s += (s.empty() ? "" : " ") + key + "=" + value;
     return s.empty() ? "(config)" : s;
   }
@@ -44,7 +46,9 @@ struct GridPoint {
 };
 
 std::vector<GridPoint> grid_points(const SweepRequest& request) {
-  std::vector<GridPoint> points{GridPoint{}};
+  std::vector<GridPoint> points;
+  for (const std::string& file : request.config_files)
+    points.push_back({file, request.config_files.size() > 1 ? fs::path(file).stem().string() : "", {}});
   for (const auto& [key, values] : request.grid) {
     std::vector<GridPoint> next;
     for (const GridPoint& p : points)
@@ -193,7 +197,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   std::vector<RawConfig> raws;
   std::vector<ExperimentConfig> configs;
   for (const GridPoint& point : points) {
-    raws.push_back(read_config(request.config_file, overrides_at(point)));
+    raws.push_back(read_config(point.config_file, overrides_at(point)));
     configs.push_back(parse_experiment(raws.back()));
   }
   const fs::path records =
@@ -216,7 +220,9 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     }
   }
   const std::size_t total = points.size() * prompts.size();
-  out << "lminv sweep " << request.config_file << "\n"
+  std::string config_list;
+  for (const std::string& file : request.config_files) config_list += (config_list.empty() ? "" : " ") + file;
+  out << "lminv sweep " << config_list << "\n"
       << "  prompts   " << request.prompts.string() << " (" << prompts.size() << ")\n"
       << "  grid      " << points.size() << " point" << (points.size() == 1 ? "" : "s") << ": ";
   for (std::size_t g = 0; g < points.size(); ++g) out << (g ? "; " : "") << points[g].label();
@@ -236,7 +242,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       if (done.count(keys[g][i])) continue;
       const nlohmann::json extra = {{"sweep",
                                      {{"key", keys[g][i]},
-                                      {"config_file", request.config_file},
+                                      {"config_file", points[g].config_file},
                                       {"overrides", request.overrides},
                                       {"grid", points[g].json()},
                                       {"grid_label", points[g].label()},
@@ -307,14 +313,14 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   if (stem.size() > 6 && stem.compare(stem.size() - 6, 6, ".jsonl") == 0) stem.resize(stem.size() - 6);
   const nlohmann::json summary = {{"lminv_version", LMINV_VERSION},
                                   {"time", utc_timestamp()},
-                                  {"config_file", request.config_file},
+                                  {"config_files", request.config_files},
                                   {"overrides", request.overrides},
                                   {"prompts_file", request.prompts.string()},
                                   {"prompts", prompts.size()},
                                   {"records", records.string()},
                                   {"table", table}};
   write_file_atomically(stem + "-summary.json", summary.dump(2) + "\n");
-  write_file_atomically(stem + "-summary.md", "# lminv sweep " + request.config_file + "\n\nPrompts: " +
+  write_file_atomically(stem + "-summary.md", "# lminv sweep " + config_list + "\n\nPrompts: " +
                                                   request.prompts.string() + " (" + std::to_string(prompts.size()) +
                                                   "). Time: the inversion per prompt.\n\n" + md.str());
   out << "  summary   " << stem << "-summary.md, " << stem << "-summary.json\n";

@@ -1,4 +1,4 @@
-// `lminv sweep`: one config run on every prompt of a file, at every point of a grid of config values, with one JSON
+// `lminv sweep`: configs run on every prompt of a file, at every point of a grid of config values, with one JSON
 // Lines record per run, resumable, and a summary table at the end.
 #pragma once
 
@@ -14,12 +14,13 @@
 namespace lminv {
 
 struct SweepRequest {
-  std::string config_file;
+  // One or more configs (several: a comparison, e.g. sequential against its baselines); each runs at every point.
+  std::vector<std::string> config_files;
   std::vector<std::string> overrides;  // --set, applied at every grid point
   std::filesystem::path prompts;       // one prompt a line, or JSON Lines (prompts.hpp)
   // --grid section.key=v1,v2,...: each a dimension; the runs cover their product, the first dimension outermost.
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;
-  std::filesystem::path records;  // JSON Lines; empty: <output.dir>/sweep.jsonl of the config
+  std::filesystem::path records;  // JSON Lines; empty: <output.dir>/sweep.jsonl of the first config
   std::int64_t limit = 0;         // the first N prompts only; 0: all
 };
 

@@ -320,9 +320,10 @@ TEST_F(Cli, InterruptedSweepLosesAndRepeatsNothing) {
   ASSERT_EQ(after.size(), 6u) << resumed.output;
   EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin()));
   EXPECT_EQ(sweep_keys(file).size(), 6u);
-  if (!before.empty())
+  if (!before.empty()) {
     EXPECT_NE(resumed.output.find("resuming: " + std::to_string(before.size()) + " of 6"), std::string::npos)
         << resumed.output;
+  }
 }
 
 TEST_F(Cli, SweepErrorsNameTheProblem) {
@@ -340,4 +341,31 @@ TEST_F(Cli, SweepErrorsNameTheProblem) {
   EXPECT_NE(o.output.find("nonsense"), std::string::npos) << o.output;
   o = lminv("sweep " + config + isolated());
   EXPECT_EQ(o.status, 2);
+}
+
+// A checkpoint folder in place of random weights (what a trained GPT-2 would be): the same sweep command, unchanged
+// but for model.weights, recovers the same prompts.
+TEST_F(Cli, SweepRunsOnACheckpointFolder) {
+  const std::string config = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini";
+  const fs::path folder = dir_ / "checkpoint";
+  ASSERT_EQ(lminv("init " + config + " --out " + folder.string()).status, 0);
+  const Outcome o = lminv("sweep " + config + " --prompts " + std::string(LMINV_TEST_DATA_DIR) +
+                          "/prompts-tiny.txt --limit 3 --set model.weights=" + folder.string() + isolated());
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("(config)                         3    100%    100.0%"), std::string::npos) << o.output;
+  for (const nlohmann::json& r : read_records(dir_ / "out" / "sweep.jsonl"))
+    EXPECT_EQ(r["weights"]["source"], folder.string());
+}
+
+// Several configs in one sweep: a comparison of methods is one command, one table row per config.
+TEST_F(Cli, SweepComparesSeveralConfigs) {
+  const std::string data = std::string(LMINV_TEST_DATA_DIR);
+  const Outcome o = lminv("sweep " + data + "/tiny-gpt2-sequential.ini " + data + "/tiny-gpt2-pez.ini --prompts " +
+                          data + "/prompts-tiny.txt --limit 2" + isolated());
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("tiny-gpt2-sequential             2"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("tiny-gpt2-pez                    2"), std::string::npos) << o.output;
+  std::set<std::string> optimizers;
+  for (const nlohmann::json& r : read_records(dir_ / "out" / "sweep.jsonl")) optimizers.insert(r["optimizer"]);
+  EXPECT_EQ(optimizers, (std::set<std::string>{"pez", "sequential"}));
 }

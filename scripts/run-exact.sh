@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The exact-inversion benchmarks of bench/RESULTS.md, one after another (each is resumable: run it again after an
+# interruption and it continues). Untrained GPT-2 small, tests/data/prompts-20.txt (100 prompts of 20 tokens).
+#   bash scripts/run-exact.sh            # all (about 100 minutes on 2 cores)
+#   bash scripts/run-exact.sh sequential # only the sequential search at blocks 12, 6 and 1 (about 25 minutes)
+#   bash scripts/run-exact.sh baselines  # brute force and pez
+#   bash scripts/run-exact.sh policies   # the paper's gradient policy against linearized
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prompts=tests/data/prompts-20.txt
+what=${1:-all}
+lminv() { build/bin/lminv "$@" 2>&1 | grep --line-buffered -v "^lminv: warning: refused plugin"; }
+
+if [[ $what == all || $what == sequential ]]; then
+  # Blocks 12 (the headline figure), then 6 and 1: the grid resumes the block-12 runs already recorded.
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --grid model.blocks=12,6,1
+fi
+if [[ $what == all || $what == baselines ]]; then
+  # Brute force over the vocabulary, 10 prompts at blocks 1 and 12 (block 12: about 5 minutes per prompt here).
+  lminv sweep configs/exact/brute-force.ini --prompts $prompts --limit 10 --set model.blocks=1 \
+    --records runs/exact/brute-force/block1.jsonl
+  lminv sweep configs/exact/brute-force.ini --prompts $prompts --limit 10 --records runs/exact/brute-force/block12.jsonl
+  # The projected-gradient baseline, 10 prompts at block 12, 200 steps each.
+  lminv sweep configs/exact/pez.ini --prompts $prompts --limit 10
+fi
+if [[ $what == all || $what == policies ]]; then
+  # The paper's policy (a descended proxy, tokens ranked by embedding distance): 10 prompts at block 1, 1 at block 12.
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 10 --set model.blocks=1 \
+    --set optimizer.policy=gradient --records runs/exact/policies/gradient-block1.jsonl
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 1 --set optimizer.policy=gradient \
+    --records runs/exact/policies/gradient-block12.jsonl
+fi
