@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact-inversion benchmarks of bench/RESULTS.md, one after another (each is resumable: run it again after an
 # interruption and it continues). Untrained GPT-2 small, tests/data/prompts-20.txt (100 prompts of 20 tokens).
-#   bash scripts/run-exact.sh            # all (about 100 minutes on 2 cores)
+#   bash scripts/run-exact.sh            # all (about 90 minutes on 2 cores)
 #   bash scripts/run-exact.sh sequential # only the sequential search at blocks 12, 6 and 1 (about 25 minutes)
 #   bash scripts/run-exact.sh baselines  # brute force and pez
 #   bash scripts/run-exact.sh policies   # the paper's gradient policy against linearized
