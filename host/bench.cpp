@@ -73,6 +73,19 @@ ModelCase model_case(const std::string& name, const BenchRequest& r) {
   throw Error("bench: unknown model '" + name + "' (1block | 12blocks | 12blocks-lmhead)");
 }
 
+// The benchmarked GPT-2 (GPT-2 small's sizes unless the request says otherwise), T tokens.
+ModelSpec bench_gpt2(const BenchRequest& r, DType dtype, std::int64_t T) {
+  ModelSpec spec;
+  spec.family = "gpt2";
+  spec.n_layer = r.n_layer;
+  spec.n_embd = r.n_embd;
+  spec.n_head = r.n_head;
+  spec.vocab_size = r.vocab;
+  spec.seq_len = T;
+  spec.dtype = dtype;
+  return spec;
+}
+
 // Parameters a step multiplies by: every block used, and the tied lm_head.
 double parameters_used(const ModelSpec& s) {
   const double d = static_cast<double>(s.n_embd);
@@ -87,14 +100,7 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double 
       << std::left << std::setw(11) << "backend" << std::setw(17) << "model" << std::right << std::setw(6) << "B"
       << std::setw(11) << "s/call" << std::setw(13) << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(9)
       << "% GEMM" << "\n";
-  ModelSpec base;
-  base.family = "gpt2";
-  base.n_layer = r.n_layer;
-  base.n_embd = r.n_embd;
-  base.n_head = r.n_head;
-  base.vocab_size = r.vocab;
-  base.seq_len = r.cache_prefix + 1;
-  base.dtype = DType::f32;
+  ModelSpec base = bench_gpt2(r, DType::f32, r.cache_prefix + 1);
   base.head = Head::none;
   auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
   for (const std::string& backend_name : r.backends) {
@@ -168,14 +174,7 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   for (const std::string& dtype_text : r.dtypes) {
     const std::optional<DType> dtype = parse_dtype(dtype_text);
     if (!dtype) throw Error("bench: unknown dtype '" + dtype_text + "'");
-    ModelSpec base;
-    base.family = "gpt2";
-    base.n_layer = r.n_layer;
-    base.n_embd = r.n_embd;
-    base.n_head = r.n_head;
-    base.vocab_size = r.vocab;
-    base.seq_len = r.tokens;
-    base.dtype = *dtype;
+    const ModelSpec base = bench_gpt2(r, *dtype, r.tokens);
     auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
     for (const std::string& backend_name : r.backends) {
       if (!registry.find(PluginKind::backend, backend_name)) {

@@ -1,7 +1,7 @@
 // The backend conformance suite: every backend plugin, loaded by name through the registry, against the reference
 // backend in f64 on the same weights.
 //
-// For each backend named in LMINV_CONFORMANCE_BACKENDS (set by tests/CMakeLists.txt to the backends built), each dtype
+// For each backend named in LMINV_TEST_BACKENDS (set by tests/CMakeLists.txt to the backends built), each dtype
 // and device its info() lists, and each model case below (tiny GPT-2s and the MLP families):
 //   - forward, backward (a vector-Jacobian product) and loss_and_grad (l1, l2, cosine) agree with the reference in f64
 //     within the dtype's tolerance, measured as max |a - b| / max |reference| (the normalised error of ggml's
@@ -34,6 +34,7 @@
 
 #include "lminv/lminv.hpp"
 #include "registry.hpp"
+#include "test_backends.hpp"
 #include "weights_init.hpp"
 
 using namespace lminv;
@@ -45,27 +46,7 @@ constexpr std::int64_t kBatch = 3;
 
 // ---- the backends under test ----------------------------------------------------------------------------------------
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> out;
-  std::string word;
-  for (char c : list + ";") {
-    if (c == ';' || c == ',' || c == ' ') {
-      if (!word.empty()) out.push_back(word);
-      word.clear();
-    } else {
-      word += c;
-    }
-  }
-  return out;
-}
-
-std::vector<std::string> backends_under_test() {
-#ifdef LMINV_CONFORMANCE_BACKENDS
-  return split(LMINV_CONFORMANCE_BACKENDS);
-#else
-  return {"reference"};
-#endif
-}
+using lminv::test::backends_under_test;
 
 const Registry& registry() {
   static const Registry r({LMINV_BUILD_PLUGIN_DIR});

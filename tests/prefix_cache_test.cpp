@@ -1,6 +1,6 @@
 // The "prefix_cache" capability (lminv/prefix_cache.hpp) of every backend plugin, loaded by name through the registry.
 //
-// For each backend named in LMINV_PREFIX_CACHE_BACKENDS (set by tests/CMakeLists.txt to the backends built), each
+// For each backend named in LMINV_TEST_BACKENDS (set by tests/CMakeLists.txt to the backends built), each
 // dtype and device its info() lists, and each model case below (small random GPT-2s: every head, blocks 0 .. n_layer,
 // extra layers, both input spaces; and transformer_mlp where a backend offers a cache for it):
 //   - after a random prefix of each length t = 0 .. seq_len - 1, next() on B random candidates gives, row by row,
@@ -37,6 +37,7 @@
 
 #include "lminv/lminv.hpp"
 #include "registry.hpp"
+#include "test_backends.hpp"
 #include "weights_init.hpp"
 
 using namespace lminv;
@@ -47,27 +48,7 @@ constexpr std::uint64_t kSeed = 20240717;
 
 // ---- the backends under test --------------------------------------------------------------------------------------
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> out;
-  std::string word;
-  for (char c : list + ";") {
-    if (c == ';' || c == ',' || c == ' ') {
-      if (!word.empty()) out.push_back(word);
-      word.clear();
-    } else {
-      word += c;
-    }
-  }
-  return out;
-}
-
-std::vector<std::string> backends_under_test() {
-#ifdef LMINV_PREFIX_CACHE_BACKENDS
-  return split(LMINV_PREFIX_CACHE_BACKENDS);
-#else
-  return {"reference"};
-#endif
-}
+using lminv::test::backends_under_test;
 
 // The backends that must offer a prefix cache for gpt2; others may offer none (the case is then skipped).
 bool must_offer(const std::string& backend, const std::string& family) {

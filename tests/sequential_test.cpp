@@ -13,6 +13,7 @@
 #include "lminv/lminv.hpp"
 #include "lminv/prefix_cache.hpp"
 #include "registry.hpp"
+#include "test_backends.hpp"
 #include "sequential.hpp"
 #include "weights_init.hpp"
 
@@ -20,27 +21,7 @@ using namespace lminv;
 
 namespace {
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> out;
-  std::string word;
-  for (char c : list + ";") {
-    if (c == ';' || c == ',' || c == ' ') {
-      if (!word.empty()) out.push_back(word);
-      word.clear();
-    } else {
-      word += c;
-    }
-  }
-  return out;
-}
-
-std::vector<std::string> backends_under_test() {
-#ifdef LMINV_SEQUENTIAL_BACKENDS
-  return split(LMINV_SEQUENTIAL_BACKENDS);
-#else
-  return {"reference"};
-#endif
-}
+using lminv::test::backends_under_test;
 
 std::shared_ptr<Backend> backend(const std::string& name) {
   static const Registry registry({LMINV_BUILD_PLUGIN_DIR});
@@ -177,12 +158,15 @@ TEST(Sequential, RecoversExactlyInEveryBackendWithAndWithoutCache) {
       expect_certified(a.result, ids.size());
       expect_certified(b.result, ids.size());
       EXPECT_EQ(b.result.values.at("backend_prefix_cache"), 0.0);
-      if (c.backend == "reference" || c.backend == "torch")
+      if (c.backend == "reference" || c.backend == "torch") {
         EXPECT_EQ(a.result.values.at("backend_prefix_cache"), 1.0) << "the backend offers no prefix cache";
-      if (std::string(policy) != "gradient")  // the proxy's descent may round differently through the two paths
+      }
+      if (std::string(policy) != "gradient") {  // the proxy's descent may round differently through the two paths
         EXPECT_EQ(a.result.series.at("candidates"), b.result.series.at("candidates"));
-      if (c.backend == "reference")  // the reference's cached path is its forward pass, operation for operation
+      }
+      if (c.backend == "reference") {  // the reference's cached path is its forward pass, operation for operation
         EXPECT_EQ(a.result.series.at("distance"), b.result.series.at("distance"));
+      }
       EXPECT_EQ(a.steps, (std::vector<std::int64_t>{1, 2, 3, 4, 5, 6}));
       // The result's input is the tokens' embedding rows.
       const Tensor rows = embed(ids, spec, *weights_for(spec));
