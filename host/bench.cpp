@@ -5,11 +5,14 @@
 #include <cmath>
 #include <cstring>
 #include <iomanip>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <ostream>
 
 #include "lminv/ops.hpp"
 #include "lminv/prefix_cache.hpp"
+#include "families/family.hpp"
+#include "lminv/schema.hpp"
 #include "report.hpp"
 #include "weights_init.hpp"
 
@@ -22,6 +25,14 @@ namespace lminv {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Whether the backend builds spec (kind and every feature it needs).
+bool supports(const BackendInfo& info, const ModelSpec& spec) {
+  if (std::find(info.kinds.begin(), info.kinds.end(), spec.kind) == info.kinds.end()) return false;
+  for (const std::string& f : required_features(spec))
+    if (std::find(info.features.begin(), info.features.end(), f) == info.features.end()) return false;
+  return true;
+}
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
@@ -62,35 +73,75 @@ double gemm_rate() {
 
 struct ModelCase {
   std::string name;
-  std::int64_t blocks;
+  std::string shape;  // "gpt2" (the request's sizes), "pythia-160m", "tinyllama-1.1b"
+  std::int64_t blocks;  // -1: every block
   Head head;
 };
 
+// "1block", "12blocks", "12blocks-lmhead": GPT-2 of the request's sizes; "<shape>" and "<shape>-lmhead" for the
+// other families' shapes, every block.
 ModelCase model_case(const std::string& name, const BenchRequest& r) {
-  if (name == "1block") return {name, 1, Head::none};
-  if (name == "12blocks") return {name, r.n_layer, Head::none};
-  if (name == "12blocks-lmhead") return {name, r.n_layer, Head::lm_head};
-  throw Error("bench: unknown model '" + name + "' (1block | 12blocks | 12blocks-lmhead)");
+  if (name == "1block") return {name, "gpt2", 1, Head::none};
+  if (name == "12blocks") return {name, "gpt2", r.n_layer, Head::none};
+  if (name == "12blocks-lmhead") return {name, "gpt2", r.n_layer, Head::lm_head};
+  for (const char* shape : {"pythia-160m", "tinyllama-1.1b"}) {
+    const std::string s = shape;
+    if (name == s) return {name, s, -1, Head::none};
+    if (name == s + "-lmhead") return {name, s, -1, Head::lm_head};
+  }
+  throw Error("bench: unknown model '" + name +
+              "' (1block | 12blocks | 12blocks-lmhead | pythia-160m[-lmhead] | tinyllama-1.1b[-lmhead])");
 }
 
-// The benchmarked GPT-2 (GPT-2 small's sizes unless the request says otherwise), T tokens.
-ModelSpec bench_gpt2(const BenchRequest& r, DType dtype, std::int64_t T) {
+// The benchmarked model of a shape (random weights, T tokens): GPT-2 small's sizes unless the request says otherwise,
+// or the published sizes of Pythia-160M and TinyLlama-1.1B with their families' architectures.
+ModelSpec bench_spec(const BenchRequest& r, const std::string& shape, DType dtype, std::int64_t T) {
   ModelSpec spec;
-  spec.family = "gpt2";
-  spec.n_layer = r.n_layer;
-  spec.n_embd = r.n_embd;
-  spec.n_head = r.n_head;
-  spec.vocab_size = r.vocab;
+  if (shape == "gpt2") {
+    spec.family = "gpt2";
+    family(spec.family).set_architecture(spec);
+    spec.n_layer = r.n_layer;
+    spec.n_embd = r.n_embd;
+    spec.n_head = r.n_head;
+    spec.vocab_size = r.vocab;
+  } else if (shape == "pythia-160m") {  // EleutherAI/pythia-160m's config.json
+    spec.family = "gpt_neox";
+    family(spec.family).set_architecture(spec);
+    spec.n_layer = 12;
+    spec.n_embd = 768;
+    spec.n_head = 12;
+    spec.n_inner = 3072;
+    spec.vocab_size = 50304;
+    spec.n_positions = 2048;
+    spec.arch.rotary_fraction = 0.25;
+  } else if (shape == "tinyllama-1.1b") {  // TinyLlama-1.1B's config.json
+    spec.family = "llama";
+    family(spec.family).set_architecture(spec);
+    spec.n_layer = 22;
+    spec.n_embd = 2048;
+    spec.n_head = 32;
+    spec.arch.n_kv_head = 4;
+    spec.n_inner = 5632;
+    spec.vocab_size = 32000;
+    spec.n_positions = 2048;
+    spec.arch.norm_eps = 1e-5;
+  } else {
+    throw Error("bench: unknown shape '" + shape + "'");
+  }
   spec.seq_len = T;
   spec.dtype = dtype;
   return spec;
 }
 
-// Parameters a step multiplies by: every block used, and the tied lm_head.
+// Parameters a step multiplies by: the matrices of every block used, and the lm_head when there is one.
 double parameters_used(const ModelSpec& s) {
-  const double d = static_cast<double>(s.n_embd);
-  const double block = 3 * d * d + d * d + 2 * d * static_cast<double>(s.inner());
-  return static_cast<double>(s.blocks) * block + (s.head == Head::lm_head ? static_cast<double>(s.vocab_size) * d : 0);
+  double n = 0;
+  for (const TensorSpec& t : used_weights(s)) {
+    if (t.shape.size() != 2 || t.name == "wpe.weight") continue;
+    if (t.name == "wte.weight" && s.head != Head::lm_head) continue;  // an input in vocabulary space is not counted
+    n += static_cast<double>(t.shape[0]) * static_cast<double>(t.shape[1]);
+  }
+  return n;
 }
 
 // The prefix cache's next(): B candidate tokens after a prefix of r.cache_prefix tokens, forward only, for every
@@ -100,9 +151,7 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double 
       << std::left << std::setw(11) << "backend" << std::setw(17) << "model" << std::right << std::setw(6) << "B"
       << std::setw(11) << "s/call" << std::setw(13) << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(9)
       << "% GEMM" << "\n";
-  ModelSpec base = bench_gpt2(r, DType::f32, r.cache_prefix + 1);
-  base.head = Head::none;
-  auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
+  std::map<std::string, std::shared_ptr<const WeightSet>> weights_by_shape;
   for (const std::string& backend_name : r.backends) {
     if (!registry.find(PluginKind::backend, backend_name)) continue;
     std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
@@ -112,8 +161,12 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double 
     for (const std::string& model_name : r.models) {
       const ModelCase mc = model_case(model_name, r);
       if (mc.head != Head::none) continue;
-      ModelSpec spec = base;
-      spec.blocks = mc.blocks;
+      ModelSpec spec = bench_spec(r, mc.shape, DType::f32, r.cache_prefix + 1);
+      spec.head = Head::none;
+      spec.blocks = mc.blocks < 0 ? spec.n_layer : mc.blocks;
+      if (!supports(info, spec)) continue;
+      std::shared_ptr<const WeightSet>& weights = weights_by_shape[mc.shape];
+      if (!weights) weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
       auto model = keep_alive(backend->create_model(spec, weights), backend);
       PrefixCache* cache = prefix_cache_of(*model);
       if (!cache) {
@@ -174,8 +227,7 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   for (const std::string& dtype_text : r.dtypes) {
     const std::optional<DType> dtype = parse_dtype(dtype_text);
     if (!dtype) throw Error("bench: unknown dtype '" + dtype_text + "'");
-    const ModelSpec base = bench_gpt2(r, *dtype, r.tokens);
-    auto weights = std::make_shared<const WeightSet>(init_random_weights(base, 0));
+    std::map<std::string, std::shared_ptr<const WeightSet>> weights_by_shape;  // made once per shape and dtype
     for (const std::string& backend_name : r.backends) {
       if (!registry.find(PluginKind::backend, backend_name)) {
         out << std::left << std::setw(11) << backend_name << "not installed: skipped\n";
@@ -184,16 +236,22 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
       std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
       backend->configure(Options("backend", "lminv bench", {}));
       const BackendInfo info = backend->info();
-      if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end() ||
-          std::find(info.families.begin(), info.families.end(), "gpt2") == info.families.end()) {
+      if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) {
         out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << "not supported: skipped\n";
         continue;
       }
       for (const std::string& model_name : r.models) {
         const ModelCase mc = model_case(model_name, r);
-        ModelSpec spec = base;
-        spec.blocks = mc.blocks;
+        ModelSpec spec = bench_spec(r, mc.shape, *dtype, r.tokens);
+        spec.blocks = mc.blocks < 0 ? spec.n_layer : mc.blocks;
         spec.head = mc.head;
+        if (!supports(info, spec)) {
+          out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << std::setw(17)
+              << model_name << "not supported: skipped\n";
+          continue;
+        }
+        std::shared_ptr<const WeightSet>& weights = weights_by_shape[mc.shape];
+        if (!weights) weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
         auto model = keep_alive(backend->create_model(spec, weights), backend);
         for (std::int64_t batch : r.batches) {
           Tensor input(spec.dtype, input_shape(spec, batch));

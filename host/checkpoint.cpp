@@ -14,7 +14,9 @@
 #include <sstream>
 #include <vector>
 
+#include "families/family.hpp"
 #include "lminv/error.hpp"
+#include "lminv/schema.hpp"
 #include "safetensors.hpp"
 
 namespace lminv {
@@ -23,8 +25,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-const std::string kPrefix = "transformer.";
 
 [[noreturn]] void bad(const fs::path& file, const std::string& what) { throw Error(file.string() + ": " + what); }
 
@@ -42,23 +42,6 @@ bool is_digits(const std::string& s) {
   return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-// The block index of "h.{i}.rest", or nullopt.
-std::optional<std::int64_t> block_index(const std::string& name) {
-  if (name.rfind("h.", 0) != 0) return std::nullopt;
-  const std::size_t dot = name.find('.', 2);
-  if (dot == std::string::npos) return std::nullopt;
-  const std::string digits = name.substr(2, dot - 2);
-  if (!is_digits(digits) || digits.size() > 9) return std::nullopt;
-  return std::stoll(digits);
-}
-
-// h.{i}.attn.bias and h.{i}.attn.masked_bias: the causal-mask buffers older checkpoints store.
-bool is_mask_buffer(const std::string& name) {
-  if (!block_index(name)) return false;
-  const std::string rest = name.substr(name.find('.', 2) + 1);
-  return rest == "attn.bias" || rest == "attn.masked_bias";
-}
-
 // ---- config.json -----------------------------------------------------------------------------------------------
 
 json read_json_file(const fs::path& file) {
@@ -74,75 +57,6 @@ json read_json_file(const fs::path& file) {
   }
   if (!j.is_object()) bad(file, std::string("a JSON ") + j.type_name() + ", not an object");
   return j;
-}
-
-struct ConfigFields {
-  const fs::path& file;
-  const json& j;
-
-  bool has(const char* key) const { return j.contains(key) && !j[key].is_null(); }
-
-  std::int64_t positive_int(const char* key, std::int64_t fallback) const {
-    if (!j.contains(key)) return fallback;
-    const json& v = j[key];
-    if ((v.is_number_unsigned() || v.is_number_integer()) && v.get<std::int64_t>() > 0) return v.get<std::int64_t>();
-    bad(file, std::string(key) + " is " + v.dump() + ", not a positive integer");
-  }
-  std::int64_t count(const char* key, std::int64_t fallback) const {
-    if (!j.contains(key)) return fallback;
-    const json& v = j[key];
-    if ((v.is_number_unsigned() || v.is_number_integer()) && v.get<std::int64_t>() >= 0) return v.get<std::int64_t>();
-    bad(file, std::string(key) + " is " + v.dump() + ", not a non-negative integer");
-  }
-  double positive_number(const char* key, double fallback) const {
-    if (!j.contains(key)) return fallback;
-    const json& v = j[key];
-    if (v.is_number() && v.get<double>() > 0) return v.get<double>();
-    bad(file, std::string(key) + " is " + v.dump() + ", not a positive number");
-  }
-  std::optional<bool> boolean(const char* key) const {
-    if (!has(key)) return std::nullopt;
-    if (!j[key].is_boolean()) bad(file, std::string(key) + " is " + j[key].dump() + ", not true or false");
-    return j[key].get<bool>();
-  }
-  std::optional<std::string> string(const char* key) const {
-    if (!has(key)) return std::nullopt;
-    if (!j[key].is_string()) bad(file, std::string(key) + " is " + j[key].dump() + ", not a string");
-    return j[key].get<std::string>();
-  }
-};
-
-struct Gpt2Config {
-  ModelSpec spec;
-  bool tied = true;
-};
-
-// Sizes as GPT2Config reads them (absent fields take its defaults), and a refusal of settings lminv does not compute.
-Gpt2Config parse_config(const fs::path& file) {
-  const json j = read_json_file(file);
-  const ConfigFields f{file, j};
-  Gpt2Config c;
-  ModelSpec& s = c.spec;
-  s.family = "gpt2";
-  if (auto type = f.string("model_type"); type && *type != "gpt2")
-    bad(file, "model_type is " + in_quotes(*type) + "; lminv reads GPT-2 checkpoints (model_type \"gpt2\")");
-  s.n_layer = f.count("n_layer", 12);  // 0 blocks is a model of embeddings and ln_f
-  s.n_embd = f.positive_int("n_embd", 768);
-  s.n_head = f.positive_int("n_head", 12);
-  s.n_inner = f.has("n_inner") ? f.positive_int("n_inner", 0) : 0;
-  s.vocab_size = f.positive_int("vocab_size", 50257);
-  s.n_positions = f.positive_int("n_positions", 1024);
-  s.layer_norm_epsilon = f.positive_number("layer_norm_epsilon", 1e-5);
-  if (s.n_embd % s.n_head != 0)
-    bad(file, "n_head = " + std::to_string(s.n_head) + " does not divide n_embd = " + std::to_string(s.n_embd));
-  if (auto act = f.string("activation_function"); act && *act != "gelu_new" && *act != "gelu_pytorch_tanh")
-    bad(file, "activation_function is " + in_quotes(*act) + "; lminv's gpt2 computes gelu_new (the tanh approximation)");
-  if (f.boolean("scale_attn_weights") == false)
-    bad(file, "scale_attn_weights is false; lminv's gpt2 scales attention scores by 1/sqrt(head size)");
-  if (f.boolean("scale_attn_by_inverse_layer_idx") == true)
-    bad(file, "scale_attn_by_inverse_layer_idx is true; lminv's gpt2 does not scale attention by layer index");
-  c.tied = f.boolean("tie_word_embeddings").value_or(true);
-  return c;
 }
 
 // ---- the tensors of a folder -----------------------------------------------------------------------------------
@@ -190,63 +104,240 @@ FolderTensors open_tensors(const fs::path& folder) {
   std::string why = "missing";
   if (fs::exists(folder / "pytorch_model.bin") || fs::exists(folder / "pytorch_model.bin.index.json"))
     why += "; the folder has pytorch_model.bin, which lminv does not read (a pickle, unsafe to load): convert it to "
-           "safetensors, e.g. GPT2LMHeadModel.from_pretrained(folder).save_pretrained(folder, "
-           "safe_serialization=True)";
+           "safetensors, e.g. AutoModelForCausalLM.from_pretrained(folder)"
+           ".save_pretrained(folder, safe_serialization=True)";
   bad(single, why);
+}
+
+
+// ---- layouts ---------------------------------------------------------------------------------------------------
+
+// Element-size-generic copies between Hugging Face layouts and canonical ones. `Word` is an unsigned integer of the
+// element's size: the bytes move unchanged, whatever the dtype.
+//
+// rows_to_columns: src [rows, cols] row r -> column col_of(r) of dst [cols, dst_cols] (a transpose that may also
+// place rows at other columns); columns_to_rows is its inverse.
+template <class Word, class ColOf>
+void rows_to_columns(const Word* src, std::int64_t rows, std::int64_t cols, Word* dst, std::int64_t dst_cols,
+                     ColOf col_of) {
+  constexpr std::int64_t kTile = 64;  // tiles keep both sides in cache
+  for (std::int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (std::int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (std::int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) {
+        const std::int64_t dc = col_of(r);
+        for (std::int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[c * dst_cols + dc] = src[r * cols + c];
+      }
+}
+template <class Word, class ColOf>
+void columns_to_rows(const Word* src, std::int64_t src_cols, Word* dst, std::int64_t rows, std::int64_t cols,
+                     ColOf col_of) {
+  constexpr std::int64_t kTile = 64;
+  for (std::int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (std::int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (std::int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) {
+        const std::int64_t sc = col_of(r);
+        for (std::int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[r * cols + c] = src[c * src_cols + sc];
+      }
+}
+
+template <class F>
+void by_element_size(DType dtype, F&& f) {
+  switch (dtype_size(dtype)) {
+    case 2: f(std::uint16_t{}); break;
+    case 4: f(std::uint32_t{}); break;
+    case 8: f(std::uint64_t{}); break;
+    default: throw Error("checkpoint: unexpected element size");
+  }
+}
+
+// GPT-NeoX's fused query_key_value: row (h * 3 + p) * hd + j holds part p (q, k, v) of head h; canonical column
+// p * nh * hd + h * hd + j.
+std::int64_t neox_column(std::int64_t row, std::int64_t heads, std::int64_t hd) {
+  const std::int64_t h = row / (3 * hd), p = (row / hd) % 3, j = row % hd;
+  return p * heads * hd + h * hd + j;
+}
+
+// The canonical tensor of `rule` from its stored tensors (same dtype: converted to the first's when they differ).
+Tensor to_canonical(const TensorRule& rule, std::vector<Tensor> hf, const Shape& canonical_shape) {
+  using Op = TensorRule::Op;
+  const DType dtype = hf[0].dtype();
+  for (Tensor& t : hf)
+    if (t.dtype() != dtype) t = t.to(dtype);
+  if (rule.op == Op::copy) return std::move(hf[0]);
+  Tensor out(dtype, canonical_shape);
+  by_element_size(dtype, [&](auto word) {
+    using Word = decltype(word);
+    Word* dst = static_cast<Word*>(out.raw());
+    switch (rule.op) {
+      case Op::linear:
+      case Op::concat_linear: {
+        std::int64_t offset = 0;
+        const std::int64_t dst_cols = canonical_shape[1];
+        for (const Tensor& t : hf) {
+          rows_to_columns(static_cast<const Word*>(t.raw()), t.dim(0), t.dim(1), dst, dst_cols,
+                          [&](std::int64_t r) { return offset + r; });
+          offset += t.dim(0);
+        }
+        break;
+      }
+      case Op::concat: {
+        std::int64_t offset = 0;
+        for (const Tensor& t : hf) {
+          std::memcpy(dst + offset, t.raw(), t.nbytes());
+          offset += t.numel();
+        }
+        break;
+      }
+      case Op::neox_qkv_weight:
+        rows_to_columns(static_cast<const Word*>(hf[0].raw()), hf[0].dim(0), hf[0].dim(1), dst, canonical_shape[1],
+                        [&](std::int64_t r) { return neox_column(r, rule.heads, rule.head_size); });
+        break;
+      case Op::neox_qkv_bias: {
+        const Word* src = static_cast<const Word*>(hf[0].raw());
+        for (std::int64_t r = 0; r < hf[0].numel(); ++r) dst[neox_column(r, rule.heads, rule.head_size)] = src[r];
+        break;
+      }
+      case Op::copy: break;
+    }
+  });
+  return out;
+}
+
+// The stored tensors of `rule` from the canonical one (the inverse of to_canonical).
+std::vector<Tensor> to_stored(const TensorRule& rule, const Tensor& canonical) {
+  using Op = TensorRule::Op;
+  std::vector<Tensor> out;
+  for (const Shape& shape : rule.hf_shapes) out.emplace_back(canonical.dtype(), shape);
+  if (rule.op == Op::copy) {
+    std::memcpy(out[0].raw(), canonical.raw(), canonical.nbytes());
+    return out;
+  }
+  by_element_size(canonical.dtype(), [&](auto word) {
+    using Word = decltype(word);
+    const Word* src = static_cast<const Word*>(canonical.raw());
+    switch (rule.op) {
+      case Op::linear:
+      case Op::concat_linear: {
+        std::int64_t offset = 0;
+        for (Tensor& t : out) {
+          columns_to_rows(src, canonical.dim(1), static_cast<Word*>(t.raw()), t.dim(0), t.dim(1),
+                          [&](std::int64_t r) { return offset + r; });
+          offset += t.dim(0);
+        }
+        break;
+      }
+      case Op::concat: {
+        std::int64_t offset = 0;
+        for (Tensor& t : out) {
+          std::memcpy(t.raw(), src + offset, t.nbytes());
+          offset += t.numel();
+        }
+        break;
+      }
+      case Op::neox_qkv_weight:
+        columns_to_rows(src, canonical.dim(1), static_cast<Word*>(out[0].raw()), out[0].dim(0), out[0].dim(1),
+                        [&](std::int64_t r) { return neox_column(r, rule.heads, rule.head_size); });
+        break;
+      case Op::neox_qkv_bias: {
+        Word* dst = static_cast<Word*>(out[0].raw());
+        for (std::int64_t r = 0; r < out[0].numel(); ++r) dst[r] = src[neox_column(r, rule.heads, rule.head_size)];
+        break;
+      }
+      case Op::copy: break;
+    }
+  });
+  return out;
+}
+
+// The layer index in a stored name "<prefix>.<i>.rest" for the family's layer prefixes, or nullopt.
+std::optional<std::int64_t> layer_index(const std::string& name) {
+  for (const char* prefix : {"transformer.h.", "h.", "model.layers.", "layers.", "gpt_neox.layers."}) {
+    const std::string p = prefix;
+    if (name.rfind(p, 0) != 0) continue;
+    const std::size_t dot = name.find('.', p.size());
+    if (dot == std::string::npos) continue;
+    const std::string digits = name.substr(p.size(), dot - p.size());
+    if (is_digits(digits) && digits.size() <= 9) return std::stoll(digits);
+  }
+  return std::nullopt;
+}
+
+// config.json's field for a size, for messages.
+std::string size_field(const std::string& family, const char* what) {
+  const bool gpt2 = family == "gpt2";
+  const std::string w = what;
+  if (w == "layers") return gpt2 ? "n_layer" : "num_hidden_layers";
+  if (w == "d") return gpt2 ? "n_embd" : "hidden_size";
+  if (w == "V") return "vocab_size";
+  if (w == "P") return gpt2 ? "n_positions" : "max_position_embeddings";
+  if (w == "inner") return gpt2 ? "n_inner" : "intermediate_size";
+  return w;
+}
+
+bool equal_values(const SafetensorsFile& fa, const std::string& a, const SafetensorsFile& fb, const std::string& b) {
+  const SafetensorsEntry& ea = fa.entry(a);
+  const SafetensorsEntry& eb = fb.entry(b);
+  if (ea.shape != eb.shape) return false;
+  if (ea.dtype == eb.dtype) return fa.bytes(a) == fb.bytes(b);
+  const Tensor x = fa.read(a), y = fb.read(b);
+  for (std::int64_t i = 0; i < x.numel(); ++i)
+    if (x.get(i) != y.get(i)) return false;
+  return true;
 }
 
 }  // namespace
 
-std::map<std::string, Shape> gpt2_weight_shapes(const ModelSpec& spec) {
-  const std::int64_t d = spec.n_embd, inner = spec.inner();
-  std::map<std::string, Shape> shapes{
-      {"wte.weight", {spec.vocab_size, d}},
-      {"wpe.weight", {spec.n_positions, d}},
-      {"ln_f.weight", {d}},
-      {"ln_f.bias", {d}},
-  };
-  for (std::int64_t i = 0; i < spec.n_layer; ++i) {
-    const std::string h = "h." + std::to_string(i) + ".";
-    shapes[h + "ln_1.weight"] = {d};
-    shapes[h + "ln_1.bias"] = {d};
-    shapes[h + "attn.c_attn.weight"] = {d, 3 * d};
-    shapes[h + "attn.c_attn.bias"] = {3 * d};
-    shapes[h + "attn.c_proj.weight"] = {d, d};
-    shapes[h + "attn.c_proj.bias"] = {d};
-    shapes[h + "ln_2.weight"] = {d};
-    shapes[h + "ln_2.bias"] = {d};
-    shapes[h + "mlp.c_fc.weight"] = {d, inner};
-    shapes[h + "mlp.c_fc.bias"] = {inner};
-    shapes[h + "mlp.c_proj.weight"] = {inner, d};
-    shapes[h + "mlp.c_proj.bias"] = {d};
-  }
-  return shapes;
-}
+bool is_model_folder(const fs::path& folder) { return fs::is_directory(folder) && fs::exists(folder / "config.json"); }
 
-Checkpoint load_gpt2_checkpoint(const fs::path& folder) {
-  if (!fs::is_directory(folder)) bad(folder, "not a folder (expected a Hugging Face GPT-2 folder)");
+Checkpoint load_checkpoint(const fs::path& folder) {
+  if (!fs::is_directory(folder)) bad(folder, "not a folder (expected a Hugging Face model folder)");
   const fs::path config_file = folder / "config.json";
   if (!fs::exists(config_file))
-    bad(config_file, "missing (a Hugging Face GPT-2 folder has config.json and model.safetensors)");
-  const Gpt2Config config = parse_config(config_file);
-  const ModelSpec& spec = config.spec;
+    bad(config_file, "missing (a Hugging Face model folder has config.json and model.safetensors)");
+  const json j = read_json_file(config_file);
+  const ConfigFields fields(config_file, j);
+  const std::string type = fields.string("model_type").value_or("");
+  const FamilyAdapter* fam = find_family(type);
+  if (type.empty() || !fam || !fam->has_checkpoints()) {
+    std::string known;
+    for (const std::string& n : family_names())
+      if (find_family(n)->has_checkpoints()) known += (known.empty() ? "" : ", ") + n;
+    bad(config_file, (type.empty() ? std::string("has no model_type") : "model_type is " + in_quotes(type)) +
+                         "; lminv reads the model types " + known);
+  }
+  ModelSpec spec;
+  spec.family = fam->name();
+  fam->read_config(fields, spec);
+  spec.blocks = 0;
+  spec.seq_len = 0;
+  try {
+    check_spec(spec, "the model");
+  } catch (const Error& e) {
+    bad(config_file, e.what());
+  }
 
   FolderTensors tensors = open_tensors(folder);
   const fs::path& where = tensors.where_path;
+  const std::vector<TensorRule> rules = fam->tensor_rules(spec);
 
-  // Canonical name -> where it is stored.
+  // The full stored name (a bare base model's names get the base prefix) -> where it is.
+  const std::string prefix = fam->base_prefix();
+  std::set<std::string> expected_names;
+  for (const TensorRule& r : rules) expected_names.insert(r.hf.begin(), r.hf.end());
   std::map<std::string, Source> found;
-  std::optional<Source> lm_head;
+  std::optional<Source> stored_head;  // a tied head's stored copy
   for (const auto& file : tensors.files)
     for (const auto& entry : file->entries()) {
       const std::string& stored = entry.first;
-      if (stored == "lm_head.weight") {
-        if (lm_head) bad(where, "holds lm_head.weight twice");
-        lm_head = Source{file.get(), stored};
+      if (fam->is_buffer(stored)) continue;
+      std::string name = stored;
+      const bool head = name == fam->head_name();
+      if (!head && !prefix.empty() && name.rfind(prefix, 0) != 0 && !expected_names.count(name)) name = prefix + name;
+      if (head && spec.arch.tied_head) {
+        if (stored_head) bad(where, "holds " + fam->head_name() + " twice");
+        stored_head = Source{file.get(), stored};
         continue;
       }
-      const std::string name = stored.rfind(kPrefix, 0) == 0 ? stored.substr(kPrefix.size()) : stored;
-      if (is_mask_buffer(name)) continue;
       if (auto it = found.find(name); it != found.end())
         bad(where, "holds both " + in_quotes(it->second.stored) + " and " + in_quotes(stored));
       found[name] = Source{file.get(), stored};
@@ -257,99 +348,114 @@ Checkpoint load_gpt2_checkpoint(const fs::path& folder) {
   };
 
   // config.json against the tensors, field by field, before the generic shape checks.
+  const TensorRule& wte_rule = rules.front();  // every family lists wte first
+  const std::string& wte = wte_rule.hf[0];
   auto disagree = [&](const std::string& field, std::int64_t value, const std::string& tensor) {
     bad(config_file, field + " = " + std::to_string(value) + ", but " + where.string() + " has " +
                          in_quotes(found.at(tensor).stored) + " of shape " + shape_string(shape_of(tensor)));
   };
-  if (found.count("wte.weight") && shape_of("wte.weight").size() == 2) {
-    if (shape_of("wte.weight")[1] != spec.n_embd) disagree("n_embd", spec.n_embd, "wte.weight");
-    if (shape_of("wte.weight")[0] != spec.vocab_size) disagree("vocab_size", spec.vocab_size, "wte.weight");
+  if (found.count(wte) && shape_of(wte).size() == 2) {
+    if (shape_of(wte)[1] != spec.n_embd) disagree(size_field(spec.family, "d"), spec.n_embd, wte);
+    if (shape_of(wte)[0] != spec.vocab_size) disagree(size_field(spec.family, "V"), spec.vocab_size, wte);
   }
-  if (found.count("wpe.weight") && shape_of("wpe.weight").size() == 2 && shape_of("wpe.weight")[0] != spec.n_positions)
-    disagree("n_positions", spec.n_positions, "wpe.weight");
-  std::set<std::int64_t> blocks;
+  if (spec.arch.positions == Positions::learned) {
+    const std::string wpe = prefix + "wpe.weight";
+    if (found.count(wpe) && shape_of(wpe).size() == 2 && shape_of(wpe)[0] != spec.n_positions)
+      disagree(size_field(spec.family, "P"), spec.n_positions, wpe);
+  }
+  std::set<std::int64_t> layers;
   for (const auto& entry : found)
-    if (auto i = block_index(entry.first)) blocks.insert(*i);
-  if (blocks.empty() && spec.n_layer > 0)
-    bad(config_file, "n_layer = " + std::to_string(spec.n_layer) + ", but " + where.string() +
-                         " has no blocks (no h.{i}.* tensors)");
-  if (!blocks.empty() && *blocks.rbegin() + 1 != spec.n_layer)
-    bad(config_file, "n_layer = " + std::to_string(spec.n_layer) + ", but " + where.string() + " has blocks h." +
-                         std::to_string(*blocks.begin()) + " .. h." + std::to_string(*blocks.rbegin()));
-  if (spec.n_inner > 0 && found.count("h.0.mlp.c_fc.weight") && shape_of("h.0.mlp.c_fc.weight").size() == 2 &&
-      shape_of("h.0.mlp.c_fc.weight")[1] != spec.n_inner)
-    disagree("n_inner", spec.n_inner, "h.0.mlp.c_fc.weight");
+    if (auto i = layer_index(entry.first)) layers.insert(*i);
+  const std::string layers_field = size_field(spec.family, "layers");
+  if (layers.empty() && spec.n_layer > 0)
+    bad(config_file, layers_field + " = " + std::to_string(spec.n_layer) + ", but " + where.string() +
+                         " has no blocks");
+  if (!layers.empty() && *layers.rbegin() + 1 != spec.n_layer)
+    bad(config_file, layers_field + " = " + std::to_string(spec.n_layer) + ", but " + where.string() +
+                         " has blocks h." + std::to_string(*layers.begin()) + " .. h." +
+                         std::to_string(*layers.rbegin()));
+  // The MLP width, when config.json gives it, against the first block's input projection.
+  for (const TensorRule& r : rules) {
+    if (r.canonical != "h.0.mlp.c_fc.weight" || (spec.family == "gpt2" && spec.n_inner == 0)) continue;
+    const std::string& n = r.hf[0];
+    if (!found.count(n) || shape_of(n).size() != 2) break;
+    for (std::size_t i = 0; i < 2; ++i)
+      if (r.hf_shapes[0][i] == spec.inner() && r.hf_shapes[0][1 - i] == shape_of(n)[1 - i] &&
+          shape_of(n)[i] != spec.inner())
+        disagree(size_field(spec.family, "inner"), spec.inner(), n);
+  }
 
   // Exactly the expected tensors, each of its exact shape.
-  const std::map<std::string, Shape> expected = gpt2_weight_shapes(spec);
   std::vector<std::string> missing, extra;
-  for (const auto& entry : expected)
-    if (!found.count(entry.first)) missing.push_back(entry.first);
+  for (const std::string& n : expected_names)
+    if (!found.count(n)) missing.push_back(n);
   for (const auto& entry : found)
-    if (!expected.count(entry.first)) extra.push_back(entry.second.stored);
-  if (!missing.empty())
-    bad(where, "missing " + std::to_string(missing.size()) + " GPT-2 tensor" + (missing.size() > 1 ? "s: " : ": ") +
-                   name_list(missing) + " (with or without the \"transformer.\" prefix)");
+    if (!expected_names.count(entry.first)) extra.push_back(entry.second.stored);
+  if (!spec.arch.tied_head && !found.count(fam->head_name()))
+    bad(config_file, "tie_word_embeddings is false, but " + where.string() + " has no " + fam->head_name());
+  if (!missing.empty()) {
+      bad(where, "missing " + std::to_string(missing.size()) + " " + spec.family + " tensor" +
+                     (missing.size() > 1 ? "s: " : ": ") + name_list(missing) +
+                     (prefix.empty() ? "" : " (with or without the \"" + prefix + "\" prefix)"));
+  }
   if (!extra.empty())
-    bad(where, "unknown tensor" + std::string(extra.size() > 1 ? "s " : " ") + name_list(extra) +
-                   " (not part of GPT-2 with these config.json sizes)");
-  for (const auto& [name, shape] : expected)
-    if (shape_of(name) != shape)
-      bad(where, "tensor " + in_quotes(found.at(name).stored) + " has shape " + shape_string(shape_of(name)) +
-                     ", expected " + shape_string(shape) +
-                     (name.find("mlp.c_") != std::string::npos && spec.n_inner == 0
-                          ? " (config.json n_inner is null: 4 * n_embd)"
-                          : ""));
+    bad(where, "unknown tensor" + std::string(extra.size() > 1 ? "s " : " ") + name_list(extra) + " (not part of " +
+                   spec.family + " with these config.json sizes)");
+  for (const TensorRule& r : rules)
+    for (std::size_t i = 0; i < r.hf.size(); ++i)
+      if (shape_of(r.hf[i]) != r.hf_shapes[i]) {
+        const bool inner_note = spec.family == "gpt2" && spec.n_inner == 0 && r.canonical.find("mlp.c_") != std::string::npos;
+        bad(where, "tensor " + in_quotes(found.at(r.hf[i]).stored) + " has shape " + shape_string(shape_of(r.hf[i])) +
+                       ", expected " + shape_string(r.hf_shapes[i]) +
+                       (inner_note ? " (config.json n_inner is null: 4 * n_embd)" : ""));
+      }
 
-  // lm_head: absent (tied) or equal to wte.
-  const Source& wte = found.at("wte.weight");
-  if (lm_head) {
-    const SafetensorsEntry& a = wte.file->entry(wte.stored);
-    const SafetensorsEntry& b = lm_head->file->entry(lm_head->stored);
-    bool equal = a.shape == b.shape;
-    if (equal && a.dtype == b.dtype) {
-      equal = wte.file->bytes(wte.stored) == lm_head->file->bytes(lm_head->stored);
-    } else if (equal) {
-      const Tensor x = wte.file->read(wte.stored), y = lm_head->file->read(lm_head->stored);
-      for (std::int64_t i = 0; equal && i < x.numel(); ++i) equal = x.get(i) == y.get(i);
+  // A tied head stored anyway must be the token embedding.
+  if (stored_head) {
+    const Source& e = found.at(wte);
+    if (!equal_values(*e.file, e.stored, *stored_head->file, stored_head->stored)) {
+      const SafetensorsEntry& a = e.file->entry(e.stored);
+      const SafetensorsEntry& b = stored_head->file->entry(stored_head->stored);
+      bad(stored_head->file->path(), fam->head_name() + " (" + b.dtype + " " + shape_string(b.shape) +
+                                         ") differs from " + in_quotes(e.stored) + " (" + a.dtype + " " +
+                                         shape_string(a.shape) + "), but config.json ties them " +
+                                         "(tie_word_embeddings true)");
     }
-    if (!equal)
-      bad(lm_head->file->path(), "lm_head.weight (" + b.dtype + " " + shape_string(b.shape) + ") differs from " +
-                                     in_quotes(wte.stored) + " (" + a.dtype + " " + shape_string(a.shape) +
-                                     "); lminv's gpt2 ties the output projection to the token embedding");
-  } else if (!config.tied) {
-    bad(config_file, "tie_word_embeddings is false, but " + where.string() +
-                         " has no lm_head.weight; lminv's gpt2 ties the output projection to the token embedding");
   }
 
+  // Read each file's tensors at once, then convert rule by rule.
+  std::map<std::string, Tensor> stored;
+  for (const auto& file : tensors.files) {
+    std::vector<std::string> names, keys;
+    for (const std::string& n : expected_names)
+      if (found.at(n).file == file.get()) {
+        names.push_back(found.at(n).stored);
+        keys.push_back(n);
+      }
+    std::vector<Tensor> read = file->read_many(names);
+    for (std::size_t i = 0; i < keys.size(); ++i) stored.emplace(keys[i], std::move(read[i]));
+  }
+  std::map<std::string, Shape> canonical_shapes;
+  for (const TensorSpec& t : weight_schema(spec)) canonical_shapes[t.name] = t.shape;
   Checkpoint out;
   out.spec = spec;
   out.folder = folder;
-  for (const auto& file : tensors.files) {
-    std::vector<std::string> canonical, stored;
-    for (const auto& entry : expected)
-      if (found.at(entry.first).file == file.get()) {
-        canonical.push_back(entry.first);
-        stored.push_back(found.at(entry.first).stored);
-      }
-    std::vector<Tensor> read = file->read_many(stored);
-    for (std::size_t i = 0; i < canonical.size(); ++i) out.weights.set(canonical[i], std::move(read[i]));
+  for (const TensorRule& r : rules) {
+    std::vector<Tensor> parts;
+    for (const std::string& n : r.hf) {
+      auto it = stored.find(n);
+      parts.push_back(std::move(it->second));
+      stored.erase(it);  // each stored tensor is used once; its memory goes as soon as it is converted
+    }
+    out.weights.set(r.canonical, to_canonical(r, std::move(parts), canonical_shapes.at(r.canonical)));
   }
+  check_weights(weight_schema(spec), out.weights, where.string(), /*exact=*/true);
   return out;
 }
 
 // ---- saving ----------------------------------------------------------------------------------------------------
 
 namespace {
-
-const char* torch_dtype(DType t) {
-  switch (t) {
-    case DType::f32: return "float32";
-    case DType::f64: return "float64";
-    case DType::bf16: return "bfloat16";
-  }
-  return "float32";
-}
 
 void write_text_atomically(const fs::path& file, const std::string& text) {
   fs::path tmp = file;
@@ -378,74 +484,48 @@ void write_text_atomically(const fs::path& file, const std::string& text) {
   }
 }
 
+
 }  // namespace
 
-void save_gpt2_checkpoint(const fs::path& folder, const ModelSpec& spec, const WeightSet& weights) {
-  const std::string what = "save_gpt2_checkpoint(" + folder.string() + ")";
-  if (spec.family != "gpt2") throw Error(what + ": family is " + in_quotes(spec.family) + ", not gpt2");
-  if (spec.n_layer < 0) throw Error(what + ": n_layer = " + std::to_string(spec.n_layer) + " is negative");
-  for (const auto& [field, value] : std::map<std::string, std::int64_t>{{"n_embd", spec.n_embd},
-                                                                         {"n_head", spec.n_head},
-                                                                         {"vocab_size", spec.vocab_size},
-                                                                         {"n_positions", spec.n_positions}})
-    if (value <= 0) throw Error(what + ": " + field + " = " + std::to_string(value) + " is not positive");
-  if (spec.n_inner < 0) throw Error(what + ": n_inner = " + std::to_string(spec.n_inner) + " is negative");
-  if (spec.n_embd % spec.n_head != 0)
-    throw Error(what + ": n_head = " + std::to_string(spec.n_head) + " does not divide n_embd = " +
-                std::to_string(spec.n_embd));
-  if (!(spec.layer_norm_epsilon > 0)) throw Error(what + ": layer_norm_epsilon is not positive");
-
-  const std::map<std::string, Shape> expected = gpt2_weight_shapes(spec);
+void save_checkpoint(const fs::path& folder, const ModelSpec& spec_in, const WeightSet& weights) {
+  const std::string what = "save_checkpoint(" + folder.string() + ")";
+  const FamilyAdapter* fam = find_family(spec_in.family);
+  if (!fam || !fam->has_checkpoints())
+    throw Error(what + ": family is " + in_quotes(spec_in.family) + ", which has no Hugging Face checkpoints");
+  ModelSpec spec = spec_in;
+  spec.blocks = 0;
+  spec.layers.clear();
+  spec.seq_len = 0;
+  spec.head = Head::none;
+  check_spec(spec, what);
+  const std::vector<TensorSpec> schema = weight_schema(spec);
   std::vector<std::string> missing, extra;
-  for (const auto& entry : expected)
-    if (!weights.contains(entry.first)) missing.push_back(entry.first);
+  std::set<std::string> names;
+  for (const TensorSpec& t : schema) {
+    names.insert(t.name);
+    if (!weights.contains(t.name)) missing.push_back(t.name);
+  }
   for (const auto& entry : weights.tensors())
-    if (!expected.count(entry.first)) extra.push_back(entry.first);
+    if (!names.count(entry.first)) extra.push_back(entry.first);
   if (!missing.empty()) throw Error(what + ": the weights lack " + name_list(missing));
   if (!extra.empty()) throw Error(what + ": the weights have unknown tensors " + name_list(extra));
-  for (const auto& [name, shape] : expected)
-    if (weights.get(name).shape() != shape)
-      throw Error(what + ": tensor " + in_quotes(name) + " has shape " + shape_string(weights.get(name).shape()) +
-                  ", expected " + shape_string(shape));
+  for (const TensorSpec& t : schema)
+    if (weights.get(t.name).shape() != t.shape)
+      throw Error(what + ": tensor " + in_quotes(t.name) + " has shape " + shape_string(weights.get(t.name).shape()) +
+                  ", expected " + shape_string(t.shape));
 
-  json config = {
-      {"activation_function", "gelu_new"},
-      {"architectures", {"GPT2LMHeadModel"}},
-      {"attn_pdrop", 0.1},
-      {"bos_token_id", spec.vocab_size - 1},
-      {"embd_pdrop", 0.1},
-      {"eos_token_id", spec.vocab_size - 1},
-      {"initializer_range", 0.02},
-      {"layer_norm_epsilon", spec.layer_norm_epsilon},
-      {"model_type", "gpt2"},
-      {"n_embd", spec.n_embd},
-      {"n_head", spec.n_head},
-      {"n_inner", spec.n_inner > 0 ? json(spec.n_inner) : json(nullptr)},
-      {"n_layer", spec.n_layer},
-      {"n_positions", spec.n_positions},
-      {"reorder_and_upcast_attn", false},
-      {"resid_pdrop", 0.1},
-      {"scale_attn_by_inverse_layer_idx", false},
-      {"scale_attn_weights", true},
-      {"summary_activation", nullptr},
-      {"summary_first_dropout", 0.1},
-      {"summary_proj_to_labels", true},
-      {"summary_type", "cls_index"},
-      {"summary_use_proj", true},
-      {"tie_word_embeddings", true},
-      {"torch_dtype", torch_dtype(weights.get("wte.weight").dtype())},
-      {"use_cache", true},
-      {"vocab_size", spec.vocab_size},
-  };
-
+  std::map<std::string, Tensor> stored;
+  for (const TensorRule& r : fam->tensor_rules(spec)) {
+    std::vector<Tensor> parts = to_stored(r, weights.get(r.canonical));
+    for (std::size_t i = 0; i < parts.size(); ++i) stored.emplace(r.hf[i], std::move(parts[i]));
+  }
+  const json config = fam->write_config(spec, weights.get("wte.weight").dtype());
   try {
     fs::create_directories(folder);
   } catch (const fs::filesystem_error& e) {
     throw Error(what + ": cannot create the folder: " + e.code().message());
   }
-  std::map<std::string, const Tensor*> views;
-  for (const auto& [name, tensor] : weights.tensors()) views.emplace(kPrefix + name, &tensor);
-  write_safetensors_views(folder / "model.safetensors", views, {{"format", "pt"}});
+  write_safetensors(folder / "model.safetensors", stored, {{"format", "pt"}});
   write_text_atomically(folder / "config.json", config.dump(2) + "\n");
 }
 

@@ -17,6 +17,7 @@
 #include "compare.hpp"
 #include "config.hpp"
 #include "experiment.hpp"
+#include "families/family.hpp"
 #include "paths.hpp"
 #include "prompts.hpp"
 #include "registry.hpp"
@@ -32,6 +33,14 @@ namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
 namespace {
+
+// "gpt2, llama, ..." for the families with Hugging Face checkpoints.
+std::string checkpoint_families() {
+  std::string out;
+  for (const std::string& n : family_names())
+    if (family(n).has_checkpoints()) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
 
 struct UsageError : Error {
   using Error::Error;
@@ -213,9 +222,9 @@ int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::os
 
 int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
   po::options_description visible(
-      "lminv init CONFIG --out DIR [options]\n\nSaves the config's GPT-2 model (its seeded random weights, or "
-      "the checkpoint it names) as a Hugging Face folder: model.safetensors, config.json, and the tokenizer's "
-      "vocab.json and merges.txt.\n\noptions");
+      "lminv init CONFIG --out DIR [options]\n\nSaves the config's model (its seeded random weights, or "
+      "the checkpoint it names) as a Hugging Face folder of its family: model.safetensors, config.json, and the "
+      "tokenizer's files (tokenizer.json, or vocab.json and merges.txt).\n\noptions");
   visible.add(common_options()).add(config_options());
   visible.add_options()("out", po::value<std::string>(), "the folder to write");
   po::positional_options_description positional;
@@ -226,9 +235,9 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
   }
   if (!vm.count("out")) throw UsageError("init: missing --out DIR");
   const ExperimentConfig config = config_from(vm, "init");
-  if (config.spec.family != "gpt2")
+  if (!family(config.spec.family).has_checkpoints())
     throw Error(config.source + ": [model] family = " + config.spec.family +
-                ": lminv init writes Hugging Face GPT-2 folders (family = gpt2)");
+                ": lminv init writes Hugging Face folders of decoder families (" + checkpoint_families() + ")");
   const fs::path dir = vm["out"].as<std::string>();
   const fs::path tokenizer_dir = tokenizer_folder(config);
   const Tokenizer tokenizer = Tokenizer::from_folder(tokenizer_dir);
@@ -237,18 +246,27 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
   if (!config.vocab_size_explicit) spec.vocab_size = tokenizer.vocab_size();
   const auto start = std::chrono::steady_clock::now();
   const std::shared_ptr<const WeightSet> weights = make_weights(config, spec);
-  save_gpt2_checkpoint(dir, spec, *weights);
-  // The tokenizer goes with the model, in Hugging Face's file names (the formats are the same).
-  const bool hf_names = fs::exists(tokenizer_dir / "vocab.json");
-  for (auto [from, to] : {std::pair{hf_names ? "vocab.json" : "encoder.json", "vocab.json"},
-                          std::pair{hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"}}) {
+  save_checkpoint(dir, spec, *weights);
+  // The tokenizer goes with the model, in Hugging Face's file names (GPT-2's tables have the same formats).
+  std::vector<std::pair<std::string, std::string>> files;
+  if (fs::exists(tokenizer_dir / "tokenizer.json")) {
+    files.push_back({"tokenizer.json", "tokenizer.json"});
+    if (fs::exists(tokenizer_dir / "tokenizer_config.json"))
+      files.push_back({"tokenizer_config.json", "tokenizer_config.json"});
+  } else {
+    const bool hf_names = fs::exists(tokenizer_dir / "vocab.json");
+    files.push_back({hf_names ? "vocab.json" : "encoder.json", "vocab.json"});
+    files.push_back({hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"});
+  }
+  for (const auto& [from, to] : files) {
     std::ifstream in(tokenizer_dir / from, std::ios::binary);
     if (!in) throw Error((tokenizer_dir / from).string() + ": cannot read the tokenizer file");
     std::stringstream bytes;
     bytes << in.rdbuf();
     write_file_atomically(dir / to, bytes.str());
   }
-  out << "lminv init " << config.source << "\n  wrote " << dir.string() << ": gpt2 n_layer=" << spec.n_layer
+  out << "lminv init " << config.source << "\n  wrote " << dir.string() << ": " << spec.family
+      << " n_layer=" << spec.n_layer
       << " n_embd=" << spec.n_embd << " n_head=" << spec.n_head << " vocab_size=" << spec.vocab_size << " ("
       << weights->nbytes() / 1e6 << " MB, " << dtype_name(spec.dtype) << ") in " << std::setprecision(3)
       << seconds_since(start) << " s\n";
@@ -351,7 +369,17 @@ std::string supports(const Registry& registry, const PluginInfo& info) {
   try {
     const BackendInfo b = registry.create_backend(info.name)->info();
     std::string s;
-    for (const std::string& f : b.families) s += (s.empty() ? "" : ",") + f;
+    for (ModelKind k : b.kinds) s += (s.empty() ? "" : ",") + std::string(kind_name(k));
+    // The decoder features it lacks are what a user needs to know; the full list is long.
+    std::string lacks;
+    for (const char* f : {feature::layer_norm, feature::layer_norm_no_bias, feature::rms_norm,
+                          feature::learned_positions, feature::rotary, feature::partial_rotary, feature::grouped_kv,
+                          feature::head_dim, feature::gelu_tanh, feature::gelu_erf, feature::swiglu,
+                          feature::parallel_residual, feature::untied_head, feature::extra_layers,
+                          feature::vocab_input, feature::prefix_cache})
+      if (std::find(b.features.begin(), b.features.end(), f) == b.features.end())
+        lacks += (lacks.empty() ? "" : ",") + std::string(f);
+    s += lacks.empty() ? "  all features" : "  lacks " + lacks;
     s += "  dtypes ";
     for (std::size_t i = 0; i < b.dtypes.size(); ++i) s += (i ? "," : "") + std::string(dtype_name(b.dtypes[i]));
     s += "  devices ";
@@ -394,11 +422,15 @@ int cmd_plugins(const std::vector<std::string>& args, std::ostream& out, std::os
 
 int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
   po::options_description visible(
-      "lminv tokenize TEXT [options]\n\nPrints the GPT-2 token ids of TEXT, then each "
-      "token's id and piece.\n\noptions");
+      "lminv tokenize TEXT [options]\n\nPrints the token ids of TEXT, its own without BOS or other special tokens "
+      "around them (with a tokenizer.json, special tokens written in TEXT are recognised), then each token's id and "
+      "piece.\n\noptions");
   visible.add_options()("help,h", "show this help")(
       "tokenizer", po::value<std::string>(),
-      "folder with vocab.json + merges.txt or encoder.json + vocab.bpe (default: the embedded GPT-2 tables)");
+      "folder with tokenizer.json, vocab.json + merges.txt or encoder.json + vocab.bpe (default: the embedded GPT-2 "
+      "tables)")("with-special",
+                 "print the ids a run puts in: the tokenizer's special prefix (BOS, where its "
+                 "tokenizer_config.json or post-processor adds one), then TEXT's ids");
   po::options_description hidden;
   hidden.add_options()("text", po::value<std::vector<std::string>>());
   po::positional_options_description positional;
@@ -413,11 +445,13 @@ int cmd_tokenize(const std::vector<std::string>& args, std::ostream& out, std::o
   for (const std::string& word : vm["text"].as<std::vector<std::string>>()) text += (text.empty() ? "" : " ") + word;
   const Tokenizer tokenizer = Tokenizer::from_folder(vm.count("tokenizer") ? fs::path(vm["tokenizer"].as<std::string>())
                                                                            : default_tokenizer_dir());
-  const std::vector<std::int64_t> ids = tokenizer.encode(text);
+  std::vector<std::int64_t> ids = vm.count("with-special") ? tokenizer.special_prefix() : std::vector<std::int64_t>{};
+  const std::vector<std::int64_t> own = tokenizer.encode(text);
+  ids.insert(ids.end(), own.begin(), own.end());
   for (std::size_t i = 0; i < ids.size(); ++i) out << (i ? " " : "") << ids[i];
   out << "\n";
   for (std::int64_t id : ids) {
-    nlohmann::json piece = tokenizer.decode({id});
+    nlohmann::json piece = tokenizer.piece(id);
     out << std::setw(8) << std::right << id << "  "
         << piece.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   }

@@ -1,5 +1,7 @@
 #include "config.hpp"
 
+#include "families/family.hpp"
+
 #include <boost/program_options/parsers.hpp>
 #include <boost/program_options/variables_map.hpp>
 #include <fstream>
@@ -100,8 +102,17 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
 
   const Options model = raw.section("model");
   ModelSpec& s = c.spec;
-  s.family = model.get_choice("family", s.family, {"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"});
+  c.family_explicit = model.has("family");
+  s.family = model.get_string("family", s.family);
+  if (!find_family(s.family)) {
+    std::string list;
+    for (const std::string& n : family_names()) list += (list.empty() ? "" : " | ") + n;
+    model.fail("family", "expected one of " + list);
+  }
+  const FamilyAdapter& fam = family(s.family);
+  fam.set_architecture(s);  // the family's setting; the keys below may change single fields
   c.weights = model.get_string("weights", c.weights);
+  const bool random = c.weights == "random";
   const std::int64_t seed = model.get_int("seed", 0);
   if (seed < 0) model.fail("seed", "must be >= 0");
   c.seed = static_cast<std::uint64_t>(seed);
@@ -118,15 +129,49 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   c.vocab_size_explicit = model.has("vocab_size");
   s.vocab_size = positive("vocab_size", s.vocab_size);
   s.n_positions = positive("n_positions", s.n_positions);
-  s.layer_norm_epsilon = model.get_double("layer_norm_epsilon", s.layer_norm_epsilon);
-  if (!(s.layer_norm_epsilon > 0)) model.fail("layer_norm_epsilon", "must be positive");
+
+  // Architecture fields (docs/families.md): for models made here; a checkpoint's config.json sets its own.
+  Architecture& a = s.arch;
+  const std::vector<std::string> arch_keys = {"norm", "norm_bias", "norm_eps", "layer_norm_epsilon", "positions",
+                                              "rope_theta", "rotary_fraction", "n_kv_head", "head_dim", "qkv_bias",
+                                              "attn_out_bias", "mlp", "mlp_bias", "residual", "tied_head"};
+  // With a checkpoint its config.json wins over these keys, as over the size keys.
+  for (const std::string& key : arch_keys)
+    if (model.has(key) && fam.kind() != ModelKind::decoder)
+      model.fail(key, "applies to decoder families, not " + s.family);
+  if (!random && !fam.has_checkpoints())
+    model.fail("weights", "family " + s.family + " has no Hugging Face checkpoints (use weights = random)");
+  a.norm = *parse_norm(model.get_choice("norm", norm_name(a.norm), {"layer_norm", "rms_norm"}));
+  a.norm_bias = model.get_bool("norm_bias", a.norm == Norm::layer_norm && a.norm_bias);
+  if (a.norm_bias && a.norm == Norm::rms_norm) model.fail("norm_bias", "rms_norm has no bias");
+  a.norm_eps = model.get_double(model.has("layer_norm_epsilon") ? "layer_norm_epsilon" : "norm_eps", a.norm_eps);
+  if (!(a.norm_eps > 0)) model.fail(model.has("layer_norm_epsilon") ? "layer_norm_epsilon" : "norm_eps", "must be positive");
+  a.positions = *parse_positions(model.get_choice("positions", positions_name(a.positions), {"learned", "rotary"}));
+  a.rope_theta = model.get_double("rope_theta", a.rope_theta);
+  if (!(a.rope_theta > 0)) model.fail("rope_theta", "must be positive");
+  a.rotary_fraction = model.get_double("rotary_fraction", a.rotary_fraction);
+  if (!(a.rotary_fraction > 0 && a.rotary_fraction <= 1)) model.fail("rotary_fraction", "must be in (0, 1]");
+  a.n_kv_head = model.get_int("n_kv_head", a.n_kv_head);
+  if (a.n_kv_head < 0 || (a.n_kv_head > 0 && s.n_head % a.n_kv_head != 0))
+    model.fail("n_kv_head", "must divide n_head (" + std::to_string(s.n_head) + "), or be 0 for n_head");
+  a.head_dim = model.get_int("head_dim", a.head_dim);
+  if (a.head_dim < 0) model.fail("head_dim", "must be >= 0 (0: n_embd / n_head)");
+  a.qkv_bias = model.get_bool("qkv_bias", a.qkv_bias);
+  a.attn_out_bias = model.get_bool("attn_out_bias", a.attn_out_bias);
+  a.mlp = *parse_mlp(model.get_choice("mlp", mlp_name(a.mlp), {"gelu_tanh", "gelu_erf", "swiglu"}));
+  a.mlp_bias = model.get_bool("mlp_bias", a.mlp_bias);
+  a.residual = *parse_residual(model.get_choice("residual", residual_name(a.residual), {"sequential", "parallel"}));
+  a.tied_head = model.get_bool("tied_head", a.tied_head);
+
+  // With a checkpoint, blocks and layers are checked against its layer count once its config.json is read.
   s.blocks = model.get_int("blocks", s.blocks);
-  if (s.blocks < 0 || s.blocks > s.n_layer) model.fail("blocks", "must be in 0..n_layer (" + std::to_string(s.n_layer) + ")");
+  if (s.blocks < 0 || (random && s.blocks > s.n_layer))
+    model.fail("blocks", "must be in 0..n_layer (" + std::to_string(s.n_layer) + ")");
   s.head = *parse_head(model.get_choice("head", head_name(s.head), {"none", "ln_f", "lm_head"}));
   s.input = *parse_input_space(model.get_choice("input", input_space_name(s.input), {"embedding", "vocab"}));
   s.layers = model.get_ints("layers", {});
   for (std::int64_t l : s.layers)
-    if (l < 0 || l > s.n_layer) model.fail("layers", "each entry must be in 0..n_layer");
+    if (l < 0 || (random && l > s.n_layer)) model.fail("layers", "each entry must be in 0..n_layer");
   check_all_read(model);
 
   Options backend = raw.section("backend");
@@ -143,6 +188,7 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
     prompt.fail(prompt.has("text") ? "text" : "ids", "give exactly one of text or ids");
   for (std::int64_t id : c.prompt_ids)
     if (id < 0) prompt.fail("ids", "token ids are >= 0");
+  c.bos = prompt.get_choice("bos", c.bos, {"auto", "yes", "no"});
   check_all_read(prompt);
 
   const Options tokenizer = raw.section("tokenizer");

@@ -38,6 +38,7 @@ struct ExperimentConfig {
   // [model]
   ModelSpec spec;
   bool vocab_size_explicit = false;  // else the tokenizer's vocabulary size
+  bool family_explicit = false;      // [model] family given: a checkpoint of another model_type is an error
   std::string weights = "random";
   std::uint64_t seed = 0;
 
@@ -48,6 +49,7 @@ struct ExperimentConfig {
   // [prompt]: text, or ids
   std::string prompt_text;
   std::vector<std::int64_t> prompt_ids;
+  std::string bos = "auto";  // text prompts: auto (the tokenizer's special prefix) | yes (its BOS) | no (nothing)
 
   // [tokenizer]
   std::string tokenizer_dir;  // empty: the embedded default

@@ -24,13 +24,14 @@ std::string join(const Items& items, ToString to_string) {
   return s;
 }
 
-// Refuses, before the weights are made, what the backend says it cannot build.
+// Refuses, before the model is made, what the backend says it cannot build.
 void check_supported(const Backend& backend, const std::string& name, const ModelSpec& spec) {
   const BackendInfo info = backend.info();
   auto same = [](const std::string& s) { return s; };
-  if (!contains(info.families, spec.family))
-    throw Error("backend '" + name + "' does not support family '" + spec.family + "' (it supports " +
-                join(info.families, same) + ")");
+  if (!contains(info.kinds, spec.kind))
+    throw Error("backend '" + name + "' does not build " + kind_name(spec.kind) + " models (family '" + spec.family +
+                "'; it builds " + join(info.kinds, kind_name) + ")");
+  check_features(spec, info.features, "backend '" + name + "'");
   if (!contains(info.dtypes, spec.dtype))
     throw Error("backend '" + name + "' does not support dtype '" + dtype_name(spec.dtype) + "' (it supports " +
                 join(info.dtypes, dtype_name) + ")");
@@ -49,6 +50,7 @@ fs::path tokenizer_folder(const ExperimentConfig& config) {
   if (!config.tokenizer_dir.empty()) return config.tokenizer_dir;
   if (is_checkpoint(config)) {
     const fs::path folder = config.weights;
+    if (fs::exists(folder / "tokenizer.json")) return folder;
     if (fs::exists(folder / "vocab.json") && fs::exists(folder / "merges.txt")) return folder;
   }
   return default_tokenizer_dir();
@@ -57,18 +59,21 @@ fs::path tokenizer_folder(const ExperimentConfig& config) {
 std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec) {
   if (!is_checkpoint(config)) return std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
 
-  if (spec.family != "gpt2")
-    throw Error(config.source + ": [model] weights = '" + config.weights + "': checkpoints hold GPT-2 models, but " +
-                "family = " + spec.family + " (use weights = random for it)");
-  Checkpoint checkpoint = load_gpt2_checkpoint(config.weights);
+  Checkpoint checkpoint = load_checkpoint(config.weights);
   const ModelSpec& c = checkpoint.spec;
+  if (config.family_explicit && spec.family != c.family)
+    throw Error(config.source + ": [model] family = " + spec.family + ", but the checkpoint " + config.weights +
+                " is a " + c.family + " model (its config.json's model_type); remove the key or give a " +
+                spec.family + " folder");
+  spec.family = c.family;
+  spec.kind = c.kind;
+  spec.arch = c.arch;
   spec.n_layer = c.n_layer;
   spec.n_embd = c.n_embd;
   spec.n_head = c.n_head;
   spec.n_inner = c.n_inner;
   spec.vocab_size = c.vocab_size;
   spec.n_positions = c.n_positions;
-  spec.layer_norm_epsilon = c.layer_norm_epsilon;
   if (spec.blocks > spec.n_layer)
     throw Error(config.source + ": [model] blocks = " + std::to_string(spec.blocks) + ": the checkpoint " +
                 config.weights + " has " + std::to_string(spec.n_layer) + " blocks");
@@ -88,9 +93,7 @@ std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Regi
 
 Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend) {
   ExperimentFactory factory(config, std::move(backend));
-  const std::vector<std::int64_t> ids =
-      config.prompt_text.empty() ? config.prompt_ids : factory.tokenizer().encode(config.prompt_text);
-  return factory.build(ids);
+  return factory.build(config_prompt_ids(config, factory.tokenizer()));
 }
 
 ExperimentFactory::ExperimentFactory(const ExperimentConfig& config, std::shared_ptr<Backend> backend)
@@ -100,14 +103,15 @@ ExperimentFactory::ExperimentFactory(const ExperimentConfig& config, std::shared
       spec_(config.spec) {
   if (!config.vocab_size_explicit) spec_.vocab_size = tokenizer_.vocab_size();
   spec_.seq_len = 1;  // checked per prompt
+  // A checkpoint's architecture is known once its config.json is read (build() checks again then).
   check_supported(*backend_, config.backend, spec_);
 }
 
 Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
   if (ids.empty()) throw Error(config_.source + ": [prompt] has no tokens");
   const std::int64_t T = static_cast<std::int64_t>(ids.size());
-  // GPT-2's and the per-token MLP's weights do not depend on the prompt's length; fcnet's do.
-  const bool per_length = spec_.family != "gpt2" && spec_.family != "transformer_mlp";
+  // A decoder's and the per-token MLP's weights do not depend on the prompt's length; fcnet's do.
+  const bool per_length = !spec_.any_length();
   const std::int64_t key = per_length ? T : 0;
   auto found = weights_.find(key);
   if (found == weights_.end()) {
@@ -116,6 +120,7 @@ Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
     const auto start = std::chrono::steady_clock::now();
     std::shared_ptr<const WeightSet> weights = make_weights(config_, spec);
     weights_seconds_[key] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (is_checkpoint(config_)) check_supported(*backend_, config_.backend, spec);
     found = weights_.emplace(key, std::make_pair(spec, std::move(weights))).first;
   }
   ModelSpec spec = found->second.first;
@@ -126,16 +131,42 @@ Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
     if (id < 0 || id >= spec.vocab_size)
       throw Error(config_.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
                   std::to_string(spec.vocab_size) + ")");
-  if (spec.seq_len > spec.n_positions && spec.family == "gpt2")
+  if (spec.seq_len > spec.n_positions && spec.kind == ModelKind::decoder)
     throw Error(config_.source + ": [prompt] has " + std::to_string(spec.seq_len) + " tokens, more than the model's " +
                 std::to_string(spec.n_positions) + " positions");
-  std::shared_ptr<Model>& model = models_[T];
+  // One model for every length where the network takes any (weights held once), one per length otherwise.
+  std::shared_ptr<Model>& model = models_[key];
   if (!model) model = keep_alive(backend_->create_model(spec, weights), backend_);
+  std::shared_ptr<Model> sized = per_length ? model : std::make_shared<LengthView>(model, T);
 
-  Experiment e{tokenizer_, ids, display_text(tokenizer_, ids), spec, weights, backend_, model, {}, 0};
+  Experiment e{tokenizer_, ids, display_text(tokenizer_, ids), spec, weights, backend_, sized, {}, 0};
   e.true_input = true_input_for(ids, spec, *weights);
   e.weights_seconds = weights_seconds_[key];
   return e;
+}
+
+std::vector<std::int64_t> prefix_for_text(const ExperimentConfig& config, const Tokenizer& tokenizer) {
+  if (config.bos == "no") return {};
+  if (config.bos == "yes") {
+    const std::optional<std::int64_t> bos = tokenizer.bos_id();
+    if (!bos)
+      throw Error(config.source + ": [prompt] bos = yes, but the tokenizer (" + tokenizer.kind() +
+                  ") has no BOS token");
+    return {*bos};
+  }
+  return tokenizer.special_prefix();
+}
+
+std::vector<std::int64_t> text_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer,
+                                          const std::string& text) {
+  std::vector<std::int64_t> ids = prefix_for_text(config, tokenizer);
+  const std::vector<std::int64_t> own = tokenizer.encode(text);
+  ids.insert(ids.end(), own.begin(), own.end());
+  return ids;
+}
+
+std::vector<std::int64_t> config_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer) {
+  return config.prompt_text.empty() ? config.prompt_ids : text_prompt_ids(config, tokenizer, config.prompt_text);
 }
 
 Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {

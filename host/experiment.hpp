@@ -28,7 +28,7 @@ struct Experiment {
 };
 
 // The tokenizer folder of a config: [tokenizer] path, else the checkpoint folder when it holds
-// vocab.json + merges.txt, else the embedded default.
+// tokenizer.json or vocab.json + merges.txt, else the embedded default.
 std::filesystem::path tokenizer_folder(const ExperimentConfig& config);
 
 // The model's spec and weights: seeded random ones, or a Hugging Face checkpoint (config.json wins
@@ -42,7 +42,8 @@ std::shared_ptr<Backend> make_backend(const ExperimentConfig& config, const Regi
 Experiment build_experiment(const ExperimentConfig& config, std::shared_ptr<Backend> backend);
 
 // What build_experiment makes, for many prompts: the tokenizer once, the weights once (once per prompt length for
-// the MLP families, whose weights depend on it), and one model per prompt length.
+// fcnet, whose weights depend on it), and one model (per prompt length for fcnet; shown to each prompt as a
+// LengthView of its length for the kinds that take any length).
 class ExperimentFactory {
  public:
   ExperimentFactory(const ExperimentConfig& config, std::shared_ptr<Backend> backend);
@@ -58,12 +59,20 @@ class ExperimentFactory {
   Tokenizer tokenizer_;
   ModelSpec spec_;  // seq_len unset
   std::map<std::int64_t, std::pair<ModelSpec, std::shared_ptr<const WeightSet>>> weights_;  // by weights_key
-  std::map<std::int64_t, std::shared_ptr<Model>> models_;  // by seq_len
+  std::map<std::int64_t, std::shared_ptr<Model>> models_;  // by weights_key: one for the kinds of any length
   std::map<std::int64_t, double> weights_seconds_;
 };
 
 // The true input for token ids: their token-embedding rows [1, T, d], or one-hot vectors [1, T, V].
 Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights);
+
+// The ids a text prompt runs as: the tokenizer's special prefix (a BOS token where its tokenizer_config.json or
+// post-processor adds one) unless [prompt] bos says otherwise, then the text's own ids.
+std::vector<std::int64_t> prefix_for_text(const ExperimentConfig& config, const Tokenizer& tokenizer);
+std::vector<std::int64_t> text_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer,
+                                          const std::string& text);
+// The config's prompt: [prompt] ids as given, or its text through text_prompt_ids.
+std::vector<std::int64_t> config_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer);
 
 // Text of ids for people to read; ids the tokenizer does not know are shown as <id>.
 std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids);

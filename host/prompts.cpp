@@ -82,6 +82,7 @@ PromptEntry parse_json_line(const std::string& line, const std::string& at, cons
     entry.kind = "ids";
   } else {
     entry.ids = tokenizer.encode(entry.text);
+    entry.from_text = true;
     if (entry.ids.empty()) throw Error(at + "empty prompt: \"text\" has no tokens");
     check_text_ids(entry.ids, at, vocab_size);
     entry.kind = "text";
@@ -197,7 +198,8 @@ struct Sentence {
 
 }  // namespace
 
-std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer& tokenizer, std::int64_t vocab_size) {
+std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer& tokenizer, std::int64_t vocab_size,
+                                          const std::vector<std::int64_t>& text_prefix) {
   if (vocab_size <= 0)
     throw Error(file.string() + ": vocabulary size " + std::to_string(vocab_size) + " is not positive");
   std::ifstream in(file, std::ios::binary);
@@ -215,10 +217,12 @@ std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer&
     } else {
       entry.text = line;
       entry.ids = tokenizer.encode(line);
+      entry.from_text = true;
       if (entry.ids.empty()) throw Error(at + "empty prompt: the line has no tokens");
       check_text_ids(entry.ids, at, vocab_size);
       entry.kind = "text";
     }
+    if (entry.from_text) entry.ids.insert(entry.ids.begin(), text_prefix.begin(), text_prefix.end());
     entry.line = number;
     entries.push_back(std::move(entry));
   }

@@ -16,6 +16,7 @@ namespace lminv {
 struct PromptEntry {
   std::string text;               // the prompt's text; for an ids-only entry, the tokenizer's decode (for display)
   std::vector<std::int64_t> ids;  // token ids, never empty
+  bool from_text = false;         // ids made by the tokenizer from text (they get the text prefix)
   std::string kind;               // "kind" of a JSON line; else "text" (tokenized text) or "ids" (ids given)
   std::int64_t line = 0;          // 1-based line number in the file
 };
@@ -25,10 +26,12 @@ struct PromptEntry {
 //     and/or "text" (tokenized with `tokenizer`), optional "kind" (a string); other keys are ignored.
 //   - A line starting with '#', or holding only whitespace, is skipped.
 //   - Any other line is plain text, tokenized as it is (leading spaces count; a trailing '\r' is dropped).
+// Text prompts (plain lines, JSON "text" without "ids") get `text_prefix` first (the tokenizer's BOS, as a run's).
 // Every id must lie in [0, vocab_size). Errors name the file and the line: invalid JSON, ids not integers, an id out of
 // range, a prompt with no tokens, neither ids nor text; and the file when it cannot be read or holds no prompt.
 std::vector<PromptEntry> read_prompt_file(const std::filesystem::path& file, const Tokenizer& tokenizer,
-                                          std::int64_t vocab_size);
+                                          std::int64_t vocab_size,
+                                          const std::vector<std::int64_t>& text_prefix = {});
 
 // What `lminv prompts` makes.
 struct MakePromptsRequest {

@@ -108,26 +108,44 @@ class HostObserver final : public Observer {
 };
 
 nlohmann::json spec_json(const ModelSpec& s) {
-  return {{"family", s.family},        {"n_layer", s.n_layer},
+  nlohmann::json j = {{"family", s.family},        {"n_layer", s.n_layer},
           {"n_embd", s.n_embd},        {"n_head", s.n_head},
           {"n_inner", s.inner()},      {"vocab_size", s.vocab_size},
           {"seq_len", s.seq_len},      {"blocks", s.blocks},
           {"head", head_name(s.head)}, {"input", input_space_name(s.input)},
           {"layers", s.layers},        {"dtype", dtype_name(s.dtype)},
-          {"device", s.device}};
+          {"device", s.device},        {"kind", kind_name(s.kind)}};
+  if (s.kind == ModelKind::decoder) {
+    const Architecture& a = s.arch;
+    j["arch"] = {{"norm", norm_name(a.norm)},
+                 {"norm_bias", a.norm_bias},
+                 {"norm_eps", a.norm_eps},
+                 {"positions", positions_name(a.positions)},
+                 {"rope_theta", a.rope_theta},
+                 {"rotary_dim", s.rotary_dim()},
+                 {"n_kv_head", s.kv_heads()},
+                 {"head_dim", s.head_size()},
+                 {"qkv_bias", a.qkv_bias},
+                 {"attn_out_bias", a.attn_out_bias},
+                 {"mlp", mlp_name(a.mlp)},
+                 {"mlp_bias", a.mlp_bias},
+                 {"residual", residual_name(a.residual)},
+                 {"tied_head", a.tied_head}};
+  }
+  return j;
 }
 
 struct NextToken {
   std::int64_t original = -1, recovered = -1;
 };
 
-// The full model's (every block, lm_head) most likely token after the last position, for the original
-// prompt and for the recovered one. GPT-2 only: the MLP families have no language-model head.
-// `cache` keeps the full model made for this prompt length, for the next prompt of a session.
+// The full model's (every block, its own lm_head) most likely token after the last position, for the original
+// prompt and for the recovered one. Decoders only: the MLP families have no language-model head.
+// `cache` keeps the full model, for the next prompt of a session (it takes every length).
 std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment& e,
                                               const std::vector<std::int64_t>& recovered,
                                               std::unique_ptr<Model>& cache) {
-  if (e.spec.family != "gpt2") return std::nullopt;
+  if (e.spec.kind != ModelKind::decoder) return std::nullopt;
   ModelSpec full = e.spec;
   full.blocks = full.n_layer;
   full.head = Head::lm_head;
@@ -150,8 +168,7 @@ std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment
 
 RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out) {
   ExperimentSession session(config, registry);
-  const std::vector<std::int64_t> ids =
-      config.prompt_text.empty() ? config.prompt_ids : session.tokenizer().encode(config.prompt_text);
+  const std::vector<std::int64_t> ids = config_prompt_ids(config, session.tokenizer());
   return session.run(ids, out, /*quiet=*/false, fs::path(config.output_dir) / "records.jsonl");
 }
 
@@ -197,7 +214,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   out << "lminv run " << config.source << "\n"
       << "  prompt    " << quoted(prompt_text) << "  (" << spec.seq_len << " tokens)\n"
       << "  model     " << spec.family << "  d=" << spec.n_embd;
-  if (spec.family == "gpt2")
+  if (spec.kind == ModelKind::decoder)
     out << "  blocks=" << spec.blocks << "/" << spec.n_layer << "  head=" << head_name(spec.head);
   out << "  input=" << input_space_name(spec.input) << "  weights=" << config.weights;
   if (config.weights == "random") out << " (seed " << config.seed << ")";
@@ -272,7 +289,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   const double decoded_l1 = distances(decoded_output, target, Metric::l1)[0];
 
   // Does the recovered prompt make the full model predict the same next token as the original?
-  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids, full_models_[spec.seq_len]);
+  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids, full_model_);
 
   const double steps_per_second = observer.steps() / std::max(optimize_seconds, 1e-9);
   out << "  result    " << quoted(summary.decoded_text) << "\n"

@@ -59,7 +59,7 @@ class ExperimentSession {
   std::unique_ptr<ExperimentFactory> factory_;
   bool decoder_prepared_ = false;
   double prepare_seconds_ = 0;
-  std::map<std::int64_t, std::unique_ptr<Model>> full_models_;  // the whole GPT-2 for next-token agreement, by length
+  std::unique_ptr<Model> full_model_;  // the whole decoder with its head, for next-token agreement
 };
 
 }  // namespace lminv

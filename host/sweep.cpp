@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "config.hpp"
+#include "experiment.hpp"
 #include "prompts.hpp"
 #include "report.hpp"
 #include "runner.hpp"
@@ -205,7 +206,8 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
 
   // The prompts, tokenized with the first point's tokenizer.
   std::unique_ptr<ExperimentSession> session = std::make_unique<ExperimentSession>(configs.front(), registry);
-  std::vector<PromptEntry> prompts = read_prompt_file(request.prompts, session->tokenizer(), session->vocab_size());
+  std::vector<PromptEntry> prompts = read_prompt_file(request.prompts, session->tokenizer(), session->vocab_size(),
+                                                 prefix_for_text(configs.front(), session->tokenizer()));
   if (request.limit > 0 && static_cast<std::int64_t>(prompts.size()) > request.limit)
     prompts.resize(static_cast<std::size_t>(request.limit));
 

@@ -21,6 +21,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "hf_tokenizer.hpp"
 #include "lminv/error.hpp"
 
 namespace lminv {
@@ -209,6 +210,8 @@ std::uint64_t pair_key(std::int32_t left, std::int32_t right) {
 // ---- The tables and BPE -------------------------------------------------------------------------------------------
 
 struct Tokenizer::Impl {
+  std::shared_ptr<const HfTokenizer> hf;  // a tokenizer.json: then every call goes there and the rest is unused
+
   struct Merge {
     std::uint32_t rank;   // line order in the merges file: lower merges first
     std::int32_t result;  // id of the merged token
@@ -414,6 +417,12 @@ Tokenizer Tokenizer::from_files(const std::filesystem::path& vocab_json, const s
 }
 
 Tokenizer Tokenizer::from_folder(const std::filesystem::path& dir) {
+  std::error_code exists_ec;
+  if (std::filesystem::exists(dir / "tokenizer.json", exists_ec)) {
+    auto impl = std::make_shared<Impl>();
+    impl->hf = HfTokenizer::load(dir / "tokenizer.json", dir / "tokenizer_config.json");
+    return Tokenizer(std::move(impl));
+  }
   // The Hugging Face names first: a folder downloaded from the Hub may hold both sets.
   const std::pair<const char*, const char*> layouts[] = {{"vocab.json", "merges.txt"}, {"encoder.json", "vocab.bpe"}};
   for (const auto& [vocab, merges] : layouts) {
@@ -423,11 +432,12 @@ Tokenizer Tokenizer::from_folder(const std::filesystem::path& dir) {
     }
   }
   throw Error("tokenizer folder '" + dir.string() +
-              "' holds neither vocab.json + merges.txt nor encoder.json + vocab.bpe"
+              "' holds neither tokenizer.json, vocab.json + merges.txt nor encoder.json + vocab.bpe"
               " (bash scripts/fetch-tokenizer.sh puts GPT-2's in data/gpt2-tokenizer)");
 }
 
 std::vector<std::int64_t> Tokenizer::encode(std::string_view utf8_text) const {
+  if (impl_->hf) return impl_->hf->encode(utf8_text);
   std::vector<std::int64_t> ids;
   ids.reserve(utf8_text.size() / 3 + 1);
   for (std::size_t pos = 0; pos < utf8_text.size();) {
@@ -439,22 +449,38 @@ std::vector<std::int64_t> Tokenizer::encode(std::string_view utf8_text) const {
 }
 
 std::string Tokenizer::decode(const std::vector<std::int64_t>& ids) const {
+  if (impl_->hf) return impl_->hf->decode(ids);
   std::string text;
   for (const std::int64_t id : ids) text += impl_->bytes(id);
   return text;
 }
 
 std::string Tokenizer::piece(std::int64_t id) const {
+  if (impl_->hf) return impl_->hf->piece(id);
   return impl_->bytes(id);
 }
 
 std::int64_t Tokenizer::vocab_size() const {
+  if (impl_->hf) return impl_->hf->vocab_size();
   return static_cast<std::int64_t>(impl_->bytes_of_id.size());
 }
 
 std::int64_t Tokenizer::id_of(std::string_view piece_in_byte_unicode_form) const {
+  if (impl_->hf) return impl_->hf->id_of(piece_in_byte_unicode_form);
   const auto it = impl_->id_of_entry.find(std::string(piece_in_byte_unicode_form));
   return it == impl_->id_of_entry.end() ? -1 : it->second;
+}
+
+std::vector<std::int64_t> Tokenizer::special_prefix() const {
+  return impl_->hf ? impl_->hf->special_prefix() : std::vector<std::int64_t>{};
+}
+
+std::optional<std::int64_t> Tokenizer::bos_id() const {
+  return impl_->hf ? impl_->hf->bos_id() : std::nullopt;
+}
+
+std::string Tokenizer::kind() const {
+  return impl_->hf ? impl_->hf->kind() : "gpt2-bpe";
 }
 
 std::filesystem::path default_tokenizer_dir() {

@@ -1,5 +1,8 @@
 #include "weights_init.hpp"
 
+#include "families/family.hpp"
+#include "lminv/schema.hpp"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -162,39 +165,28 @@ void require_positive(const ModelSpec& spec, const char* what, std::int64_t valu
                 std::to_string(value));
 }
 
-// Hugging Face's GPT2PreTrainedModel._init_weights: Conv1D weights and both embeddings N(0, 0.02^2), the two
-// residual projections ("c_proj.weight") N(0, (0.02 / sqrt(2 n_layer))^2), biases 0, LayerNorm weight 1 and bias 0.
-// Always all n_layer blocks, so a model of the first k blocks sees the same weights whatever k is.
-void add_gpt2(WeightSet& weights, const ModelSpec& spec, const Rng& root, int threads) {
+// A decoder's weights as its family's Hugging Face _init_weights makes them: every 2-D weight normal with the
+// family's standard deviation (FamilyAdapter::init_std: 0.02, GPT-2's residual projections 0.02 / sqrt(2 n_layer)),
+// norm weights 1, biases 0. Always all n_layer blocks, so a model of the first k blocks sees the same weights whatever
+// k is. Each tensor has its own stream (forked by its canonical name), so the bytes do not depend on the order.
+void add_decoder(WeightSet& weights, const ModelSpec& spec, const Rng& root, int threads) {
   require_positive(spec, "n_positions", spec.n_positions);
   require_positive(spec, "the MLP width (n_inner, or 4 n_embd)", spec.inner());
   if (spec.n_layer < 0)
-    throw Error("random weights for family 'gpt2': n_layer must not be negative, got " + std::to_string(spec.n_layer));
-  const std::int64_t d = spec.n_embd, inner = spec.inner();
-  const double std = 0.02, proj_std = 0.02 / std::sqrt(2.0 * static_cast<double>(spec.n_layer));
-  const DType dtype = spec.dtype;
-  auto normal = [&](const std::string& name, const Shape& shape, double s) {
-    weights.set(name, random_normal(root, name, dtype, shape, s, threads));
-  };
-  auto layer_norm = [&](const std::string& name) {
-    weights.set(name + ".weight", constant(dtype, {d}, 1.0));
-    weights.set(name + ".bias", constant(dtype, {d}, 0.0));
-  };
-  normal("wpe.weight", {spec.n_positions, d}, std);
-  for (std::int64_t i = 0; i < spec.n_layer; ++i) {
-    const std::string h = "h." + std::to_string(i) + ".";
-    layer_norm(h + "ln_1");
-    normal(h + "attn.c_attn.weight", {d, 3 * d}, std);  // Conv1D: [in, out]
-    weights.set(h + "attn.c_attn.bias", constant(dtype, {3 * d}, 0.0));
-    normal(h + "attn.c_proj.weight", {d, d}, proj_std);
-    weights.set(h + "attn.c_proj.bias", constant(dtype, {d}, 0.0));
-    layer_norm(h + "ln_2");
-    normal(h + "mlp.c_fc.weight", {d, inner}, std);
-    weights.set(h + "mlp.c_fc.bias", constant(dtype, {inner}, 0.0));
-    normal(h + "mlp.c_proj.weight", {inner, d}, proj_std);
-    weights.set(h + "mlp.c_proj.bias", constant(dtype, {d}, 0.0));
+    throw Error("random weights for family '" + spec.family + "': n_layer must not be negative, got " +
+                std::to_string(spec.n_layer));
+  ModelSpec checked = spec;
+  checked.blocks = 0;
+  checked.layers.clear();
+  checked.seq_len = 0;
+  check_spec(checked, "random weights");
+  const FamilyAdapter& fam = family(spec.family);
+  for (const TensorSpec& t : weight_schema(spec)) {
+    if (t.name == "wte.weight") continue;  // made by the caller, as for every family
+    const bool bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
+    if (t.shape.size() == 2) weights.set(t.name, random_normal(root, t.name, spec.dtype, t.shape, fam.init_std(spec, t.name), threads));
+    else weights.set(t.name, constant(spec.dtype, t.shape, bias ? 0.0 : 1.0));
   }
-  layer_norm("ln_f");
 }
 
 }  // namespace
@@ -210,11 +202,7 @@ Tensor random_uniform(const Rng& root, const std::string& name, DType dtype, con
 }
 
 WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int threads) {
-  const bool fcnet = spec.family == "fcnet" || spec.family == "fcnet_noninvertible";
-  const bool gpt2 = spec.family == "gpt2";
-  if (!fcnet && !gpt2 && spec.family != "transformer_mlp")
-    throw Error("random weights: no initialisation for family '" + spec.family +
-                "' (supported: gpt2, fcnet, fcnet_noninvertible, transformer_mlp)");
+  const ModelKind kind = spec.kind;
   require_positive(spec, "n_embd", spec.n_embd);
   require_positive(spec, "vocab_size", spec.vocab_size);
 
@@ -222,16 +210,16 @@ WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int thr
   const std::int64_t d = spec.n_embd;
   WeightSet weights;
   weights.set("wte.weight", random_normal(root, "wte.weight", spec.dtype, {spec.vocab_size, d}, 0.02, threads));
-  if (gpt2) {
-    add_gpt2(weights, spec, root, threads);
-  } else if (fcnet) {
+  if (kind == ModelKind::decoder) {
+    add_decoder(weights, spec, root, threads);
+  } else if (kind == ModelKind::fcnet || kind == ModelKind::fcnet_noninvertible) {
     if (spec.seq_len <= 0)
       throw Error("random weights for family '" + spec.family +
                   "': seq_len (the prompt's token count) must be positive, got " + std::to_string(spec.seq_len) +
                   "; the layer sizes depend on it");
     const std::int64_t D = spec.seq_len * d;
     add_linear(weights, root, "fc1", D, 4 * D, spec.dtype, threads);
-    add_linear(weights, root, "fc2", 4 * D, spec.family == "fcnet" ? 4 * D : D, spec.dtype, threads);
+    add_linear(weights, root, "fc2", 4 * D, kind == ModelKind::fcnet ? 4 * D : D, spec.dtype, threads);
   } else {
     require_positive(spec, "the MLP width (n_inner, or 4 n_embd)", spec.inner());
     add_linear(weights, root, "fc1", d, spec.inner(), spec.dtype, threads);

@@ -17,19 +17,13 @@ namespace lminv {
 //   fcnet                 fc1 [4D, D], fc2 [4D, 4D]  with D = seq_len * n_embd
 //   fcnet_noninvertible   fc1 [4D, D], fc2 [D, 4D]
 //   transformer_mlp       fc1 [inner, d], fc2 [d, inner]                              (inner = spec.inner())
-//   gpt2                  Hugging Face's GPT-2 names without the "transformer." prefix, Conv1D weights [in, out]:
-//                          wpe.weight [n_positions, d]                                ~ N(0, 0.02^2)
-//                          for every block i < n_layer (always all of them, whatever spec.blocks is):
-//                            h.i.ln_1.weight [d] = 1, h.i.ln_1.bias [d] = 0, and the same for h.i.ln_2
-//                            h.i.attn.c_attn.weight [d, 3d] ~ N(0, 0.02^2),  h.i.attn.c_attn.bias [3d] = 0
-//                            h.i.attn.c_proj.weight [d, d]  ~ N(0, s^2),     h.i.attn.c_proj.bias [d] = 0
-//                            h.i.mlp.c_fc.weight [d, inner] ~ N(0, 0.02^2),  h.i.mlp.c_fc.bias [inner] = 0
-//                            h.i.mlp.c_proj.weight [inner, d] ~ N(0, s^2),   h.i.mlp.c_proj.bias [d] = 0
-//                          ln_f.weight [d] = 1, ln_f.bias [d] = 0;  s = 0.02 / sqrt(2 n_layer)
-//                        as GPT2PreTrainedModel._init_weights; lm_head is tied to wte (no tensor of its own).
+//   decoders (spec.kind)  every tensor of weight_schema(spec) (sdk/include/lminv/schema.hpp), all n_layer blocks
+//                        whatever spec.blocks is, as the family's Hugging Face _init_weights makes them: 2-D weights
+//                        ~ N(0, s^2) with s = FamilyAdapter::init_std (0.02; GPT-2's c_proj weights 0.02 / sqrt(2
+//                        n_layer)), norm weights 1, biases 0. A tied head has no tensor of its own.
 //                        Constant tensors draw nothing; the random ones use the streams below like every family.
 // The MLP families' linear layers are "<name>.weight" [out, in] and "<name>.bias" [out], uniform in
-// [-1/sqrt(in), 1/sqrt(in)) like torch's nn.Linear default. Any other family is an Error naming it.
+// [-1/sqrt(in), 1/sqrt(in)) like torch's nn.Linear default. An unknown decoder family is an Error naming it.
 // threads: 0 = all cores; the values do not depend on it.
 WeightSet init_random_weights(const ModelSpec& spec, std::uint64_t seed, int threads = 0);
 

@@ -18,6 +18,7 @@
 #include "checkpoint.hpp"
 #include "lminv/error.hpp"
 #include "lminv/rng.hpp"
+#include "lminv/schema.hpp"
 #include "safetensors.hpp"
 #include "weights_init.hpp"
 
@@ -66,11 +67,11 @@ ModelSpec tiny_spec(std::int64_t n_inner = 0) {
   spec.n_inner = n_inner;
   spec.vocab_size = 11;
   spec.n_positions = 7;
-  spec.layer_norm_epsilon = 1e-5;
+  spec.arch.norm_eps = 1e-5;
   return spec;
 }
 
-// The canonical names and shapes, written out here independently of gpt2_weight_shapes.
+// The canonical names and shapes, written out here independently of weight_schema.
 std::map<std::string, Shape> canonical_shapes(const ModelSpec& s) {
   const std::int64_t d = s.n_embd, inner = s.n_inner ? s.n_inner : 4 * d;
   std::map<std::string, Shape> out{{"wte.weight", {s.vocab_size, d}},
@@ -124,7 +125,7 @@ void expect_same_sizes(const ModelSpec& a, const ModelSpec& b) {
   EXPECT_EQ(a.n_inner, b.n_inner);
   EXPECT_EQ(a.vocab_size, b.vocab_size);
   EXPECT_EQ(a.n_positions, b.n_positions);
-  EXPECT_EQ(a.layer_norm_epsilon, b.layer_norm_epsilon);
+  EXPECT_EQ(a.arch.norm_eps, b.arch.norm_eps);
 }
 
 // The call throws an lminv::Error whose message holds every one of `parts`.
@@ -147,7 +148,7 @@ struct Folder {
   fs::path config = path / "config.json";
   fs::path model = path / "model.safetensors";
 
-  Folder() { save_gpt2_checkpoint(path, spec, weights); }
+  Folder() { save_checkpoint(path, spec, weights); }
 
   // The stored tensors (names as in the file) and metadata.
   std::map<std::string, Tensor> stored() const {
@@ -157,19 +158,25 @@ struct Folder {
   void store(const std::map<std::string, Tensor>& tensors) const { write_safetensors(model, tensors, {{"format", "pt"}}); }
   json config_json() const { return json::parse(slurp(config)); }
   void set_config(const json& j) const { spit(config, j.dump(2)); }
-  Checkpoint load() const { return load_gpt2_checkpoint(path); }
+  Checkpoint load() const { return load_checkpoint(path); }
 };
 
 // ---- names ---------------------------------------------------------------------------------------------------
 
+std::map<std::string, Shape> schema_map(const ModelSpec& spec) {
+  std::map<std::string, Shape> out;
+  for (const TensorSpec& t : weight_schema(spec)) out[t.name] = t.shape;
+  return out;
+}
+
 TEST(Checkpoint, CanonicalShapes) {
-  EXPECT_EQ(gpt2_weight_shapes(tiny_spec()), canonical_shapes(tiny_spec()));
-  EXPECT_EQ(gpt2_weight_shapes(tiny_spec(12)), canonical_shapes(tiny_spec(12)));
+  EXPECT_EQ(schema_map(tiny_spec()), canonical_shapes(tiny_spec()));
+  EXPECT_EQ(schema_map(tiny_spec(12)), canonical_shapes(tiny_spec(12)));
   ModelSpec small;  // GPT-2 small: 124,439,808 parameters
   std::int64_t params = 0;
-  for (const auto& entry : gpt2_weight_shapes(small)) params += shape_numel(entry.second);
+  for (const auto& entry : schema_map(small)) params += shape_numel(entry.second);
   EXPECT_EQ(params, 124439808);
-  EXPECT_EQ(gpt2_weight_shapes(small).size(), 4u + 12u * 12u);
+  EXPECT_EQ(schema_map(small).size(), 4u + 12u * 12u);
 }
 
 // ---- save -> load ----------------------------------------------------------------------------------------------
@@ -220,10 +227,10 @@ TEST(Checkpoint, RoundTripOtherDtypesAndExplicitInner) {
     TempDir dir;
     ModelSpec spec = tiny_spec(12);
     spec.n_layer = 3;
-    spec.layer_norm_epsilon = 1.25e-6;
+    spec.arch.norm_eps = 1.25e-6;
     const WeightSet w = random_gpt2(spec, dtype, 9);
-    save_gpt2_checkpoint(dir / "m", spec, w);
-    const Checkpoint c = load_gpt2_checkpoint(dir / "m");
+    save_checkpoint(dir / "m", spec, w);
+    const Checkpoint c = load_checkpoint(dir / "m");
     expect_same_sizes(c.spec, spec);
     expect_same_weights(c.weights, w);
     EXPECT_EQ(json::parse(slurp(dir / "m" / "config.json"))["n_inner"], 12);
@@ -235,7 +242,7 @@ TEST(Checkpoint, RoundTripOtherDtypesAndExplicitInner) {
 TEST(Checkpoint, SaveReplacesAnEarlierCheckpoint) {
   Folder f;
   const WeightSet other = random_gpt2(f.spec, DType::f32, 77);
-  save_gpt2_checkpoint(f.path, f.spec, other);
+  save_checkpoint(f.path, f.spec, other);
   expect_same_weights(f.load().weights, other);
 }
 
@@ -248,8 +255,8 @@ TEST(Checkpoint, SeededInitFollowsTheCanonicalNamesAndRoundTrips) {
     for (const auto& [name, t] : w.tensors()) shapes[name] = t.shape();
     EXPECT_EQ(shapes, canonical_shapes(spec));
     TempDir dir;
-    save_gpt2_checkpoint(dir / "m", spec, w);
-    expect_same_weights(load_gpt2_checkpoint(dir / "m").weights, w);
+    save_checkpoint(dir / "m", spec, w);
+    expect_same_weights(load_checkpoint(dir / "m").weights, w);
   }
 }
 
@@ -259,8 +266,8 @@ TEST(Checkpoint, ZeroBlocksRoundTrip) {
   const WeightSet w = random_gpt2(spec);
   EXPECT_EQ(w.names().size(), 4u);
   TempDir dir;
-  save_gpt2_checkpoint(dir / "m", spec, w);
-  const Checkpoint c = load_gpt2_checkpoint(dir / "m");
+  save_checkpoint(dir / "m", spec, w);
+  const Checkpoint c = load_checkpoint(dir / "m");
   EXPECT_EQ(c.spec.n_layer, 0);
   expect_same_weights(c.weights, w);
 }
@@ -326,11 +333,14 @@ TEST(Checkpoint, AbsentConfigFieldsTakeGpt2ConfigDefaults) {
   config.erase("layer_norm_epsilon");
   config.erase("activation_function");
   config.erase("n_inner");
-  config.erase("model_type");
   f.set_config(config);
   const Checkpoint c = f.load();
-  EXPECT_EQ(c.spec.layer_norm_epsilon, 1e-5);
+  EXPECT_EQ(c.spec.arch.norm_eps, 1e-5);
   EXPECT_EQ(c.spec.n_inner, 0);
+  // model_type picks the family: without it there is nothing to go by.
+  config.erase("model_type");
+  f.set_config(config);
+  expect_error([&] { f.load(); }, {f.config.string(), "has no model_type", "gpt2, llama"});
 }
 
 TEST(Checkpoint, LoadsShardedCheckpoints) {
@@ -364,7 +374,7 @@ TEST(Checkpoint, MissingTensorIsNamed) {
   auto t = f.stored();
   t.erase("transformer.h.1.mlp.c_fc.bias");
   f.store(t);
-  expect_error([&] { f.load(); }, {f.model.string(), "missing 1 GPT-2 tensor", "'h.1.mlp.c_fc.bias'"});
+  expect_error([&] { f.load(); }, {f.model.string(), "missing 1 gpt2 tensor", "'transformer.h.1.mlp.c_fc.bias'"});
 }
 
 TEST(Checkpoint, MisshapedTensorIsNamedWithBothShapes) {
@@ -444,7 +454,7 @@ TEST(Checkpoint, BadConfigValuesNameTheField) {
       {"n_head", 0, "n_head is 0, not a positive integer"},
       {"n_head", 3, "n_head = 3 does not divide n_embd = 8"},
       {"layer_norm_epsilon", "small", "layer_norm_epsilon is \"small\", not a positive number"},
-      {"model_type", "llama", "model_type is 'llama'"},
+      {"model_type", "bert", "model_type is 'bert'"},
       {"activation_function", "relu", "activation_function is 'relu'"},
       {"scale_attn_weights", false, "scale_attn_weights is false"},
       {"scale_attn_by_inverse_layer_idx", true, "scale_attn_by_inverse_layer_idx is true"},
@@ -483,7 +493,7 @@ TEST(Checkpoint, MissingFilesAreNamed) {
   }
   {
     TempDir dir;
-    expect_error([&] { load_gpt2_checkpoint(dir / "nowhere"); }, {(dir / "nowhere").string(), "not a folder"});
+    expect_error([&] { load_checkpoint(dir / "nowhere"); }, {(dir / "nowhere").string(), "not a folder"});
   }
 }
 
@@ -505,26 +515,26 @@ TEST(Checkpoint, SaveRefusesWeightsThatAreNotTheSpecsGpt2) {
   const WeightSet full = random_gpt2(spec);
   for (const auto& [name, t] : full.tensors())
     if (name != "h.0.ln_2.bias") missing.set(name, t);
-  expect_error([&] { save_gpt2_checkpoint(out, spec, missing); }, {out.string(), "lack 'h.0.ln_2.bias'"});
+  expect_error([&] { save_checkpoint(out, spec, missing); }, {out.string(), "lack 'h.0.ln_2.bias'"});
   expect_nothing_written();
 
   WeightSet extra = random_gpt2(spec);
   extra.set("lm_head.weight", extra.get("wte.weight"));
-  expect_error([&] { save_gpt2_checkpoint(out, spec, extra); }, {out.string(), "unknown tensors 'lm_head.weight'"});
+  expect_error([&] { save_checkpoint(out, spec, extra); }, {out.string(), "unknown tensors 'lm_head.weight'"});
   expect_nothing_written();
 
   WeightSet misshaped = random_gpt2(spec);
   misshaped.set("wpe.weight", Tensor(DType::f32, {8, 8}));
-  expect_error([&] { save_gpt2_checkpoint(out, spec, misshaped); },
+  expect_error([&] { save_checkpoint(out, spec, misshaped); },
                {out.string(), "'wpe.weight' has shape [8, 8], expected [7, 8]"});
   expect_nothing_written();
 
   ModelSpec mlp = spec;
   mlp.family = "transformer_mlp";
-  expect_error([&] { save_gpt2_checkpoint(out, mlp, random_gpt2(spec)); }, {"family is 'transformer_mlp'"});
+  expect_error([&] { save_checkpoint(out, mlp, random_gpt2(spec)); }, {"family is 'transformer_mlp'"});
   ModelSpec heads = spec;
   heads.n_head = 3;
-  expect_error([&] { save_gpt2_checkpoint(out, heads, random_gpt2(spec)); }, {"n_head = 3 does not divide"});
+  expect_error([&] { save_checkpoint(out, heads, random_gpt2(spec)); }, {"n_embd divisible by n_head", "n_head 3"});
   expect_nothing_written();
 }
 

@@ -203,7 +203,7 @@ TEST_F(Cli, BadCheckpointFolderIsNamed) {
   EXPECT_NE(o.output.find("/no/such/checkpoint"), std::string::npos) << o.output;
   const Outcome mlp = lminv("run " + tiny_ + isolated() + " --set model.weights=/some/folder");
   EXPECT_EQ(mlp.status, 1);
-  EXPECT_NE(mlp.output.find("checkpoints hold GPT-2 models"), std::string::npos) << mlp.output;
+  EXPECT_NE(mlp.output.find("family fcnet has no Hugging Face checkpoints"), std::string::npos) << mlp.output;
 }
 
 TEST_F(Cli, CompareAcrossDtypesPrintsAndRecordsTheDifferences) {
@@ -368,4 +368,60 @@ TEST_F(Cli, SweepComparesSeveralConfigs) {
   std::set<std::string> optimizers;
   for (const nlohmann::json& r : read_records(dir_ / "out" / "sweep.jsonl")) optimizers.insert(r["optimizer"]);
   EXPECT_EQ(optimizers, (std::set<std::string>{"pez", "sequential"}));
+}
+
+// Every decoder family end to end on a small random model: run (exact inversion by the sequential search), init
+// (a Hugging Face folder of the family), run again from that folder (the same record), forward, and a sweep over
+// prompts of several lengths (one model for all of them).
+TEST_F(Cli, EveryFamilyRunsInitsAndSweeps) {
+  for (const char* family : {"llama", "mistral", "qwen2", "gpt_neox"}) {
+    SCOPED_TRACE(family);
+    const std::string config = std::string(LMINV_TEST_DATA_DIR) + "/tiny-" + family + "-sequential.ini";
+    const fs::path folder = dir_ / (std::string(family) + "-hf");
+    fs::remove_all(dir_ / "out");
+    const Outcome run = lminv("run " + config + isolated());
+    ASSERT_EQ(run.status, 0) << run.output;
+    EXPECT_NE(run.output.find("recovered yes, exactly"), std::string::npos) << run.output;
+
+    const Outcome init = lminv("init " + config + " --out " + folder.string());
+    ASSERT_EQ(init.status, 0) << init.output;
+    const nlohmann::json hf = nlohmann::json::parse(std::ifstream(folder / "config.json"));
+    EXPECT_EQ(hf["model_type"], family);
+    const Outcome again = lminv("run " + config + isolated() + " --set model.weights=" + folder.string());
+    ASSERT_EQ(again.status, 0) << again.output;
+    const std::vector<nlohmann::json> r = read_records(records());
+    ASSERT_EQ(r.size(), 2u);
+    EXPECT_EQ(r[1]["model"]["family"], family);
+    EXPECT_EQ(r[0]["decoded"]["ids"], r[1]["decoded"]["ids"]);
+    EXPECT_EQ(r[0]["output_distance"], r[1]["output_distance"]);
+    EXPECT_FALSE(r[0]["next_token"].is_null());  // the family's own head
+    EXPECT_EQ(r[0]["next_token"], r[1]["next_token"]);
+
+    const fs::path file = dir_ / (std::string(family) + "-forward.safetensors");
+    const Outcome fwd = lminv("forward " + config + " --out " + file.string() + " --grad l2");
+    EXPECT_EQ(fwd.status, 0) << fwd.output;
+
+    // A family given that differs from the folder's model_type is refused, naming both.
+    const Outcome wrong = lminv("run " + config + isolated() + " --set model.weights=" + folder.string() +
+                                " --set model.family=gpt2 --set model.n_kv_head=0");
+    EXPECT_EQ(wrong.status, 1) << wrong.output;
+  }
+  // blocks past a checkpoint's layer count is refused once its config.json is read.
+  const std::string llama = std::string(LMINV_TEST_DATA_DIR) + "/tiny-llama-sequential.ini";
+  const Outcome past = lminv("run " + llama + isolated() + " --set model.weights=" + (dir_ / "llama-hf").string() +
+                             " --set model.blocks=3");
+  EXPECT_EQ(past.status, 1) << past.output;
+  EXPECT_NE(past.output.find("blocks = 3: the checkpoint"), std::string::npos) << past.output;
+}
+
+TEST_F(Cli, SweepOverManyLengthsOnOneModel) {
+  const std::string config = std::string(LMINV_TEST_DATA_DIR) + "/tiny-llama-sequential.ini";
+  const fs::path prompts = dir_ / "prompts.txt";
+  std::ofstream(prompts) << "The sky\nThe sky is blue today.\n{\"ids\": [5, 6, 7, 8, 9, 10, 11, 12, 13]}\n";
+  const fs::path out = dir_ / "sweep.jsonl";
+  const Outcome o = lminv("sweep " + config + " --prompts " + prompts.string() + " --records " + out.string() + isolated());
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::vector<nlohmann::json> r = read_records(out);
+  ASSERT_EQ(r.size(), 3u);
+  for (const nlohmann::json& rec : r) EXPECT_TRUE(rec["exact_match"].get<bool>()) << rec.dump();
 }

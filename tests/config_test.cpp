@@ -150,3 +150,63 @@ TEST(Config, ReadsAFileWithCommentsOfBothKinds) {
   EXPECT_EQ(c.source, file.string());
   std::filesystem::remove(file);
 }
+
+TEST(ConfigFamilies, EachFamilySetsItsArchitecture) {
+  const ExperimentConfig llama = parse("[model]\nfamily = llama\nn_kv_head = 4\n[prompt]\ntext=x\n");
+  EXPECT_EQ(llama.spec.family, "llama");
+  EXPECT_EQ(llama.spec.kind, ModelKind::decoder);
+  EXPECT_EQ(llama.spec.arch.norm, Norm::rms_norm);
+  EXPECT_EQ(llama.spec.arch.positions, Positions::rotary);
+  EXPECT_EQ(llama.spec.arch.mlp, Mlp::swiglu);
+  EXPECT_EQ(llama.spec.kv_heads(), 4);
+  EXPECT_FALSE(llama.spec.arch.tied_head);
+  const ExperimentConfig neox = parse("[model]\nfamily = gpt_neox\n[prompt]\ntext=x\n");
+  EXPECT_EQ(neox.spec.arch.residual, Residual::parallel);
+  EXPECT_EQ(neox.spec.arch.rotary_fraction, 0.25);
+  const ExperimentConfig fc = parse("[model]\nfamily = fcnet\n[prompt]\ntext=x\n");
+  EXPECT_EQ(fc.spec.kind, ModelKind::fcnet);
+  EXPECT_TRUE(parse("[model]\nfamily = qwen2\n[prompt]\ntext=x\n").spec.arch.qkv_bias);
+  EXPECT_TRUE(parse("[model]\nfamily = llama\n[prompt]\ntext=x\n").family_explicit);
+  EXPECT_FALSE(parse("[prompt]\ntext=x\n").family_explicit);
+}
+
+TEST(ConfigFamilies, ArchitectureKeysOverrideSingleFields) {
+  const ExperimentConfig c = parse(
+      "[model]\nfamily = gpt2\nnorm = rms_norm\nnorm_bias = false\npositions = rotary\nrotary_fraction = 0.5\n"
+      "mlp = swiglu\nresidual = parallel\ntied_head = false\nhead_dim = 32\nqkv_bias = false\nrope_theta = 500000\n"
+      "norm_eps = 1e-6\n[prompt]\ntext=x\n");
+  const Architecture& a = c.spec.arch;
+  EXPECT_EQ(a.norm, Norm::rms_norm);
+  EXPECT_FALSE(a.norm_bias);
+  EXPECT_EQ(a.positions, Positions::rotary);
+  EXPECT_EQ(a.rotary_fraction, 0.5);
+  EXPECT_EQ(a.mlp, Mlp::swiglu);
+  EXPECT_EQ(a.residual, Residual::parallel);
+  EXPECT_FALSE(a.tied_head);
+  EXPECT_EQ(a.head_dim, 32);
+  EXPECT_FALSE(a.qkv_bias);
+  EXPECT_EQ(a.rope_theta, 500000.0);
+  EXPECT_EQ(a.norm_eps, 1e-6);
+  EXPECT_EQ(parse("[model]\nlayer_norm_epsilon = 1e-3\n[prompt]\ntext=x\n").spec.arch.norm_eps, 1e-3);
+}
+
+TEST(ConfigFamilies, BadFamilyKeysNameTheKey) {
+  struct Case {
+    std::string text, expect;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"[model]\nfamily = llama\nn_kv_head = 5\n[prompt]\ntext=x\n", "[model] n_kv_head = '5': must divide n_head"},
+           {"[model]\nnorm = batch\n[prompt]\ntext=x\n", "[model] norm = 'batch': expected one of layer_norm | rms_norm"},
+           {"[model]\nfamily = llama\nnorm_bias = true\n[prompt]\ntext=x\n", "[model] norm_bias = 'true': rms_norm"},
+           {"[model]\nrotary_fraction = 2\n[prompt]\ntext=x\n", "[model] rotary_fraction = '2': must be in (0, 1]"},
+           {"[model]\nfamily = fcnet\nmlp = swiglu\n[prompt]\ntext=x\n", "[model] mlp = 'swiglu': applies to decoder"},
+           {"[model]\nfamily = fcnet\nweights = /some/folder\n[prompt]\ntext=x\n",
+            "[model] weights = '/some/folder': family fcnet has no Hugging Face checkpoints"},
+           {"[model]\nfamily = bert\n[prompt]\ntext=x\n", "expected one of gpt2 | llama | mistral | qwen2 | gpt_neox"},
+       }) {
+    const std::string msg = error_of([&] { parse(c.text); });
+    EXPECT_NE(msg.find(c.expect), std::string::npos) << "config:\n" << c.text << "message: " << msg;
+  }
+  // With a checkpoint, blocks is checked once its config.json is read (it may have more than 12 layers).
+  EXPECT_EQ(parse("[model]\nweights = /some/folder\nblocks = 20\n[prompt]\ntext=x\n").spec.blocks, 20);
+}

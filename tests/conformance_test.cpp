@@ -2,17 +2,30 @@
 // backend in f64 on the same weights.
 //
 // For each backend named in LMINV_TEST_BACKENDS (set by tests/CMakeLists.txt to the backends built), each dtype
-// and device its info() lists, and each model case below (tiny GPT-2s and the MLP families):
+// and device its info() lists, and each model case below:
+//   - decoders: GPT-2's setting (blocks 0, 1, 3 x every head x both input spaces, and extra layers); the settings of
+//     llama, qwen2, mistral and gpt_neox; and GPT-2's setting with one field changed at a time (rms_norm, layer norm
+//     without bias, rotary positions full and partial, grouped kv heads, a head_dim that is not n_embd / n_head,
+//     gelu_erf, swiglu, the parallel residual, an untied head, no biases), each in a few heads and input spaces;
+//   - the MLP kinds (fcnet, fcnet_noninvertible, transformer_mlp) in both input spaces;
+// the checks are:
 //   - forward, backward (a vector-Jacobian product) and loss_and_grad (l1, l2, cosine) agree with the reference in f64
 //     within the dtype's tolerance, measured as max |a - b| / max |reference| (the normalised error of ggml's
 //     test-backend-ops);
 //   - a batch of 3 gives what 3 single calls give (bit-identical for the reference, within the tolerance for others);
-//   - a family the backend does not list, or a cuda case on a machine without a CUDA device, is skipped with a message.
-// Then, per backend: an unsupported dtype, device "tpu" and a wrong input shape are lminv::Errors naming them.
-// And the truth itself: the reference in f64 against central finite differences.
+// and per backend, dtype and device, one decoder (llama's setting) called with T = 2, 5, 2 (directly and through a
+// LengthView) matches the reference at each length.
+// Which backend is tested on what comes from its info(): a kind it does not list is skipped; a feature
+// (schema.hpp's required_features) it does not list fails the case for reference and torch, which must compute every
+// architecture, and skips it with a message for another backend (onednn); a cuda case on a machine without a CUDA
+// device is skipped with a message.
+// Then, per backend: an unsupported dtype, device "tpu", a feature it does not list and a wrong input shape are
+// lminv::Errors naming them. And the truth itself: the reference in f64 against central finite differences, on GPT-2,
+// each family's setting and an MLP.
 //
 // Test names: Conformance/BackendCase.MatchesTheReference/<backend>_<dtype>_<device>_<model> (for example
-// .../torch_f32_cpu_gpt2_k3_lm_head_vocab), Conformance/BackendErrors.<check>/<backend>, ConformanceReference.<check>.
+// .../torch_f32_cpu_llama_k3_lm_head_vocab), Conformance/VariableLength.MatchesTheReference/<backend>_<dtype>_<device>,
+// Conformance/BackendErrors.<check>/<backend>, ConformanceReference/FiniteDifferences.Match/<model>.
 // One backend: --gtest_filter='*/torch_*:*/torch' (or ctest -R '/torch'). LMINV_CONFORMANCE_VERBOSE=1 prints each
 // case's worst normalised errors, to see the margins to the tolerances.
 #include <dlfcn.h>
@@ -35,7 +48,6 @@
 #include "lminv/lminv.hpp"
 #include "registry.hpp"
 #include "test_backends.hpp"
-#include "weights_init.hpp"
 
 using namespace lminv;
 
@@ -76,6 +88,11 @@ std::shared_ptr<Backend> backend(const std::string& name) {
   return b;
 }
 
+// The backends that must compute every architecture feature; another may leave out (and then not list) some.
+bool must_compute_everything(const std::string& name) {
+  return name == "reference" || name == "torch";
+}
+
 // Whether a CUDA device is present, asked of the driver itself (libcuda), so the suite links no CUDA library.
 bool cuda_device_present(std::string& why) {
   void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -112,10 +129,25 @@ std::string dtype_list(const std::vector<DType>& dtypes) {
   return join(names);
 }
 
+std::vector<std::string> kind_list(const std::vector<ModelKind>& kinds) {
+  std::vector<std::string> names;
+  for (ModelKind k : kinds) names.push_back(kind_name(k));
+  return names;
+}
+
+// The features `spec` needs that `info` does not list.
+std::vector<std::string> missing_features(const ModelSpec& spec, const BackendInfo& info) {
+  std::vector<std::string> out;
+  for (const std::string& f : required_features(spec))
+    if (!contains(info.features, f)) out.push_back(f);
+  return out;
+}
+
 // ---- the model cases ------------------------------------------------------------------------------------------------
 
 struct ModelCase {
-  std::string name;  // gpt2_k3_lm_head_vocab, fcnet_embedding, ...
+  std::string name;  // gpt2_k3_lm_head_vocab, llama_k3_lm_head_embedding, fcnet_embedding, ...
+  std::string arch;  // the architecture setting (arch_settings()) or the MLP kind: the weights' key
   ModelSpec spec;    // dtype and device are the test case's
 };
 
@@ -131,9 +163,83 @@ ModelSpec tiny_gpt2() {
   return s;
 }
 
-ModelSpec tiny_mlp(const std::string& family) {
+// GPT-2's setting on sizes where every other setting fits: 4 heads of 8 features (so 2 kv heads make groups of 2,
+// and a quarter of a head is 2 rotary features), an MLP width that is not 4 n_embd.
+ModelSpec tiny_decoder() {
+  ModelSpec s = tiny_gpt2();
+  s.family = "decoder";
+  s.n_embd = 32;
+  s.n_head = 4;
+  s.n_inner = 48;
+  return s;
+}
+
+void llama_setting(ModelSpec& s) {
+  Architecture& a = s.arch;
+  a.norm = Norm::rms_norm;
+  a.norm_bias = false;
+  a.norm_eps = 1e-6;
+  a.positions = Positions::rotary;
+  a.rope_theta = 10000;
+  a.n_kv_head = 2;
+  a.qkv_bias = a.attn_out_bias = a.mlp_bias = false;
+  a.mlp = Mlp::swiglu;
+  a.tied_head = false;
+}
+
+// Every decoder setting but GPT-2's own: the families', then GPT-2's with one field changed.
+std::vector<std::pair<std::string, ModelSpec>> arch_settings() {
+  std::vector<std::pair<std::string, ModelSpec>> out;
+  auto add = [&](const std::string& name, const std::function<void(ModelSpec&)>& change) {
+    ModelSpec s = tiny_decoder();
+    s.family = name;
+    change(s);
+    out.push_back({name, s});
+  };
+  add("llama", llama_setting);
+  add("qwen2", [](ModelSpec& s) {
+    llama_setting(s);
+    s.arch.qkv_bias = true;
+    s.arch.tied_head = true;
+    s.arch.rope_theta = 1e6;
+  });
+  add("mistral", [](ModelSpec& s) {
+    llama_setting(s);
+    s.arch.head_dim = 16;  // 4 heads of 16 on n_embd 32 (Mistral-Nemo style)
+    s.arch.norm_eps = 1e-5;
+  });
+  add("gpt_neox", [](ModelSpec& s) {
+    s.arch.positions = Positions::rotary;
+    s.arch.rotary_fraction = 0.25;  // 2 of 8 features
+    s.arch.mlp = Mlp::gelu_erf;
+    s.arch.residual = Residual::parallel;
+    s.arch.tied_head = false;
+  });
+  add("rms_norm", [](ModelSpec& s) {
+    s.arch.norm = Norm::rms_norm;
+    s.arch.norm_bias = false;
+  });
+  add("layer_norm_no_bias", [](ModelSpec& s) { s.arch.norm_bias = false; });
+  add("rotary", [](ModelSpec& s) { s.arch.positions = Positions::rotary; });
+  add("partial_rotary", [](ModelSpec& s) {
+    s.arch.positions = Positions::rotary;
+    s.arch.rotary_fraction = 0.5;  // 4 of 8 features
+    s.arch.rope_theta = 500;
+  });
+  add("grouped_kv", [](ModelSpec& s) { s.arch.n_kv_head = 2; });
+  add("head_dim", [](ModelSpec& s) { s.arch.head_dim = 12; });  // 4 heads of 12 on n_embd 32
+  add("gelu_erf", [](ModelSpec& s) { s.arch.mlp = Mlp::gelu_erf; });
+  add("swiglu", [](ModelSpec& s) { s.arch.mlp = Mlp::swiglu; });
+  add("parallel_residual", [](ModelSpec& s) { s.arch.residual = Residual::parallel; });
+  add("untied_head", [](ModelSpec& s) { s.arch.tied_head = false; });
+  add("no_biases", [](ModelSpec& s) { s.arch.qkv_bias = s.arch.attn_out_bias = s.arch.mlp_bias = false; });
+  return out;
+}
+
+ModelSpec tiny_mlp(ModelKind kind) {
   ModelSpec s;
-  s.family = family;
+  s.family = kind_name(kind);
+  s.kind = kind;
   s.n_layer = 0;
   s.n_embd = 8;
   s.n_head = 1;
@@ -154,7 +260,8 @@ std::vector<ModelCase> model_cases() {
         s.blocks = k;
         s.head = head;
         s.input = input;
-        out.push_back({"gpt2_k" + std::to_string(k) + "_" + head_name(head) + "_" + input_space_name(input), s});
+        out.push_back(
+            {"gpt2_k" + std::to_string(k) + "_" + head_name(head) + "_" + input_space_name(input), "gpt2", s});
       }
   for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
     ModelSpec s = tiny_gpt2();
@@ -162,13 +269,31 @@ std::vector<ModelCase> model_cases() {
     s.head = Head::none;
     s.layers = {1, 3};
     s.input = input;
-    out.push_back({std::string("gpt2_k2_none_layers1_3_") + input_space_name(input), s});
+    out.push_back({std::string("gpt2_k2_none_layers1_3_") + input_space_name(input), "gpt2", s});
   }
-  for (const char* family : {"fcnet", "fcnet_noninvertible", "transformer_mlp"})
+  // Each other setting: the lm_head in both input spaces, ln_f after one block, extra layers around the output.
+  for (const auto& [name, base] : arch_settings()) {
     for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
-      ModelSpec s = tiny_mlp(family);
+      ModelSpec s = base;
+      s.blocks = 3;
+      s.head = Head::lm_head;
       s.input = input;
-      out.push_back({std::string(family) + "_" + input_space_name(input), s});
+      out.push_back({name + "_k3_lm_head_" + input_space_name(input), name, s});
+    }
+    ModelSpec s = base;
+    s.blocks = 1;
+    s.head = Head::ln_f;
+    out.push_back({name + "_k1_ln_f_embedding", name, s});
+    s.blocks = 2;
+    s.head = Head::none;
+    s.layers = {1, 3};
+    out.push_back({name + "_k2_none_layers1_3_embedding", name, s});
+  }
+  for (ModelKind kind : {ModelKind::fcnet, ModelKind::fcnet_noninvertible, ModelKind::transformer_mlp})
+    for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+      ModelSpec s = tiny_mlp(kind);
+      s.input = input;
+      out.push_back({std::string(kind_name(kind)) + "_" + input_space_name(input), kind_name(kind), s});
     }
   return out;
 }
@@ -180,40 +305,46 @@ const ModelCase& model_case(const std::string& name) {
   throw Error("conformance_test: no model case named " + name);
 }
 
-// The weights every backend gets: init_random_weights in f64, then made to matter everywhere. GPT-2's initialisation
-// has LayerNorm weights 1, biases 0 and attention logits near 0 (uniform attention), so a backend that ignored a
-// bias, a LayerNorm weight or the 1/sqrt(head size) scale would still agree; here every bias and LayerNorm parameter
-// is random and c_attn is scaled so that the attention is far from uniform.
-std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
+bool ends_with(const std::string& s, const std::string& end) {
+  return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+}
+
+// The weights every backend gets, one set per setting (all its cases share it): every tensor of weight_schema(spec)
+// from its own seeded stream, in f64, made to matter everywhere: norm weights N(1, 0.2^2) and biases N(0, 0.05^2),
+// so a backend that ignored one would not agree; c_attn N(0, 1 / fan_in), so that the attention is far from uniform
+// (scores of unit size); the other matrices N(0, 0.25 / fan_in); wte N(0, 0.3^2), wpe N(0, 0.1^2). The MLP kinds'
+// layers are nn.Linear's [out, in] with N(0, 1 / in) weights.
+std::shared_ptr<const WeightSet> weights_for(const ModelCase& m) {
   static std::map<std::string, std::shared_ptr<const WeightSet>> made;
-  ModelSpec s = spec;
-  s.dtype = DType::f64;
-  const std::string key = s.family + "/" + std::to_string(s.n_embd) + "/" + std::to_string(s.seq_len);
+  const std::string key = m.arch + "/" + std::to_string(m.spec.seq_len);  // the fcnets' weights depend on T
   auto it = made.find(key);
   if (it != made.end()) return it->second;
-  WeightSet w = init_random_weights(s, kSeed, 1);
-  if (s.family == "gpt2") {
-    const Rng root = Rng(kSeed).fork("conformance");
-    auto ends_with = [](const std::string& s, const std::string& end) {
-      return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
-    };
-    for (const std::string& name : w.names()) {
-      Tensor t = w.get(name);
-      Rng rng = root.fork(name);
-      if (ends_with(name, "ln_1.weight") || ends_with(name, "ln_2.weight") || name == "ln_f.weight")
-        fill_normal(t, rng, 1.0, 0.2);
-      else if (ends_with(name, ".bias"))
-        fill_normal(t, rng, 0.0, 0.05);
-      else if (ends_with(name, "attn.c_attn.weight"))
-        scale(t, 10.0);
-      else
-        continue;
-      w.set(name, std::move(t));
+  const Rng root = Rng(kSeed).fork("conformance").fork(m.arch);
+  const bool decoder = m.spec.kind == ModelKind::decoder;
+  auto w = std::make_shared<WeightSet>();
+  for (const TensorSpec& t : weight_schema(m.spec)) {
+    const std::string& n = t.name;
+    Rng rng = root.fork(n);
+    Tensor v(DType::f64, t.shape);
+    const bool norm = ends_with(n, "ln_1.weight") || ends_with(n, "ln_2.weight") || n == "ln_f.weight";
+    if (n == "wte.weight") {
+      fill_normal(v, rng, 0.0, 0.3);
+    } else if (n == "wpe.weight") {
+      fill_normal(v, rng, 0.0, 0.1);
+    } else if (norm) {
+      fill_normal(v, rng, 1.0, 0.2);
+    } else if (ends_with(n, ".bias")) {
+      fill_normal(v, rng, 0.0, 0.05);
+    } else {
+      // canonical decoder matrices are [in, out]; lm_head.weight and the MLP kinds' layers are [out, in]
+      const double fan_in = static_cast<double>(decoder && n != "lm_head.weight" ? t.shape[0] : t.shape[1]);
+      const double gain = !decoder || ends_with(n, "attn.c_attn.weight") ? 1.0 : 0.5;
+      fill_normal(v, rng, 0.0, gain / std::sqrt(fan_in));
     }
+    w->set(n, std::move(v));
   }
-  auto shared = std::make_shared<const WeightSet>(std::move(w));
-  made[key] = shared;
-  return shared;
+  made[key] = w;
+  return w;
 }
 
 // ---- comparisons ----------------------------------------------------------------------------------------------------
@@ -289,6 +420,11 @@ Tensor rounded(const Tensor& t, DType dtype) {
   return t.to(dtype).to(DType::f64);
 }
 
+// The standard deviation of random inputs: vocabulary-space rows N(0, 1), embeddings N(0, 0.5^2).
+double input_std(const ModelSpec& spec) {
+  return spec.input == InputSpace::vocab || spec.kind != ModelKind::decoder ? 1.0 : 0.5;
+}
+
 // Targets whose every element is at least half the output's scale away from that element of every item of the batch,
 // so the sign of o - t (l1's gradient) is the same in every dtype: one per item ([B, ...]) or one for all ([1, ...]).
 Tensor far_target(const Tensor& output, Rng rng, bool one_for_all) {
@@ -314,6 +450,21 @@ Tensor far_target(const Tensor& output, Rng rng, bool one_for_all) {
   return t;
 }
 
+// Why a backend is not tested on `spec` ("" when it is): a kind it does not list, or a feature it does not list and
+// may leave out. A feature that reference or torch does not list is a failure (`*failure` set), not a skip.
+std::string not_tested(const std::string& name, const BackendInfo& info, const ModelSpec& spec, bool* failure) {
+  *failure = false;
+  if (!contains(info.kinds, spec.kind))
+    return "backend '" + name + "' does not list kind '" + kind_name(spec.kind) +
+           "' (it lists: " + join(kind_list(info.kinds)) + "): not tested";
+  const std::vector<std::string> missing = missing_features(spec, info);
+  if (missing.empty()) return "";
+  *failure = must_compute_everything(name);
+  return "backend '" + name + "' does not list feature(s) " + join(missing) + " that '" + spec.family +
+         "' needs (it lists: " + join(info.features) + ")" +
+         (*failure ? ": reference and torch must compute every architecture" : ": not tested");
+}
+
 // ---- the parametrized cases -----------------------------------------------------------------------------------------
 
 struct Case {
@@ -337,11 +488,14 @@ std::string sanitize(std::string s) {
 std::string case_name(const testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
   if (!c.load_error.empty()) return sanitize(c.backend) + "_not_loaded";
-  return sanitize(c.backend + "_" + dtype_name(c.dtype) + "_" + c.device + "_" + c.model);
+  std::string name = c.backend + "_" + dtype_name(c.dtype) + "_" + c.device;
+  if (!c.model.empty()) name += "_" + c.model;
+  return sanitize(name);
 }
 
-// Every backend x listed dtype x listed device x model case. A backend that cannot be made gives one failing case.
-std::vector<Case> all_cases() {
+// Every backend x listed dtype x listed device (x model case, with `models`). A backend that cannot be made gives one
+// failing case.
+std::vector<Case> all_cases(bool models) {
   std::vector<Case> out;
   for (const std::string& name : backends_under_test()) {
     BackendInfo info;
@@ -352,16 +506,21 @@ std::vector<Case> all_cases() {
       continue;
     }
     for (DType dtype : info.dtypes)
-      for (const std::string& device : info.devices)
+      for (const std::string& device : info.devices) {
+        if (!models) {
+          out.push_back({name, dtype, device, "", ""});
+          continue;
+        }
         for (const ModelCase& m : model_cases()) out.push_back({name, dtype, device, m.name, ""});
+      }
   }
   return out;
 }
 
-class BackendCase : public testing::TestWithParam<Case> {
+// The worst normalised error of each check, printed at the end when LMINV_CONFORMANCE_VERBOSE is set (to see the
+// margins) and recorded as test properties (in --gtest_output=xml).
+class NotedErrors : public testing::Test {
  protected:
-  // The worst normalised error of each check, printed at the end when LMINV_CONFORMANCE_VERBOSE is set (to see the
-  // margins) and recorded as test properties (in --gtest_output=xml).
   void note(const std::string& what, double error) {
     double& worst = errors_[what];
     worst = std::max(worst, error);
@@ -381,15 +540,18 @@ class BackendCase : public testing::TestWithParam<Case> {
   std::map<std::string, double> errors_;
 };
 
+class BackendCase : public NotedErrors, public testing::WithParamInterface<Case> {};
+
 TEST_P(BackendCase, MatchesTheReference) {
   const Case& c = GetParam();
   if (!c.load_error.empty()) FAIL() << "backend '" << c.backend << "' is listed but cannot be made: " << c.load_error;
   const std::shared_ptr<Backend> under_test = backend(c.backend);
   const BackendInfo info = under_test->info();
   const ModelCase& m = model_case(c.model);
-  if (!contains(info.families, m.spec.family))
-    GTEST_SKIP() << "backend '" << c.backend << "' does not list family '" << m.spec.family
-                 << "' in info() (it lists: " << join(info.families) << "): not tested";
+  bool failure = false;
+  const std::string why_not = not_tested(c.backend, info, m.spec, &failure);
+  if (failure) FAIL() << why_not;
+  if (!why_not.empty()) GTEST_SKIP() << why_not;
   std::string why;
   if (c.device == "cuda" && !cuda_device_present(why))
     GTEST_SKIP() << "backend '" << c.backend << "' lists device cuda, but " << why << ": not tested here";
@@ -400,23 +562,23 @@ TEST_P(BackendCase, MatchesTheReference) {
   ModelSpec ref_spec = m.spec;
   ref_spec.dtype = DType::f64;
   ref_spec.device = "cpu";
-  const auto weights = weights_for(m.spec);
+  const auto weights = weights_for(m);
   std::unique_ptr<Model> ref = backend("reference")->create_model(ref_spec, weights);
   std::unique_ptr<Model> model;
   try {
     model = under_test->create_model(spec, weights);
   } catch (const Error& e) {
-    FAIL() << "create_model threw for a family, dtype and device the backend lists: " << e.what();
+    FAIL() << "create_model threw for a kind, features, dtype and device the backend lists: " << e.what();
   }
   ASSERT_NE(model, nullptr);
   EXPECT_EQ(model->spec().family, spec.family);
+  EXPECT_EQ(model->spec().kind, spec.kind);
 
   const double tol = tolerance(c.dtype);
   const DType dt = c.dtype;
   const Rng rng = Rng(kSeed).fork(c.model);
-  const double input_std = spec.input == InputSpace::vocab ? 1.0 : (spec.family == "gpt2" ? 0.1 : 1.0);
   // Inputs, output gradients and targets hold values exact in the dtype: both sides see the same numbers.
-  const Tensor x = rounded(normal_tensor(input_shape(spec, kBatch), rng.fork("input"), input_std), dt);
+  const Tensor x = rounded(normal_tensor(input_shape(spec, kBatch), rng.fork("input"), input_std(spec)), dt);
   const Tensor x_dt = x.to(dt);
 
   // forward
@@ -504,35 +666,103 @@ TEST_P(BackendCase, MatchesTheReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Conformance, BackendCase, testing::ValuesIn(all_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(Conformance, BackendCase, testing::ValuesIn(all_cases(true)), case_name);
+
+// ---- one model, several lengths -------------------------------------------------------------------------------------
+
+class VariableLength : public NotedErrors, public testing::WithParamInterface<Case> {};
+
+// A decoder takes any T in 1 .. n_positions in every call: one model (built with seq_len 5) called with T = 2, 5, 2,
+// each forward followed by a backward, against one reference model. The second T = 2 call goes through a LengthView,
+// which must show the length and pass the calls on.
+TEST_P(VariableLength, MatchesTheReference) {
+  const Case& c = GetParam();
+  if (!c.load_error.empty()) FAIL() << "backend '" << c.backend << "' is listed but cannot be made: " << c.load_error;
+  const std::shared_ptr<Backend> under_test = backend(c.backend);
+  const ModelCase& m = model_case("llama_k3_lm_head_embedding");
+  bool failure = false;
+  const std::string why_not = not_tested(c.backend, under_test->info(), m.spec, &failure);
+  if (failure) FAIL() << why_not;
+  if (!why_not.empty()) GTEST_SKIP() << why_not;
+  std::string why;
+  if (c.device == "cuda" && !cuda_device_present(why)) GTEST_SKIP() << "device cuda: " << why;
+
+  ModelSpec spec = m.spec, ref_spec = m.spec;
+  spec.dtype = c.dtype;
+  spec.device = c.device;
+  ref_spec.dtype = DType::f64;
+  ref_spec.device = "cpu";
+  std::unique_ptr<Model> ref = backend("reference")->create_model(ref_spec, weights_for(m));
+  std::shared_ptr<Model> model;
+  try {
+    model = under_test->create_model(spec, weights_for(m));
+  } catch (const Error& e) {
+    FAIL() << "create_model threw: " << e.what();
+  }
+  const double tol = tolerance(c.dtype);
+  const std::vector<std::int64_t> lengths{2, 5, 2};
+  for (std::size_t call = 0; call < lengths.size(); ++call) {
+    const std::int64_t T = lengths[call];
+    SCOPED_TRACE("call " + std::to_string(call) + ": T = " + std::to_string(T));
+    const Rng rng = Rng(kSeed).fork("variable length").fork(std::to_string(call));
+    const Tensor x = rounded(normal_tensor({2, T, spec.n_embd}, rng.fork("input"), input_std(spec)), c.dtype);
+    const bool through_view = call == 2;
+    LengthView view(model, T);
+    Model& target = through_view ? static_cast<Model&>(view) : *model;
+    if (through_view) {
+      EXPECT_EQ(view.spec().seq_len, T) << "LengthView's spec";
+    }
+    Tensor y;
+    try {
+      y = target.forward(x.to(c.dtype));
+    } catch (const Error& e) {
+      FAIL() << "forward with T = " << T << " threw: " << e.what();
+    }
+    const Tensor y_ref = ref->forward(x);
+    ASSERT_EQ(y.shape(), y_ref.shape()) << "forward with T = " << T;
+    const Difference d = difference(y, y_ref);
+    note("forward_T" + std::to_string(T), d.error);
+    EXPECT_LE(d.error, tol) << "forward with T = " << T << ": " << d.text();
+    const Tensor g = rounded(normal_tensor(y_ref.shape(), rng.fork("grad_output"), 1.0), c.dtype);
+    const Tensor dx = target.backward(x.to(c.dtype), g.to(c.dtype));
+    const Tensor dx_ref = ref->backward(x, g);
+    ASSERT_EQ(dx.shape(), x.shape()) << "backward with T = " << T;
+    const Difference db = difference(dx, dx_ref);
+    note("backward_T" + std::to_string(T), db.error);
+    EXPECT_LE(db.error, tol) << "backward with T = " << T << ": " << db.text();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Conformance, VariableLength, testing::ValuesIn(all_cases(false)), case_name);
 
 // ---- errors, per backend --------------------------------------------------------------------------------------------
 
 class BackendErrors : public testing::TestWithParam<std::string> {
  protected:
-  // A spec of a family the backend lists (tiny GPT-2 preferred), in its first dtype, on the cpu when it lists it.
-  ModelSpec supported_spec(const BackendInfo& info) const {
+  // A case the backend builds (tiny GPT-2, blocks 1, lm_head, preferred), in its first dtype, on the cpu when it
+  // lists it.
+  const ModelCase& supported_case(const BackendInfo& info) const {
+    auto builds = [&](const ModelCase& m) {
+      return contains(info.kinds, m.spec.kind) && missing_features(m.spec, info).empty();
+    };
+    if (builds(model_case("gpt2_k1_lm_head_embedding"))) return model_case("gpt2_k1_lm_head_embedding");
     for (const ModelCase& m : model_cases())
-      if (contains(info.families, m.spec.family)) {
-        ModelSpec s = m.spec;
-        if (s.family == "gpt2") {
-          s.blocks = 1;
-          s.head = Head::lm_head;
-          s.input = InputSpace::embedding;
-          s.layers.clear();
-        }
-        s.dtype = info.dtypes.empty() ? DType::f32 : info.dtypes.front();
-        s.device = contains(info.devices, std::string("cpu")) || info.devices.empty() ? "cpu" : info.devices.front();
-        return s;
-      }
+      if (builds(m)) return m;
     throw Error("backend '" + GetParam() +
-                "' lists none of the families this suite tests (it lists: " + join(info.families) + ")");
+                "' builds none of the cases this suite tests (it lists kinds: " + join(kind_list(info.kinds)) + ")");
+  }
+  ModelSpec supported_spec(const BackendInfo& info) const {
+    ModelSpec s = supported_case(info).spec;
+    s.dtype = info.dtypes.empty() ? DType::f32 : info.dtypes.front();
+    s.device = contains(info.devices, std::string("cpu")) || info.devices.empty() ? "cpu" : info.devices.front();
+    return s;
   }
 
   // Expects create_model(spec) to throw an lminv::Error whose message contains `needle`.
-  void expect_refused(Backend& b, const ModelSpec& spec, const std::string& needle, const std::string& what) {
+  void expect_refused(Backend& b, const ModelCase& m, const ModelSpec& spec, const std::string& needle,
+                      const std::string& what) {
     try {
-      b.create_model(spec, weights_for(spec));
+      b.create_model(spec, weights_for(m));
       ADD_FAILURE() << "create_model accepted " << what << " (backend '" << GetParam() << "')";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
@@ -563,13 +793,14 @@ std::string backend_name(const testing::TestParamInfo<std::string>& info) {
 TEST_P(BackendErrors, UnsupportedDtypeIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
   const BackendInfo info = b->info();
+  const ModelCase& m = supported_case(info);
   const ModelSpec base = supported_spec(info);
   int checked = 0;
   for (DType dtype : {DType::f64, DType::f32, DType::bf16}) {
     if (contains(info.dtypes, dtype)) continue;
     ModelSpec s = base;
     s.dtype = dtype;
-    expect_refused(*b, s, dtype_name(dtype), std::string("dtype ") + dtype_name(dtype));
+    expect_refused(*b, m, s, dtype_name(dtype), std::string("dtype ") + dtype_name(dtype));
     ++checked;
   }
   if (checked == 0)
@@ -579,19 +810,49 @@ TEST_P(BackendErrors, UnsupportedDtypeIsAnErrorNamingIt) {
 
 TEST_P(BackendErrors, UnknownDeviceIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
-  ModelSpec s = supported_spec(b->info());
+  const BackendInfo info = b->info();
+  ModelSpec s = supported_spec(info);
   s.device = "tpu";
-  expect_refused(*b, s, "tpu", "device tpu");
+  expect_refused(*b, supported_case(info), s, "tpu", "device tpu");
+}
+
+// Each decoder setting that needs a feature the backend does not list is refused with an error naming the feature.
+TEST_P(BackendErrors, UnlistedFeatureIsAnErrorNamingIt) {
+  const std::shared_ptr<Backend> b = backend(GetParam());
+  const BackendInfo info = b->info();
+  if (!contains(info.kinds, ModelKind::decoder)) GTEST_SKIP() << "backend '" << GetParam() << "' builds no decoder";
+  std::vector<std::string> tried;
+  for (const ModelCase& m : model_cases()) {
+    if (m.spec.kind != ModelKind::decoder) continue;
+    const std::vector<std::string> missing = missing_features(m.spec, info);
+    if (missing.empty()) continue;
+    ModelSpec s = m.spec;
+    s.dtype = info.dtypes.front();
+    s.device = info.devices.front();
+    expect_refused(*b, m, s, missing.front(),
+                   "case " + m.name + ", which needs the unlisted feature " + missing.front());
+    tried.push_back(m.name);
+  }
+  if (tried.empty()) GTEST_SKIP() << "backend '" << GetParam() << "' lists every feature these cases need";
+  std::cout << "[ refused  ] backend '" << GetParam() << "' refused, naming the feature: " << join(tried) << "\n";
 }
 
 TEST_P(BackendErrors, WrongInputShapeIsAnErrorNamingIt) {
   const std::shared_ptr<Backend> b = backend(GetParam());
-  const ModelSpec s = supported_spec(b->info());
+  const BackendInfo info = b->info();
+  const ModelSpec s = supported_spec(info);
   std::string why;
   if (s.device == "cuda" && !cuda_device_present(why)) GTEST_SKIP() << "only cuda is listed, but " << why;
-  std::unique_ptr<Model> model = b->create_model(s, weights_for(s));
+  std::unique_ptr<Model> model = b->create_model(s, weights_for(supported_case(info)));
   const Shape good = input_shape(s, 1);
-  const std::vector<Shape> wrong{{1, good[1], good[2] + 1}, {1, good[1] + 1, good[2]}, {good[1], good[2]}};
+  // A decoder takes any length up to n_positions: a wrong length is one beyond it (or none at all).
+  std::vector<Shape> wrong{{1, good[1], good[2] + 1}, {good[1], good[2]}};
+  if (s.any_length()) {
+    wrong.push_back({1, s.n_positions + 1, good[2]});
+    wrong.push_back({1, 0, good[2]});
+  } else {
+    wrong.push_back({1, good[1] + 1, good[2]});
+  }
   for (const Shape& shape : wrong) {
     const Tensor x(s.dtype, shape);
     try {
@@ -615,14 +876,17 @@ INSTANTIATE_TEST_SUITE_P(Conformance, BackendErrors, testing::ValuesIn(backends_
 
 // Every input element of one item: the gradients of <g, forward(x)> and of each metric's loss against central
 // differences, all 2n perturbed inputs of a function run as one batch.
-void check_reference_against_finite_differences(const std::string& case_name) {
+class FiniteDifferences : public testing::TestWithParam<std::string> {};
+
+TEST_P(FiniteDifferences, Match) {
+  const std::string case_name = GetParam();
   const ModelCase& m = model_case(case_name);
   ModelSpec spec = m.spec;
   spec.dtype = DType::f64;
   spec.device = "cpu";
-  std::unique_ptr<Model> ref = backend("reference")->create_model(spec, weights_for(spec));
+  std::unique_ptr<Model> ref = backend("reference")->create_model(spec, weights_for(m));
   const Rng rng = Rng(kSeed).fork("finite differences " + case_name);
-  const Tensor x = normal_tensor(input_shape(spec, 1), rng.fork("input"), spec.family == "gpt2" ? 0.5 : 1.0);
+  const Tensor x = normal_tensor(input_shape(spec, 1), rng.fork("input"), input_std(spec));
   const std::int64_t n = x.numel();
   const double h = 1e-5;
 
@@ -664,12 +928,14 @@ void check_reference_against_finite_differences(const std::string& case_name) {
   }
 }
 
-TEST(ConformanceReference, MatchesFiniteDifferencesOnGpt2) {
-  check_reference_against_finite_differences("gpt2_k3_lm_head_vocab");
+std::string plain_name(const testing::TestParamInfo<std::string>& info) {
+  return sanitize(info.param);
 }
 
-TEST(ConformanceReference, MatchesFiniteDifferencesOnMlp) {
-  check_reference_against_finite_differences("fcnet_vocab");
-}
+INSTANTIATE_TEST_SUITE_P(ConformanceReference, FiniteDifferences,
+                         testing::Values("gpt2_k3_lm_head_vocab", "llama_k3_lm_head_vocab", "qwen2_k3_lm_head_vocab",
+                                         "mistral_k2_none_layers1_3_embedding", "gpt_neox_k3_lm_head_vocab",
+                                         "partial_rotary_k3_lm_head_embedding", "fcnet_vocab"),
+                         plain_name);
 
 }  // namespace

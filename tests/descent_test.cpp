@@ -90,6 +90,7 @@ struct ReferenceFixture {
   ReferenceFixture(const std::string& family, InputSpace input, const std::vector<std::int64_t>& ids)
       : registry({LMINV_BUILD_PLUGIN_DIR}) {
     spec.family = family;
+    if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
     spec.n_embd = 6;
     spec.vocab_size = 20;
     spec.seq_len = static_cast<std::int64_t>(ids.size());

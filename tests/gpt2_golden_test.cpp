@@ -101,7 +101,7 @@ const Golden& golden() {
 const Checkpoint& checkpoint(const std::string& folder) {
   static std::map<std::string, Checkpoint> loaded;
   auto it = loaded.find(folder);
-  if (it == loaded.end()) it = loaded.emplace(folder, load_gpt2_checkpoint(kFixture / folder)).first;
+  if (it == loaded.end()) it = loaded.emplace(folder, load_checkpoint(kFixture / folder)).first;
   return it->second;
 }
 
@@ -240,7 +240,7 @@ TEST(Gpt2GoldenFixture, CheckpointsHoldTheConfigAndTheSameWeights) {
     EXPECT_EQ(s.inner(), 4 * kEmbd) << ck->folder;
     EXPECT_EQ(s.vocab_size, kVocab) << ck->folder;
     EXPECT_EQ(s.n_positions, 16) << ck->folder;
-    EXPECT_EQ(s.layer_norm_epsilon, 1e-5) << ck->folder;
+    EXPECT_EQ(s.arch.norm_eps, 1e-5) << ck->folder;
     EXPECT_EQ(ck->weights.names().size(), 4u + 12u * 3u) << ck->folder;
   }
   for (const auto& [name, t] : f64.weights.tensors()) {

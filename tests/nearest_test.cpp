@@ -33,6 +33,7 @@ lminv::ModelSpec spec_of(std::int64_t vocab, std::int64_t d, InputSpace input = 
                          DType dtype = DType::f64) {
   lminv::ModelSpec spec;
   spec.family = "transformer_mlp";
+  if (auto kind = lminv::parse_kind(spec.family)) spec.kind = *kind;
   spec.vocab_size = vocab;
   spec.n_embd = d;
   spec.input = input;

@@ -127,6 +127,7 @@ struct Bench {
   Bench(const std::string& family, std::int64_t d, std::int64_t T, std::int64_t V, std::uint64_t seed,
         double wte_std = 0.0, bool noise_target = false, std::int64_t blocks = 1) {
     spec.family = family;
+    if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
     spec.n_layer = std::max<std::int64_t>(blocks, 1);
     spec.n_embd = d;
     spec.n_head = 2;
@@ -558,6 +559,7 @@ TEST(Pez, BadOptionsNameTheKey) {
 TEST(Pez, VocabInputIsAnErrorNamingModelInput) {
   ModelSpec spec;
   spec.family = "transformer_mlp";
+  if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
   spec.n_embd = 8;
   spec.seq_len = 3;
   spec.vocab_size = 20;

@@ -1,21 +1,27 @@
 // The "prefix_cache" capability (lminv/prefix_cache.hpp) of every backend plugin, loaded by name through the registry.
 //
 // For each backend named in LMINV_TEST_BACKENDS (set by tests/CMakeLists.txt to the backends built), each
-// dtype and device its info() lists, and each model case below (small random GPT-2s: every head, blocks 0 .. n_layer,
-// extra layers, both input spaces; and transformer_mlp where a backend offers a cache for it):
-//   - after a random prefix of each length t = 0 .. seq_len - 1, next() on B random candidates gives, row by row,
+// dtype and device its info() lists, and each model case below (small random decoders: GPT-2 with every head,
+// blocks 0 .. n_layer, extra layers and both input spaces; llama-, mistral-, qwen2- and gpt_neox-like architectures,
+// a head_dim that is not n_embd / n_head and a model without biases, each in a few heads and input spaces; and
+// transformer_mlp where a backend offers a cache for it):
+//   - after a random prefix of each length t = 0 .. seq_len - 1, and of n_positions - 1 (the longest the cache takes
+//     for a decoder), next() on B random candidates gives, row by row,
 //     (a) forward() on the whole sequence (the prefix, the candidate, random positions after it) at row t, and
-//     (b) FullForwardPrefix's rows, within the dtype's tolerance as max |a - b| / max |expected| (the conformance
-//     suite's normalised error); the reference backend's rows are bit-identical to its forward()'s.
-// Per backend, dtype and device: reset() and appending again gives the same rows, appending rows one at a time gives
-// what appending them together gives, next() leaves the prefix as it was, and a full prefix, a wrong width or a wrong
-// rank are lminv::Errors naming the problem (the cache unchanged after them). And per backend: fcnet is not causal,
-// so no backend offers a cache for it.
+//     (b) FullForwardPrefix's rows (t < seq_len), within the dtype's tolerance as max |a - b| / max |expected| (the
+//     conformance suite's normalised error); the reference backend's rows are bit-identical to its forward()'s.
+// Per backend, dtype, device and architecture (gpt2, mistral): reset() and appending again gives the same rows,
+// appending rows one at a time gives what appending them together gives, next() leaves the prefix as it was, and a
+// full prefix (n_positions positions for a decoder), a wrong width or a wrong rank are lminv::Errors naming the
+// problem (the cache unchanged after them). And per backend: fcnet is not causal, so no backend offers a cache for it.
 //
-// A backend whose gpt2 model offers no cache fails where it must have one (reference, torch) and is skipped with a
-// message elsewhere (onednn has none). Test names: PrefixCache/NextCase.MatchesForward/<backend>_<dtype>_<device>_
-// <model>, PrefixCache/CacheChecks.<check>/<backend>_<dtype>_<device>. LMINV_PREFIX_CACHE_VERBOSE=1 prints each
-// case's worst errors; the worst per backend and dtype are printed at the end in any case.
+// Which backend is tested on what comes from its info() alone: a model case whose kind the backend does not list,
+// or that needs a feature (schema.hpp's required_features) it does not list, is skipped with a message naming it; a
+// backend that lists them must build the model, and a backend that lists the feature "prefix_cache" must offer a
+// cache for every decoder it builds (the test fails otherwise). transformer_mlp's cache is optional. Test names:
+// PrefixCache/NextCase.MatchesForward/<backend>_<dtype>_<device>_<model>,
+// PrefixCache/CacheChecks.<check>/<backend>_<dtype>_<device>_<architecture>. LMINV_PREFIX_CACHE_VERBOSE=1 prints
+// each case's worst errors; the worst per backend and dtype are printed at the end in any case.
 #include "lminv/prefix_cache.hpp"
 
 #include <dlfcn.h>
@@ -38,7 +44,6 @@
 #include "lminv/lminv.hpp"
 #include "registry.hpp"
 #include "test_backends.hpp"
-#include "weights_init.hpp"
 
 using namespace lminv;
 
@@ -49,11 +54,6 @@ constexpr std::uint64_t kSeed = 20240717;
 // ---- the backends under test --------------------------------------------------------------------------------------
 
 using lminv::test::backends_under_test;
-
-// The backends that must offer a prefix cache for gpt2; others may offer none (the case is then skipped).
-bool must_offer(const std::string& backend, const std::string& family) {
-  return family == "gpt2" && (backend == "reference" || backend == "torch");
-}
 
 const Registry& registry() {
   static const Registry r({LMINV_BUILD_PLUGIN_DIR});
@@ -118,14 +118,15 @@ std::string sanitize(std::string s) {
 // ---- the model cases ----------------------------------------------------------------------------------------------
 
 struct ModelCase {
-  std::string name;  // gpt2_k3_lm_head_vocab, ...
+  std::string name;  // gpt2_k3_lm_head_vocab, llama_lm_head_embedding, ...
   ModelSpec spec;    // dtype and device are the test case's
 };
 
-// n_embd 32 in 4 heads of 8, 3 blocks, 97 tokens, 7 positions of input.
+// n_embd 32 in 4 heads of 8, 3 blocks, 97 tokens, 16 positions, 7 positions of input: GPT-2's architecture.
 ModelSpec small_gpt2() {
   ModelSpec s;
   s.family = "gpt2";
+  s.kind = ModelKind::decoder;
   s.n_layer = 3;
   s.n_embd = 32;
   s.n_head = 4;
@@ -133,6 +134,51 @@ ModelSpec small_gpt2() {
   s.n_positions = 16;
   s.seq_len = 7;
   return s;
+}
+
+void llama_like(ModelSpec& s) {
+  s.family = "llama";
+  Architecture& a = s.arch;
+  a.norm = Norm::rms_norm;
+  a.norm_eps = 1e-6;
+  a.positions = Positions::rotary;
+  a.qkv_bias = a.attn_out_bias = a.mlp_bias = false;
+  a.mlp = Mlp::swiglu;
+  a.tied_head = false;
+}
+
+// The architectures besides GPT-2's, on small_gpt2's sizes.
+std::vector<std::pair<std::string, ModelSpec>> architectures() {
+  std::vector<std::pair<std::string, ModelSpec>> out;
+  ModelSpec s = small_gpt2();
+  llama_like(s);
+  out.push_back({"llama", s});
+  s.family = "mistral";  // grouped-query attention
+  s.arch.n_kv_head = 2;
+  s.arch.rope_theta = 1e6;
+  out.push_back({"mistral", s});
+  s.family = "qwen2";  // q/k/v biases, one key/value head for the four query heads
+  s.arch.qkv_bias = true;
+  s.arch.n_kv_head = 1;
+  out.push_back({"qwen2", s});
+  s = small_gpt2();
+  s.family = "gpt_neox";  // partial rotary (2 of 8 features), parallel residual, exact GELU, untied head
+  s.arch.positions = Positions::rotary;
+  s.arch.rotary_fraction = 0.25;
+  s.arch.residual = Residual::parallel;
+  s.arch.mlp = Mlp::gelu_erf;
+  s.arch.tied_head = false;
+  out.push_back({"gpt_neox", s});
+  s = small_gpt2();
+  llama_like(s);
+  s.arch.n_kv_head = 2;
+  s.arch.head_dim = 12;  // 4 heads of 12 on n_embd 32
+  out.push_back({"head_dim", s});
+  s = small_gpt2();
+  s.arch.norm_bias = false;  // layer norms without bias and no other bias either
+  s.arch.qkv_bias = s.arch.attn_out_bias = s.arch.mlp_bias = false;
+  out.push_back({"no_bias", s});
+  return out;
 }
 
 std::vector<ModelCase> model_cases() {
@@ -159,10 +205,30 @@ std::vector<ModelCase> model_cases() {
     s.layers = {0, 3, 2};
     out.push_back({std::string("gpt2_k1_lm_head_layers0_3_2_") + input_space_name(input), s});
   }
+  // Every other architecture: its own head in both input spaces, ln_f at full depth, and extra layers.
+  for (const auto& [name, arch] : architectures()) {
+    for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+      ModelSpec s = arch;
+      s.blocks = 3;
+      s.head = Head::lm_head;
+      s.input = input;
+      out.push_back({name + "_k3_lm_head_" + input_space_name(input), s});
+    }
+    ModelSpec s = arch;
+    s.blocks = 3;
+    s.head = Head::ln_f;
+    out.push_back({name + "_k3_ln_f_embedding", s});
+    s.blocks = 2;
+    s.head = Head::none;
+    s.layers = {1, 3};
+    s.input = InputSpace::vocab;
+    out.push_back({name + "_k2_none_layers1_3_vocab", s});
+  }
   // Causal too: checked where a backend offers a cache for it.
   for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
     ModelSpec s = small_gpt2();
     s.family = "transformer_mlp";
+    s.kind = ModelKind::transformer_mlp;
     s.n_layer = 0;
     s.blocks = 0;
     s.head = Head::none;
@@ -179,39 +245,47 @@ const ModelCase& model_case(const std::string& name) {
   throw Error("prefix_cache_test: no model case named " + name);
 }
 
-// init_random_weights in f64, then made to matter as in the conformance suite: GPT-2's initialisation has LayerNorm
-// weights 1, biases 0 and near-uniform attention, so here every bias and LayerNorm parameter is random and c_attn is
-// scaled so that the attention is far from uniform (a cache that mixed up positions would show).
+// Seeded random weights for every tensor of weight_schema(spec), f64, made to matter: matrices N(0, 0.02^2) as
+// GPT-2's initialisation, but norm weights N(1, 0.2^2), biases N(0, 0.05^2) and c_attn N(0, 0.2^2), so that the
+// attention is far from uniform (a cache that mixed up positions would show). The MLP kinds' layers uniform in
+// [-1/sqrt(in), 1/sqrt(in)) as nn.Linear. Each tensor from its own stream, so every backend sees the same bytes.
 std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec) {
   static std::map<std::string, std::shared_ptr<const WeightSet>> made;
-  ModelSpec s = spec;
-  s.dtype = DType::f64;
-  const std::string key = s.family + "/" + std::to_string(s.n_embd) + "/" + std::to_string(s.seq_len);
+  // The values depend on the kind and each tensor's name and shape alone: those are the key.
+  std::string key = kind_name(spec.kind);
+  for (const TensorSpec& t : weight_schema(spec)) key += " " + t.name + shape_string(t.shape);
   auto it = made.find(key);
   if (it != made.end()) return it->second;
-  WeightSet w = init_random_weights(s, kSeed, 1);
-  if (s.family == "gpt2") {
-    const Rng root = Rng(kSeed).fork("prefix cache");
-    auto ends_with = [](const std::string& s, const std::string& end) {
-      return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
-    };
-    for (const std::string& name : w.names()) {
-      Tensor t = w.get(name);
-      Rng rng = root.fork(name);
-      if (ends_with(name, "ln_1.weight") || ends_with(name, "ln_2.weight") || name == "ln_f.weight")
-        fill_normal(t, rng, 1.0, 0.2);
-      else if (ends_with(name, ".bias"))
-        fill_normal(t, rng, 0.0, 0.05);
-      else if (ends_with(name, "attn.c_attn.weight"))
-        scale(t, 10.0);
-      else
-        continue;
-      w.set(name, std::move(t));
+  auto ends_with = [](const std::string& s, const std::string& end) {
+    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+  };
+  const Rng root = Rng(kSeed).fork("prefix cache");
+  const std::vector<TensorSpec> schema = weight_schema(spec);
+  auto w = std::make_shared<WeightSet>();
+  for (const TensorSpec& t : schema) {
+    Rng rng = root.fork(t.name);
+    Tensor v(DType::f64, t.shape);
+    const std::string& n = t.name;
+    if (spec.kind != ModelKind::decoder && n != "wte.weight") {
+      const std::string layer = n.substr(0, n.find('.'));
+      std::int64_t in = 1;
+      for (const TensorSpec& u : schema)
+        if (u.name == layer + ".weight") in = u.shape[1];
+      const double bound = 1 / std::sqrt(static_cast<double>(in));
+      for (std::int64_t i = 0; i < v.numel(); ++i) v.set(i, rng.uniform(-bound, bound));
+    } else if (ends_with(n, "ln_1.weight") || ends_with(n, "ln_2.weight") || n == "ln_f.weight") {
+      fill_normal(v, rng, 1.0, 0.2);
+    } else if (ends_with(n, ".bias")) {
+      fill_normal(v, rng, 0.0, 0.05);
+    } else if (ends_with(n, "attn.c_attn.weight")) {
+      fill_normal(v, rng, 0.0, 0.2);
+    } else {
+      fill_normal(v, rng, 0.0, 0.02);
     }
+    w->set(n, std::move(v));
   }
-  auto shared = std::make_shared<const WeightSet>(std::move(w));
-  made[key] = shared;
-  return shared;
+  made[key] = w;
+  return w;
 }
 
 // ---- tensors and comparisons --------------------------------------------------------------------------------------
@@ -328,6 +402,12 @@ struct CachedModel {
   std::string failure, skip;
 };
 
+std::vector<std::string> kind_names(const std::vector<ModelKind>& kinds) {
+  std::vector<std::string> out;
+  for (ModelKind k : kinds) out.push_back(kind_name(k));
+  return out;
+}
+
 CachedModel cached_model(const Where& where, ModelSpec spec) {
   CachedModel m;
   if (!where.load_error.empty()) {
@@ -336,9 +416,23 @@ CachedModel cached_model(const Where& where, ModelSpec spec) {
   }
   const std::shared_ptr<Backend> b = backend(where.backend);
   const BackendInfo info = b->info();
-  if (!contains(info.families, spec.family)) {
-    m.skip = "backend '" + where.backend + "' does not list family '" + spec.family +
-             "' (it lists: " + join(info.families) + "): not tested";
+  // What the backend does not list is skipped, by its info() alone; what it lists must work.
+  if (!contains(info.kinds, spec.kind)) {
+    m.skip = "backend '" + where.backend + "' does not list kind '" + kind_name(spec.kind) +
+             "' (it lists: " + join(kind_names(info.kinds)) + "): not tested";
+    return m;
+  }
+  std::vector<std::string> missing;
+  for (const std::string& f : required_features(spec))
+    if (!contains(info.features, f)) missing.push_back(f);
+  if (!missing.empty()) {
+    m.skip = "backend '" + where.backend + "' does not list the feature(s) " + join(missing) + " that family '" +
+             spec.family + "' needs here (it lists: " + join(info.features) + "): not tested";
+    return m;
+  }
+  const bool decoder = spec.kind == ModelKind::decoder;
+  if (decoder && !contains(info.features, std::string(feature::prefix_cache))) {
+    m.skip = "backend '" + where.backend + "' does not list the feature prefix_cache: not tested";
     return m;
   }
   std::string why;
@@ -351,15 +445,16 @@ CachedModel cached_model(const Where& where, ModelSpec spec) {
   try {
     m.model = b->create_model(spec, weights_for(spec));
   } catch (const Error& e) {
-    m.failure = std::string("create_model threw for a family, dtype and device the backend lists: ") + e.what();
+    m.failure =
+        std::string("create_model threw for a kind, the features, a dtype and a device the backend lists: ") + e.what();
     return m;
   }
   m.cache = prefix_cache_of(*m.model);
   if (!m.cache) {
     const std::string none = "backend '" + where.backend + "' offers no prefix_cache for family '" + spec.family +
                              "' (Model::capability(\"prefix_cache\") is nullptr)";
-    if (must_offer(where.backend, spec.family))
-      m.failure = none + ", which it must";
+    if (decoder)
+      m.failure = none + ", which it must: it lists the feature prefix_cache";
     else
       m.skip = none + ": not tested";
   }
@@ -436,14 +531,21 @@ TEST_P(NextCaseTest, MatchesForward) {
   const DType dt = spec.dtype;
   const double tol = tolerance(dt);
   const bool exact = c.where.backend == "reference";
-  const std::int64_t T = spec.seq_len, w = width(spec);
+  const std::int64_t w = width(spec);
   FullForwardPrefix full(model);
   std::map<std::string, double>& worst = worst_errors()[c.where.text()];
   double worst_forward = 0, worst_full = 0;
 
+  // Every prefix length below seq_len, and for a model of any length the last position it has (n_positions - 1),
+  // where forward() runs on a longer sequence than seq_len and FullForwardPrefix (seq_len long) cannot follow.
+  std::vector<std::int64_t> lengths;
+  for (std::int64_t t = 0; t < spec.seq_len; ++t) lengths.push_back(t);
+  if (spec.any_length() && spec.n_positions > spec.seq_len) lengths.push_back(spec.n_positions - 1);
   const Rng rng = Rng(kSeed).fork(c.model).fork(dtype_name(dt));
-  for (std::int64_t t = 0; t < T; ++t) {
+  for (const std::int64_t t : lengths) {
     SCOPED_TRACE("prefix length t = " + std::to_string(t));
+    const std::int64_t T = std::max(spec.seq_len, t + 1);
+    const bool with_full = t < spec.seq_len;
     const std::int64_t B = t % 2 == 0 ? 5 : 1;  // single candidates too: a backend may take another path for them
     const Rng rt = rng.fork("t " + std::to_string(t));
     const Tensor prefix = random_rows(spec, t, rt.fork("prefix"), dt);          // [t, w]
@@ -474,9 +576,12 @@ TEST_P(NextCaseTest, MatchesForward) {
     const Tensor want = row_at(model.forward(sequences), t);  // [B, D]
     ASSERT_EQ(rows.shape(), want.shape()) << "next's rows have another shape than forward()'s row t";
     EXPECT_EQ(rows.dtype(), dt) << "next's rows are not in the model's dtype";
-    full.reset();
-    if (t > 0) full.append(prefix);
-    const Tensor want_full = full.next(candidates);
+    Tensor want_full = want;
+    if (with_full) {
+      full.reset();
+      if (t > 0) full.append(prefix);
+      want_full = full.next(candidates);
+    }
 
     const Difference df = difference(rows, want), dff = difference(rows, want_full);
     worst_forward = std::max(worst_forward, df.error);
@@ -500,9 +605,12 @@ INSTANTIATE_TEST_SUITE_P(PrefixCache, NextCaseTest, testing::ValuesIn(all_next_c
 
 // ---- the cache's own behaviour, per backend, dtype and device -----------------------------------------------------
 
-// A model with everything in its output: 3 blocks, lm_head, and block 1's output after it.
-ModelSpec checks_spec(InputSpace input) {
+// A model with everything in its output: 3 blocks, lm_head, and block 1's output after it; GPT-2's architecture or
+// mistral's (rms_norm, rotary, grouped kv heads, swiglu, untied head).
+ModelSpec checks_spec(const std::string& arch, InputSpace input) {
   ModelSpec s = small_gpt2();
+  for (const auto& [name, spec] : architectures())
+    if (name == arch) s = spec;
   s.blocks = 3;
   s.head = Head::lm_head;
   s.layers = {1};
@@ -510,18 +618,27 @@ ModelSpec checks_spec(InputSpace input) {
   return s;
 }
 
-class CacheChecks : public testing::TestWithParam<Where> {
+struct CheckCase {
+  Where where;
+  std::string arch;  // gpt2 or an architectures() name
+};
+
+void PrintTo(const CheckCase& c, std::ostream* os) {
+  *os << c.where.text() << " " << c.arch;
+}
+
+class CacheChecks : public testing::TestWithParam<CheckCase> {
  protected:
   // Expects `got` to be `want`: bit-identical on the reference, within the tolerance elsewhere.
   void expect_same(const Tensor& got, const Tensor& want, const std::string& what) {
     ASSERT_EQ(got.shape(), want.shape()) << what;
     const Difference d = difference(got, want);
-    double& worst = worst_errors()[GetParam().text()][test_name()];
+    double& worst = worst_errors()[GetParam().where.text()][test_name()];
     worst = std::max(worst, d.error);
-    if (GetParam().backend == "reference")
+    if (GetParam().where.backend == "reference")
       EXPECT_TRUE(bit_identical(got, want)) << what << ": not bit-identical: " << d.text();
     else
-      EXPECT_LE(d.error, tolerance(GetParam().dtype)) << what << ": " << d.text();
+      EXPECT_LE(d.error, tolerance(GetParam().where.dtype)) << what << ": " << d.text();
   }
 
   // The test's name without its parameter's: ErrorsNameTheProblem, ...
@@ -549,7 +666,7 @@ class CacheChecks : public testing::TestWithParam<Where> {
 TEST_P(CacheChecks, ResetThenAppendAgainGivesTheSame) {
   for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
     SCOPED_TRACE(std::string("input = ") + input_space_name(input));
-    CachedModel cm = cached_model(GetParam(), checks_spec(input));
+    CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, input));
     LMINV_REQUIRE_CACHE(cm);
     PrefixCache& cache = *cm.cache;
     const ModelSpec& spec = cm.model->spec();
@@ -575,12 +692,12 @@ TEST_P(CacheChecks, ResetThenAppendAgainGivesTheSame) {
 TEST_P(CacheChecks, AppendingRowsOneAtATimeEqualsAppendingThemTogether) {
   for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
     SCOPED_TRACE(std::string("input = ") + input_space_name(input));
-    CachedModel cm = cached_model(GetParam(), checks_spec(input));
+    CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, input));
     LMINV_REQUIRE_CACHE(cm);
     PrefixCache& cache = *cm.cache;
     const ModelSpec& spec = cm.model->spec();
     const Rng rng = Rng(kSeed).fork("one at a time").fork(input_space_name(input));
-    const std::int64_t t = spec.seq_len - 1;
+    const std::int64_t t = spec.n_positions - 1;  // the longest prefix with a position left
     const Tensor prefix = random_rows(spec, t, rng.fork("prefix"), spec.dtype);
     const Tensor candidates = random_rows(spec, 3, rng.fork("candidates"), spec.dtype);
     cache.reset();
@@ -601,7 +718,7 @@ TEST_P(CacheChecks, AppendingRowsOneAtATimeEqualsAppendingThemTogether) {
 }
 
 TEST_P(CacheChecks, NextLeavesThePrefixAsItWas) {
-  CachedModel cm = cached_model(GetParam(), checks_spec(InputSpace::embedding));
+  CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, InputSpace::embedding));
   LMINV_REQUIRE_CACHE(cm);
   PrefixCache& cache = *cm.cache;
   const ModelSpec& spec = cm.model->spec();
@@ -620,12 +737,13 @@ TEST_P(CacheChecks, NextLeavesThePrefixAsItWas) {
 }
 
 TEST_P(CacheChecks, ErrorsNameTheProblem) {
-  CachedModel cm = cached_model(GetParam(), checks_spec(InputSpace::embedding));
+  CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, InputSpace::embedding));
   LMINV_REQUIRE_CACHE(cm);
   PrefixCache& cache = *cm.cache;
   const ModelSpec& spec = cm.model->spec();
-  const std::int64_t T = spec.seq_len, w = width(spec);
-  const std::string seq_len = std::to_string(T);
+  // The longest prefix: n_positions for a decoder (any length), named in the errors.
+  const std::int64_t T = spec.any_length() ? spec.n_positions : spec.seq_len, w = width(spec);
+  const std::string limit = std::to_string(T), limit_name = spec.any_length() ? "n_positions" : "seq_len";
   const Rng rng = Rng(kSeed).fork("errors");
   const DType dt = spec.dtype;
 
@@ -639,9 +757,9 @@ TEST_P(CacheChecks, ErrorsNameTheProblem) {
   }
   EXPECT_EQ(cache.length(), 2) << "a refused call changed the prefix";
 
-  // More positions than seq_len: refused, the prefix unchanged.
-  expect_error([&] { cache.append(random_rows(spec, T - 1, rng.fork("too many"), dt)); }, {seq_len},
-               "appending " + std::to_string(T - 1) + " rows to a prefix of 2 (seq_len " + seq_len + ")");
+  // More positions than the model has: refused, the prefix unchanged.
+  expect_error([&] { cache.append(random_rows(spec, T - 1, rng.fork("too many"), dt)); }, {limit},
+               "appending " + std::to_string(T - 1) + " rows to a prefix of 2 (" + limit_name + " " + limit + ")");
   EXPECT_EQ(cache.length(), 2) << "a refused append changed the prefix";
   const Tensor candidates = random_rows(spec, 2, rng.fork("candidates"), dt);
   EXPECT_NO_THROW(cache.next(candidates)) << "the cache is unusable after a refused append";
@@ -649,19 +767,32 @@ TEST_P(CacheChecks, ErrorsNameTheProblem) {
   // A full prefix: next has no position left, append no room.
   cache.append(random_rows(spec, T - 2, rng.fork("rest"), dt));
   EXPECT_EQ(cache.length(), T);
-  expect_error([&] { cache.next(candidates); }, {seq_len}, "next on a full prefix (seq_len " + seq_len + ")");
-  expect_error([&] { cache.append(random_rows(spec, 1, rng.fork("one more"), dt)); }, {seq_len},
-               "appending to a full prefix (seq_len " + seq_len + ")");
+  expect_error([&] { cache.next(candidates); }, {limit}, "next on a full prefix (" + limit_name + " " + limit + ")");
+  expect_error([&] { cache.append(random_rows(spec, 1, rng.fork("one more"), dt)); }, {limit},
+               "appending to a full prefix (" + limit_name + " " + limit + ")");
   EXPECT_EQ(cache.length(), T);
   cache.reset();
   EXPECT_NO_THROW(cache.next(candidates)) << "next after reset() of a full prefix";
 }
 
-std::string where_param_name(const testing::TestParamInfo<Where>& info) {
-  return where_name(info.param);
+std::vector<CheckCase> all_check_cases() {
+  std::vector<CheckCase> out;
+  for (const Where& w : all_places()) {
+    if (!w.load_error.empty()) {
+      out.push_back({w, ""});
+      continue;
+    }
+    for (const char* arch : {"gpt2", "mistral"}) out.push_back({w, arch});
+  }
+  return out;
 }
 
-INSTANTIATE_TEST_SUITE_P(PrefixCache, CacheChecks, testing::ValuesIn(all_places()), where_param_name);
+std::string check_case_name(const testing::TestParamInfo<CheckCase>& info) {
+  const CheckCase& c = info.param;
+  return c.where.load_error.empty() ? where_name(c.where) + "_" + c.arch : where_name(c.where);
+}
+
+INSTANTIATE_TEST_SUITE_P(PrefixCache, CacheChecks, testing::ValuesIn(all_check_cases()), check_case_name);
 
 // ---- per backend: no cache for a family that is not causal --------------------------------------------------------
 
@@ -682,9 +813,10 @@ class NotCausal : public testing::TestWithParam<std::string> {};
 TEST_P(NotCausal, FcnetOffersNoPrefixCache) {
   const std::shared_ptr<Backend> b = backend(GetParam());
   const BackendInfo info = b->info();
-  if (!contains(info.families, std::string("fcnet"))) GTEST_SKIP() << "backend does not list fcnet";
+  if (!contains(info.kinds, ModelKind::fcnet)) GTEST_SKIP() << "backend does not list kind fcnet";
   ModelSpec s = small_gpt2();
   s.family = "fcnet";
+  s.kind = ModelKind::fcnet;
   s.n_layer = 0;
   s.blocks = 0;
   s.head = Head::none;

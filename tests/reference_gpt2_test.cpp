@@ -1,6 +1,7 @@
-// The reference backend's GPT-2: every layer function's input gradient against central finite differences, the whole
-// model against a second, naive implementation written here and against finite differences, causality, batching and
-// threading to the last bit, f32 against f64, loss_and_grad, truncation, and the errors it raises.
+// The reference backend's decoder at GPT-2's setting (spec.arch's defaults): every layer function's input gradient
+// against central finite differences, the whole model against a second, naive implementation written here and against
+// finite differences, causality, batching and threading to the last bit, f32 against f64, loss_and_grad, truncation,
+// and the errors it raises.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,7 +13,7 @@
 #include <tuple>
 #include <vector>
 
-#include "gpt2_layers.hpp"
+#include "decoder_layers.hpp"
 #include "lminv/error.hpp"
 #include "lminv/options.hpp"
 #include "lminv/rng.hpp"
@@ -32,6 +33,7 @@ ModelSpec tiny_spec(Head head = Head::none, InputSpace input = InputSpace::embed
                     std::vector<std::int64_t> layers = {}, DType dtype = DType::f64) {
   ModelSpec spec;
   spec.family = "gpt2";
+  spec.kind = ModelKind::decoder;  // arch: GPT-2's setting, the default
   spec.n_layer = 3;
   spec.n_embd = 16;
   spec.n_head = 2;
@@ -236,15 +238,16 @@ TEST(Gpt2Layers, Conv1dIsXWPlusBiasAndItsInputGradient) {
 
 TEST(Gpt2Layers, AttentionInputGradient) {
   const Index B = 2, T = 4, C = 6, NH = 2;
+  const reference::HeadLayout heads{NH, NH, C / NH};  // GPT-2's: every query head has its own key and value head
   const Vec qkv = random_values(B * T * 3 * C, 1, 1.5), g = random_values(B * T * C, 2);
   auto f = [&](const Vec& in) {
     Vec out(B * T * C), att(B * NH * T * T);
-    reference::attention_forward(out.data(), att.data(), in.data(), B, T, C, NH);
+    reference::attention_forward(out.data(), att.data(), in.data(), B, T, heads);
     return out;
   };
   Vec out(B * T * C), att(B * NH * T * T), dqkv(B * T * 3 * C);
-  reference::attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-  reference::attention_backward(dqkv.data(), qkv.data(), att.data(), g.data(), B, T, C, NH);
+  reference::attention_forward(out.data(), att.data(), qkv.data(), B, T, heads);
+  reference::attention_backward(dqkv.data(), qkv.data(), att.data(), g.data(), B, T, heads);
   EXPECT_LT(fd_relative_error(f, qkv, g, dqkv), 1e-6);
   // The saved probabilities: rows sum to 1, zero above the diagonal, not uniform (the test inputs are not trivial).
   double spread = 0;
@@ -369,8 +372,7 @@ Matrix naive_forward(const ModelSpec& s, const WeightSet& w, const Matrix& input
       for (double v : x[t]) var += (v - mean) * (v - mean);
       var /= d;
       for (std::int64_t c = 0; c < d; ++c)
-        y[t][c] =
-            (x[t][c] - mean) / std::sqrt(var + s.layer_norm_epsilon) * W(name + ".weight", c) + W(name + ".bias", c);
+        y[t][c] = (x[t][c] - mean) / std::sqrt(var + s.arch.norm_eps) * W(name + ".weight", c) + W(name + ".bias", c);
     }
     return y;
   };
@@ -713,9 +715,11 @@ TEST(Gpt2Model, WeightsInAnotherDtypeAreConverted) {
 
 // ---- backend and errors -------------------------------------------------------------------------------------------
 
-TEST(Gpt2Backend, InfoListsGpt2) {
+TEST(Gpt2Backend, InfoListsTheDecoderWithGpt2sFeatures) {
   const BackendInfo info = ReferenceBackend().info();
-  EXPECT_NE(std::find(info.families.begin(), info.families.end(), "gpt2"), info.families.end());
+  EXPECT_NE(std::find(info.kinds.begin(), info.kinds.end(), ModelKind::decoder), info.kinds.end());
+  for (const std::string& f : required_features(tiny_spec(Head::lm_head, InputSpace::vocab, 3, {1})))
+    EXPECT_NE(std::find(info.features.begin(), info.features.end(), f), info.features.end()) << f;
 }
 
 TEST(Gpt2Backend, SpecErrors) {
@@ -790,8 +794,14 @@ TEST(Gpt2Backend, MissingOrMisshapedWeightsAreNamed) {
 TEST(Gpt2Backend, WrongInputOrGradientShape) {
   const ModelSpec s = tiny_spec(Head::lm_head);
   auto model = make_model(s, test_weights(s));
-  std::string message = error_of([&] { model->forward(Tensor(DType::f64, {1, 6, 16})); });
-  EXPECT_TRUE(contains(message, "[1, 6, 16]") && contains(message, "[B, 5, 16]")) << message;
+  // Any length up to n_positions = 16 is fine; 17 positions or a wrong width are not.
+  EXPECT_EQ(model->forward(Tensor(DType::f64, {1, 6, 16})).shape(), (Shape{1, 6, 40}));
+  std::string message = error_of([&] { model->forward(Tensor(DType::f64, {1, 17, 16})); });
+  EXPECT_TRUE(contains(message, "[1, 17, 16]") && contains(message, "T in 1 .. 16")) << message;
+  message = error_of([&] { model->forward(Tensor(DType::f64, {1, 5, 15})); });
+  EXPECT_TRUE(contains(message, "[1, 5, 15]") && contains(message, "[B, T, 16]")) << message;
+  message = error_of([&] { model->forward(Tensor(DType::f64, {1, 0, 16})); });
+  EXPECT_TRUE(contains(message, "[1, 0, 16]")) << message;
   const Tensor x(DType::f64, {2, 5, 16});
   message = error_of([&] { model->backward(x, Tensor(DType::f64, {2, 5, 16})); });
   EXPECT_TRUE(contains(message, "[2, 5, 16]") && contains(message, "[2, 5, 40]")) << message;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -15,8 +16,8 @@
 #include "lminv/error.hpp"
 #include "lminv/options.hpp"
 #include "lminv/rng.hpp"
+#include "lminv/schema.hpp"
 #include "reference_backend.hpp"
-#include "weights_init.hpp"
 
 namespace lminv {
 namespace {
@@ -30,6 +31,7 @@ ModelSpec mlp_spec(const std::string& family, InputSpace input, DType dtype = DT
                    std::int64_t T = 3, std::int64_t V = 50) {
   ModelSpec spec;
   spec.family = family;
+  spec.kind = *parse_kind(family);  // what the backend dispatches on; family is a label
   spec.n_embd = d;
   spec.seq_len = T;
   spec.vocab_size = V;
@@ -38,10 +40,30 @@ ModelSpec mlp_spec(const std::string& family, InputSpace input, DType dtype = DT
   return spec;
 }
 
+// Seeded weights for every tensor of weight_schema(spec), in `dtype` (rounded from f64): linear layers [out, in] and
+// their biases uniform in [-1/sqrt(in), 1/sqrt(in)) as torch's nn.Linear draws them, wte normal with std 0.3.
+WeightSet schema_weights(const ModelSpec& spec, std::uint64_t seed, DType dtype = DType::f64) {
+  const std::vector<TensorSpec> schema = weight_schema(spec);
+  std::map<std::string, std::int64_t> inputs;  // layer -> its input width, from "<layer>.weight" [out, in]
+  for (const TensorSpec& t : schema)
+    if (t.shape.size() == 2) inputs[t.name.substr(0, t.name.find('.'))] = t.shape[1];
+  WeightSet w;
+  const Rng root(seed);
+  for (const TensorSpec& t : schema) {
+    Rng rng = root.fork(t.name);
+    const std::string layer = t.name.substr(0, t.name.find('.'));
+    const double bound = 1 / std::sqrt(static_cast<double>(inputs.at(layer)));
+    Tensor v(DType::f64, t.shape);
+    for (std::int64_t i = 0; i < v.numel(); ++i)
+      v.set(i, layer == "wte" ? 0.3 * rng.normal() : rng.uniform(-bound, bound));
+    w.set(t.name, v.to(dtype));
+  }
+  return w;
+}
+
 std::shared_ptr<const WeightSet> weights_for(const ModelSpec& spec, std::uint64_t seed = 1) {
-  ModelSpec f64 = spec;
-  f64.dtype = DType::f64;  // one set of weights for both dtypes: the f32 model converts it
-  return std::make_shared<const WeightSet>(init_random_weights(f64, seed));
+  // one set of f64 weights for both dtypes: the f32 model converts it
+  return std::make_shared<const WeightSet>(schema_weights(spec, seed));
 }
 
 std::unique_ptr<Model> make_model(const ModelSpec& spec, std::shared_ptr<const WeightSet> weights, int threads = 1) {
@@ -281,9 +303,9 @@ TEST_P(ReferenceModel, OutputShape) {
   auto model = make_model(s, weights_for(s));
   const Tensor out = model->forward(random_tensor(DType::f64, input_shape(s, 2), 1));
   const std::int64_t D = s.seq_len * s.n_embd;
-  const Shape expected = s.family == "fcnet"                 ? Shape{2, 4 * D}
-                         : s.family == "fcnet_noninvertible" ? Shape{2, D}
-                                                             : Shape{2, s.seq_len, s.n_embd};
+  const Shape expected = s.kind == ModelKind::fcnet                 ? Shape{2, 4 * D}
+                         : s.kind == ModelKind::fcnet_noninvertible ? Shape{2, D}
+                                                                    : Shape{2, s.seq_len, s.n_embd};
   EXPECT_EQ(out.shape(), expected);
   EXPECT_EQ(out.dtype(), DType::f64);
   EXPECT_GT(max_abs(out), 0.0);
@@ -297,7 +319,7 @@ TEST_P(ReferenceModel, ForwardMatchesAStraightforwardImplementation) {
   const Tensor input = random_tensor(DType::f64, input_shape(s, 2), 3);
   const Tensor out = model->forward(input);
   const Index T = s.seq_len, d = s.n_embd, V = s.vocab_size;
-  const bool per_token = s.family == "transformer_mlp";
+  const bool per_token = s.kind == ModelKind::transformer_mlp;
   const Tensor &W1 = weights->get("fc1.weight"), &b1 = weights->get("fc1.bias");
   const Tensor &W2 = weights->get("fc2.weight"), &b2 = weights->get("fc2.bias");
   const Index rows = per_token ? T : 1, in = W1.dim(1), hidden = W1.dim(0), outw = W2.dim(0);
@@ -445,8 +467,7 @@ TEST_P(ReferenceModel, F32AgreesWithF64) {
   EXPECT_LT(relative_difference(grad32, grad64), 1e-5);
   EXPECT_GT(relative_difference(grad32, grad64), 0.0);  // it did compute in f32
   // Weights already in f32 give the same bits as converted ones.
-  ModelSpec w32spec = s32;
-  auto m32_native = make_model(s32, std::make_shared<const WeightSet>(init_random_weights(w32spec, 1)));
+  auto m32_native = make_model(s32, std::make_shared<const WeightSet>(schema_weights(s32, 1, DType::f32)));
   EXPECT_TRUE(same_bytes(m32_native->forward(x32), y32));
   // An input in another dtype is converted, and its gradient comes back in the input's dtype.
   const Tensor grad_mixed = m32->backward(x64, g64.to(DType::f32));
@@ -471,7 +492,14 @@ TEST_P(ReferenceModel, BackwardAfterAnotherForwardRecomputes) {
 
 TEST(ReferenceBackend, Info) {
   const BackendInfo info = ReferenceBackend().info();
-  EXPECT_EQ(info.families, (std::vector<std::string>{"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"}));
+  EXPECT_EQ(info.kinds, (std::vector<ModelKind>{ModelKind::decoder, ModelKind::fcnet, ModelKind::fcnet_noninvertible,
+                                                ModelKind::transformer_mlp}));
+  // Every feature of architecture.hpp: the reference computes every architecture.
+  namespace f = feature;
+  for (const char* name : {f::layer_norm, f::layer_norm_no_bias, f::rms_norm, f::learned_positions, f::rotary,
+                           f::partial_rotary, f::grouped_kv, f::head_dim, f::gelu_tanh, f::gelu_erf, f::swiglu,
+                           f::parallel_residual, f::untied_head, f::extra_layers, f::vocab_input, f::prefix_cache})
+    EXPECT_NE(std::find(info.features.begin(), info.features.end(), name), info.features.end()) << name;
   EXPECT_EQ(info.dtypes, (std::vector<DType>{DType::f64, DType::f32}));
   EXPECT_EQ(info.devices, (std::vector<std::string>{"cpu"}));
 }
@@ -493,14 +521,17 @@ TEST(ReferenceBackend, ConfigureReadsThreads) {
   }
 }
 
-TEST(ReferenceBackend, UnsupportedFamilyDtypeDevice) {
+TEST(ReferenceBackend, UnsupportedKindDtypeDevice) {
   const ModelSpec good = mlp_spec("fcnet", InputSpace::embedding);
   const auto weights = weights_for(good);
   ModelSpec s = good;
-  s.family = "resnet";
+  // The family is a label: the kind decides what is built.
+  s.family = "my_own_label";
+  const Tensor x = random_tensor(DType::f64, input_shape(s, 2), 90);
+  EXPECT_TRUE(same_bytes(make_model(s, weights)->forward(x), make_model(good, weights)->forward(x)));
+  s.kind = static_cast<ModelKind>(99);
   std::string message = error_of([&] { make_model(s, weights); });
-  EXPECT_TRUE(contains(message, "'resnet'") && contains(message, "gpt2, fcnet, fcnet_noninvertible, transformer_mlp"))
-      << message;
+  EXPECT_TRUE(contains(message, "kind")) << message;
   s = good;
   s.dtype = DType::bf16;
   message = error_of([&] { make_model(s, weights); });
@@ -538,7 +569,7 @@ TEST(ReferenceBackend, WrongInputShapeNamesBothShapes) {
 
 TEST(ReferenceBackend, MissingOrMisshapedWeights) {
   const ModelSpec s = mlp_spec("fcnet", InputSpace::embedding);
-  const WeightSet full = init_random_weights(s, 0);
+  const WeightSet full = schema_weights(s, 0);
   auto without = [&](const std::string& skip) {
     auto w = std::make_shared<WeightSet>();
     for (const auto& [name, tensor] : full.tensors())
@@ -561,11 +592,33 @@ TEST(ReferenceBackend, MissingOrMisshapedWeights) {
   message = error_of([&] { make_model(vocab, without("wte.weight")); });
   EXPECT_TRUE(contains(message, "'wte.weight'") && contains(message, "[50, 8]")) << message;
 
-  // Weights for another seq_len do not fit.
+  // Weights for another seq_len do not fit: fc1 is [4 T d, T d].
   ModelSpec longer = s;
   longer.seq_len = 4;
   message = error_of([&] { make_model(longer, std::make_shared<const WeightSet>(full)); });
-  EXPECT_TRUE(contains(message, "'fc1.weight'") && contains(message, "seq_len 4")) << message;
+  EXPECT_TRUE(contains(message, "'fc1.weight'") && contains(message, "[96, 24]") && contains(message, "[128, 32]"))
+      << message;
+}
+
+TEST(ReferenceBackend, TransformerMlpTakesAnyLengthUpToNPositions) {
+  // One model, calls of several lengths: each equals a fresh model built with that seq_len, bit for bit.
+  ModelSpec s = mlp_spec("transformer_mlp", InputSpace::vocab);
+  s.n_positions = 8;
+  const auto weights = weights_for(s);
+  auto model = make_model(s, weights);
+  for (std::int64_t T : {2, 7, 2, 8, 1}) {
+    ModelSpec at = s;
+    at.seq_len = T;
+    auto fresh = make_model(at, weights);
+    const Tensor x = random_tensor(DType::f64, input_shape(at, 2), 100 + T);
+    const Tensor y = model->forward(x);
+    ASSERT_EQ(y.shape(), (Shape{2, T, s.n_embd}));
+    EXPECT_TRUE(same_bytes(y, fresh->forward(x))) << T;
+    const Tensor g = random_tensor(DType::f64, y.shape(), 200 + T);
+    EXPECT_TRUE(same_bytes(model->backward(x, g), fresh->backward(x, g))) << T;
+  }
+  const std::string message = error_of([&] { model->forward(Tensor(DType::f64, {1, 9, 50})); });
+  EXPECT_TRUE(contains(message, "[1, 9, 50]") && contains(message, "T in 1 .. 8")) << message;
 }
 
 }  // namespace

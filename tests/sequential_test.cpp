@@ -287,6 +287,7 @@ TEST(Sequential, Errors) {
   // A model whose output at t depends on later positions cannot be searched position by position.
   ModelSpec fc;
   fc.family = "fcnet";
+  if (auto kind = parse_kind(fc.family)) fc.kind = *kind;
   fc.n_embd = 8;
   fc.vocab_size = 11;
   fc.seq_len = 2;

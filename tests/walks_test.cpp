@@ -58,6 +58,7 @@ struct Walker {
   Walker(const std::string& family, std::int64_t d, std::int64_t T, DType dtype = DType::f64,
          InputSpace input = InputSpace::embedding, std::int64_t V = 24) {
     spec.family = family;
+    if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
     spec.n_embd = d;
     spec.seq_len = T;
     spec.vocab_size = V;

@@ -16,6 +16,7 @@ namespace {
 ModelSpec mlp_spec(const std::string& family, std::int64_t d = 8, std::int64_t T = 3, std::int64_t V = 50) {
   ModelSpec spec;
   spec.family = family;
+  if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
   spec.n_embd = d;
   spec.seq_len = T;
   spec.vocab_size = V;
@@ -376,6 +377,7 @@ TEST(WeightsInit, FcnetWithoutSeqLenIsAnError) {
   spec.seq_len = 0;
   EXPECT_THROW(init_random_weights(spec, 0), Error);
   spec.family = "transformer_mlp";  // per-token sizes: seq_len is not needed
+  if (auto kind = parse_kind(spec.family)) spec.kind = *kind;
   EXPECT_NO_THROW(init_random_weights(spec, 0));
   spec.n_embd = 0;
   EXPECT_THROW(init_random_weights(spec, 0), Error);

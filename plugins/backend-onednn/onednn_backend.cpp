@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lminv/schema.hpp"
 #include "onednn_common.hpp"
 
 namespace lminv::onednn {
@@ -94,15 +95,25 @@ std::vector<double> metric_and_grad_f32(const float* output, Index B, Index n, c
   return {};
 }
 
-const std::vector<std::string>& supported_families() {
-  static const std::vector<std::string> families{"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"};
-  return families;
+const std::vector<ModelKind>& supported_kinds() {
+  static const std::vector<ModelKind> kinds{ModelKind::decoder, ModelKind::fcnet, ModelKind::fcnet_noninvertible,
+                                            ModelKind::transformer_mlp};
+  return kinds;
+}
+
+const std::vector<std::string>& supported_features() {
+  namespace f = feature;
+  static const std::vector<std::string> features{
+      f::layer_norm,     f::layer_norm_no_bias, f::rms_norm,    f::learned_positions, f::rotary,
+      f::partial_rotary, f::grouped_kv,         f::head_dim,    f::gelu_tanh,         f::gelu_erf,
+      f::swiglu,         f::parallel_residual,  f::untied_head, f::extra_layers,      f::vocab_input};
+  return features;
 }
 
 BackendInfo OnednnBackend::info() const {
   // bf16 is not offered: oneDNN 2.6 computes bf16 matmuls only on CPUs with AVX-512 (avx512_core and up), and this
-  // backend has not been written or tested for it.
-  return {supported_families(), {DType::f32}, {"cpu"}};
+  // backend has not been written or tested for it. No prefix_cache yet.
+  return {supported_kinds(), supported_features(), {DType::f32}, {"cpu"}};
 }
 
 void OnednnBackend::configure(const Options& options) {
@@ -120,15 +131,37 @@ std::unique_ptr<Model> OnednnBackend::create_model(const ModelSpec& spec, std::s
   if (std::find(supported.dtypes.begin(), supported.dtypes.end(), spec.dtype) == supported.dtypes.end())
     throw Error(std::string(kWho) + ": dtype '" + dtype_name(spec.dtype) +
                 "' is not supported (supported: f32; oneDNN has no f64, and bf16 is not offered by this backend)");
-  if (std::find(supported.families.begin(), supported.families.end(), spec.family) == supported.families.end())
-    throw Error(std::string(kWho) + ": family '" + spec.family +
-                "' is not supported (supported: " + join(supported.families) + ")");
+  if (std::find(supported.kinds.begin(), supported.kinds.end(), spec.kind) == supported.kinds.end())
+    throw Error(std::string(kWho) + ": model kind '" + kind_name(spec.kind) + "' is not supported");
+  check_spec(spec, kWho);
+  check_features(spec, supported.features, kWho);
   if (!weights) throw Error(std::string(kWho) + ": no weights given");
+  check_weights(used_weights(spec), *weights, kWho);
   ThreadScope scope(threads_);
+  const std::lock_guard<std::mutex> lock(mutex_);  // the store is filled while the model is built
   return guarded("building the model", [&] {
-    if (spec.family == "gpt2") return make_gpt2_model(spec, std::move(weights), threads_);
-    return make_mlp_model(spec, std::move(weights), threads_);
+    std::shared_ptr<WeightStore> store = store_for(weights);
+    if (spec.kind == ModelKind::decoder) return make_decoder_model(spec, std::move(store), threads_);
+    return make_mlp_model(spec, std::move(store), threads_);
   });
+}
+
+// The store of `weights` while a model uses it, else a new one. A store keeps its WeightSet, so the address cannot be
+// reused by another WeightSet while the entry is alive.
+std::shared_ptr<WeightStore> OnednnBackend::store_for(const std::shared_ptr<const WeightSet>& weights) {
+  for (auto it = stores_.begin(); it != stores_.end();) it = it->second.expired() ? stores_.erase(it) : std::next(it);
+  if (auto it = stores_.find(weights.get()); it != stores_.end())
+    if (std::shared_ptr<WeightStore> store = it->second.lock()) return store;
+  auto store = std::make_shared<WeightStore>(weights);
+  stores_[weights.get()] = store;
+  return store;
+}
+
+std::size_t OnednnBackend::weight_stores() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  std::size_t n = 0;
+  for (const auto& [key, store] : stores_) n += store.expired() ? 0 : 1;
+  return n;
 }
 
 }  // namespace lminv::onednn

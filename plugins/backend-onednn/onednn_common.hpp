@@ -1,5 +1,6 @@
 // What the oneDNN backend's models share: the engine and stream, thread control, oneDNN errors as lminv::Error,
-// buffers, a list of primitives with their arguments, and the weights as oneDNN memory.
+// buffers, a list of steps (oneDNN primitives with their arguments, or hand-written loops), and the weights as oneDNN
+// memory.
 //
 // Built on oneDNN 2.6's C++ API (X::desc -> X::primitive_desc -> primitive, executed with an argument map on a
 // stream), CPU engine, f32.
@@ -9,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -73,9 +75,15 @@ class ThreadScope {
   bool active_;
 };
 
+// The CPU engine, one for the process: memory made on it (the weights' copies) serves every model.
+inline const dnnl::engine& cpu_engine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
 // The engine and stream of one model.
 struct Context {
-  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::engine engine = cpu_engine();
   dnnl::stream stream{engine};
   int threads = 0;
 };
@@ -116,13 +124,21 @@ inline float* ensure(Buffer& b, Index n) {
   return b.data();
 }
 
-// One primitive with its arguments. Plans are lists of steps built once per batch size. A `single` step is too small
-// to be worth an OpenMP team: it was made, and runs, with one thread, which saves a fork and join (a few microseconds
-// on a quiet machine, a scheduler time slice on a busy one) for each of the many small steps of a batch of one.
+// One primitive with its arguments, or (when `loop` is set) a hand-written loop over the plan's buffers. Plans are
+// lists of steps built once per input shape. A `single` step is too small to be worth an OpenMP team: it was made,
+// and runs, with one thread, which saves a fork and join (a few microseconds on a quiet machine, a scheduler time
+// slice on a busy one) for each of the many small steps of a batch of one.
 struct Step {
+  Step() = default;
+  Step(dnnl::primitive p, std::unordered_map<int, memory> a, bool one_thread = false)
+      : primitive(std::move(p)), args(std::move(a)), single(one_thread) {}
+  // A hand-written loop.
+  Step(std::function<void()> f, bool one_thread) : single(one_thread), loop(std::move(f)) {}
+
   dnnl::primitive primitive;
   std::unordered_map<int, memory> args;
   bool single = false;
+  std::function<void()> loop;
 };
 
 // Below this many elements (or multiply-adds, for a matmul) a step runs on one thread.
@@ -139,7 +155,10 @@ inline void run_steps(Context& ctx, const std::vector<Step>& steps) {
   } team;
   for (const Step& s : steps) {
     team.set(s.single ? 1 : team.size);
-    s.primitive.execute(ctx.stream, s.args);
+    if (s.loop)
+      s.loop();
+    else
+      s.primitive.execute(ctx.stream, s.args);
   }
   ctx.stream.wait();
 }
@@ -187,24 +206,33 @@ inline dnnl::binary add(const Context& ctx, const memory::desc& md) {
       dnnl::binary::primitive_desc(dnnl::binary::desc(dnnl::algorithm::binary_add, md, md, md), ctx.engine));
 }
 
-// The weights as f32 oneDNN memory. Tensors already in f32 are used in place (the model keeps the WeightSet); others
-// are converted once. A matrix is given to matmul in the layout oneDNN prefers for it: the stored bytes as they are
-// when that is a plain layout (the gemm-based matmul reads either orientation, so the transposed use of a weight, as
-// in the backward pass, needs no copy), else a copy reordered once into the preferred (blocked) layout.
+// A weight matrix as matmul weights: `stored` reads the tensor's bytes as they are (in either orientation: the
+// gemm-based matmul takes both, so the transposed use of a weight, as in the backward pass, needs no copy); `fast` is
+// a copy reordered once into the blocked layout oneDNN prefers for it where it has one, else the same as `stored`.
+struct Matrix {
+  memory fast, stored;
+  bool blocked() const { return fast.get(true) != stored.get(true); }
+};
+
+// The weights as f32 oneDNN memory. Tensors already in f32 are used in place (the store keeps the WeightSet); others
+// are converted once. Every matrix and its blocked copy are made once, whatever the shapes of the inputs, and shared
+// by the models made on the same WeightSet (OnednnBackend keeps one store per WeightSet while models use it). Not
+// safe to call from two threads at once (the backend calls it while it builds a model, under its lock).
 class WeightStore {
  public:
-  WeightStore(std::shared_ptr<const WeightSet> weights, Context& ctx, std::string what)
-      : weights_(std::move(weights)), ctx_(ctx), what_(std::move(what)) {}
+  explicit WeightStore(std::shared_ptr<const WeightSet> weights) : weights_(std::move(weights)) {}
+
+  const std::shared_ptr<const WeightSet>& weights() const { return weights_; }
 
   // The f32 values of `name`, which must have `shape`.
   const float* data(const std::string& name, const Shape& shape) {
     if (!weights_->contains(name))
-      throw Error(std::string(kWho) + ": " + what_ + " needs weight '" + name + "' " + shape_string(shape) +
+      throw Error(std::string(kWho) + ": the model needs weight '" + name + "' " + shape_string(shape) +
                   ", which the weights lack");
     const Tensor& t = weights_->get(name);
     if (t.shape() != shape)
       throw Error(std::string(kWho) + ": weight '" + name + "' has shape " + shape_string(t.shape()) + ", expected " +
-                  shape_string(shape) + " (" + what_ + ")");
+                  shape_string(shape));
     if (t.dtype() == DType::f32) return t.data<float>();
     auto it = converted_.find(name);
     if (it == converted_.end()) it = converted_.emplace(name, t.to(DType::f32)).first;  // map: no later move
@@ -213,12 +241,14 @@ class WeightStore {
 
   // A vector of n values as memory of the given dims (e.g. {n} for LayerNorm, {1, n} for a matmul bias).
   memory vector(const std::string& name, Index n, const memory::dims& dims) {
-    return memory(plain(dims), ctx_.engine, const_cast<float*>(data(name, {n})));
+    return memory(plain(dims), cpu_engine(), const_cast<float*>(data(name, {n})));
   }
 
   // The weights of a matmul, logical shape [K, N], from the tensor `name` stored row-major as `stored`:
-  // [K, N] (transposed = false) or [N, K] (transposed = true). m_hint: a typical row count of the source.
-  memory matrix(const std::string& name, const Shape& stored, bool transposed, Index m_hint) {
+  // [K, N] (transposed = false) or [N, K] (transposed = true). m_hint: a typical row count of the source, for which
+  // oneDNN chooses its preferred layout; the blocked copy is made only where a kernel of its own takes it at that
+  // row count and at 32 times it (else the stored bytes serve every shape).
+  Matrix matrix(const std::string& name, const Shape& stored, bool transposed, Index m_hint) {
     const auto key = std::make_pair(name, transposed);
     auto it = matrices_.find(key);
     if (it != matrices_.end()) return it->second;
@@ -226,28 +256,30 @@ class WeightStore {
     const Index K = transposed ? stored[1] : stored[0], N = transposed ? stored[0] : stored[1];
     const memory::desc as_stored(memory::dims{K, N}, Dt::f32, transposed ? Tag::ba : Tag::ab);
     const memory::desc any(memory::dims{K, N}, Dt::f32, Tag::any);
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({m_hint, K}), any, plain({m_hint, N})), ctx_.engine);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({m_hint, K}), any, plain({m_hint, N})),
+                                          cpu_engine());
     const memory::desc preferred = pd.weights_desc();
-    memory mem;
-    if (preferred == as_stored || is_plain_layout(preferred) || !takes_blocked(preferred, K, N, 32 * m_hint)) {
-      mem = memory(as_stored, ctx_.engine, const_cast<float*>(values));
+    Matrix m;
+    m.stored = memory(as_stored, cpu_engine(), const_cast<float*>(values));
+    if (preferred == as_stored || is_plain_layout(preferred) || !own_kernel(preferred, K, N, m_hint) ||
+        !own_kernel(preferred, K, N, 32 * m_hint)) {
+      m.fast = m.stored;
     } else {
-      memory source(as_stored, ctx_.engine, const_cast<float*>(values));
-      mem = memory(preferred, ctx_.engine);
-      dnnl::reorder(source, mem).execute(ctx_.stream, source, mem);
-      ctx_.stream.wait();
+      m.fast = memory(preferred, cpu_engine());
+      dnnl::stream stream(cpu_engine());
+      dnnl::reorder(m.stored, m.fast).execute(stream, m.stored, m.fast);
+      stream.wait();
     }
-    matrices_.emplace(key, mem);
-    return mem;
+    matrices_.emplace(key, m);
+    return m;
   }
 
  private:
-  // Whether a matmul with `rows` source rows takes weights in the blocked layout `md` with a kernel of its own (plans
-  // for large batches use the layout chosen for a batch of one; oneDNN's reference kernel would be far slower than the
-  // gemm on the stored bytes).
-  bool takes_blocked(const memory::desc& md, Index K, Index N, Index rows) const {
+  // Whether a matmul with `rows` source rows takes weights in the layout `md` with a kernel of its own (oneDNN's
+  // reference kernel would be far slower than the gemm on the stored bytes).
+  bool own_kernel(const memory::desc& md, Index K, Index N, Index rows) const {
     try {
-      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({rows, K}), md, plain({rows, N})), ctx_.engine);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(plain({rows, K}), md, plain({rows, N})), cpu_engine());
       return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
     } catch (const dnnl::error&) {
       return false;
@@ -255,11 +287,29 @@ class WeightStore {
   }
 
   std::shared_ptr<const WeightSet> weights_;
-  Context& ctx_;
-  std::string what_;
   std::map<std::string, Tensor> converted_;
-  std::map<std::pair<std::string, bool>, memory> matrices_;
+  std::map<std::pair<std::string, bool>, Matrix> matrices_;
 };
+
+// A matmul on weight matrices of one shape (`like`: one of them; every block's copy of a weight has the same
+// layouts): on their `fast` copies unless, for these source rows, oneDNN would run those on its reference kernel, then
+// on the stored bytes. `stored` says which was chosen (pick() gives that memory of each matrix).
+struct WeightMatmul {
+  dnnl::matmul primitive;
+  bool stored = false;
+  const memory& pick(const Matrix& m) const { return stored ? m.stored : m.fast; }
+};
+inline WeightMatmul weight_matmul(const std::string& what, const Context& ctx, const memory::desc& src,
+                                  const Matrix& like, const memory::desc* bias, const memory::desc& dst,
+                                  const dnnl::primitive_attr& attr = dnnl::primitive_attr()) {
+  if (like.blocked()) {
+    dnnl::matmul mm = matmul(what, ctx, src, like.fast.get_desc(), bias, dst, attr);
+    const char* impl = nullptr;
+    dnnl_primitive_desc_query(mm.get_primitive_desc(), dnnl_query_impl_info_str, 0, &impl);
+    if (!impl || std::string(impl).rfind("ref", 0) != 0) return {mm, false};
+  }
+  return {matmul(what, ctx, src, like.stored.get_desc(), bias, dst, attr), true};
+}
 
 // ---- loss ---------------------------------------------------------------------------------------------------------
 

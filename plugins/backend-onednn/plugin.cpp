@@ -3,5 +3,6 @@
 
 #include "onednn_backend.hpp"
 
-LMINV_PLUGIN(lminv::onednn::OnednnBackend, "onednn", "0.1.0",
-             "oneDNN 2.6 primitives on the CPU (f32): gpt2, fcnet, fcnet_noninvertible, transformer_mlp")
+LMINV_PLUGIN(
+    lminv::onednn::OnednnBackend, "onednn", "0.1.0",
+    "oneDNN 2.6 primitives on the CPU (f32): the decoder (every family), fcnet, fcnet_noninvertible, transformer_mlp")

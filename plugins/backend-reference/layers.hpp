@@ -15,7 +15,7 @@
 // products, bound by memory bandwidth. The kernels below stream each weight once per call (per group of four items),
 // in parallel, with vectorised inner loops; Eigen's GEMV is single-threaded and its GEMM re-packs the weights for a
 // handful of right-hand sides, so both are slower here, and neither promises batch-independent rounding. GPT-2's
-// layers (gpt2_layers.hpp) use the same two kernels.
+// layers (decoder_layers.hpp) use the same two kernels.
 #pragma once
 
 #include <omp.h>

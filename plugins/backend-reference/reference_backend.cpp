@@ -2,9 +2,13 @@
 
 #include <algorithm>
 
+#include "lminv/schema.hpp"
+
 namespace lminv::reference {
 
 namespace {
+
+const char* const kWho = "reference backend";
 
 std::string join(const std::vector<std::string>& words) {
   std::string out;
@@ -14,13 +18,17 @@ std::string join(const std::vector<std::string>& words) {
 
 }  // namespace
 
-const std::vector<std::string>& supported_families() {
-  static const std::vector<std::string> families{"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"};
-  return families;
-}
-
 BackendInfo ReferenceBackend::info() const {
-  return {supported_families(), {DType::f64, DType::f32}, {"cpu"}};
+  namespace f = feature;
+  BackendInfo info;
+  info.kinds = {ModelKind::decoder, ModelKind::fcnet, ModelKind::fcnet_noninvertible, ModelKind::transformer_mlp};
+  info.features = {f::layer_norm,  f::layer_norm_no_bias, f::rms_norm,    f::learned_positions,
+                   f::rotary,      f::partial_rotary,     f::grouped_kv,  f::head_dim,
+                   f::gelu_tanh,   f::gelu_erf,           f::swiglu,      f::parallel_residual,
+                   f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache};
+  info.dtypes = {DType::f64, DType::f32};
+  info.devices = {"cpu"};
+  return info;
 }
 
 void ReferenceBackend::configure(const Options& options) {
@@ -33,16 +41,19 @@ void ReferenceBackend::configure(const Options& options) {
 std::unique_ptr<Model> ReferenceBackend::create_model(const ModelSpec& spec, std::shared_ptr<const WeightSet> weights) {
   const BackendInfo supported = info();
   if (std::find(supported.devices.begin(), supported.devices.end(), spec.device) == supported.devices.end())
-    throw Error("reference backend: device '" + spec.device +
+    throw Error(std::string(kWho) + ": device '" + spec.device +
                 "' is not supported (supported: " + join(supported.devices) + ")");
   if (std::find(supported.dtypes.begin(), supported.dtypes.end(), spec.dtype) == supported.dtypes.end())
-    throw Error(std::string("reference backend: dtype '") + dtype_name(spec.dtype) +
-                "' is not supported (supported: f64, f32)");
-  if (std::find(supported.families.begin(), supported.families.end(), spec.family) == supported.families.end())
-    throw Error("reference backend: family '" + spec.family +
-                "' is not supported (supported: " + join(supported.families) + ")");
-  if (spec.family == "gpt2") return make_gpt2_model(spec, std::move(weights), threads_);
-  return make_mlp_model(spec, std::move(weights), threads_);
+    throw Error(std::string(kWho) + ": dtype '" + dtype_name(spec.dtype) + "' is not supported (supported: f64, f32)");
+  if (std::find(supported.kinds.begin(), supported.kinds.end(), spec.kind) == supported.kinds.end())
+    throw Error(std::string(kWho) + ": model kind '" + kind_name(spec.kind) + "' is not supported");
+  check_spec(spec, kWho);
+  check_features(spec, supported.features, kWho);
+  if (!weights) throw Error(std::string(kWho) + ": no weights given");
+  check_weights(used_weights(spec), *weights, kWho);
+  std::shared_ptr<ConvertedWeights> shared = converted_->of(weights);
+  if (spec.kind == ModelKind::decoder) return make_decoder_model(spec, std::move(shared), threads_);
+  return make_mlp_model(spec, std::move(shared), threads_);
 }
 
 }  // namespace lminv::reference

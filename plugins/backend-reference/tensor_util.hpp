@@ -1,11 +1,16 @@
-// Helpers the reference backend's models share: dtype conversion of inputs and weights, and recognising the input
-// of the last forward pass.
+// Helpers the reference backend's models share: dtype conversion of inputs and weights (and the converted copies
+// of a weight set, shared by the models made on it), and recognising the input of the last forward pass.
 #pragma once
 
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "layers.hpp"
 #include "lminv/tensor.hpp"
+#include "lminv/weights.hpp"
 
 namespace lminv::reference {
 
@@ -43,5 +48,56 @@ const T* values_as(const Tensor& t, Tensor& storage, int threads) {
 inline bool same_tensor(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
+
+// A weight set's tensors in the dtypes its models compute in: the set's own tensor where its dtype is the model's,
+// else a copy converted once and kept here for every model made on the same set (an f32 model of every length and
+// a second, deeper one share one f32 copy of an f64 or bf16 checkpoint). Safe to use from several threads.
+class ConvertedWeights {
+ public:
+  explicit ConvertedWeights(std::shared_ptr<const WeightSet> source) : source_(std::move(source)) {}
+
+  const WeightSet& source() const { return *source_; }
+
+  // The tensor `name` (checked to have `shape`) as T values.
+  template <class T>
+  const T* get(const std::string& name, const Shape& shape, int threads) {
+    const Tensor& tensor = source_->get(name, shape);
+    if (tensor.dtype() == dtype_of<T>::value) return tensor.data<T>();
+    const std::string key = name + " as " + dtype_name(dtype_of<T>::value);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!converted_.contains(key)) converted_.set(key, convert<T>(tensor, threads));  // a std::map: nothing moves
+    return converted_.get(key).data<T>();
+  }
+
+ private:
+  std::shared_ptr<const WeightSet> source_;  // the models' weights stay alive with their copies
+  std::mutex mutex_;
+  WeightSet converted_;
+};
+
+// The ConvertedWeights of each weight set a backend has made models on, while some model still uses them.
+class ConvertedWeightsCache {
+ public:
+  std::shared_ptr<ConvertedWeights> of(const std::shared_ptr<const WeightSet>& weights) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::shared_ptr<ConvertedWeights> found;
+    std::vector<std::weak_ptr<ConvertedWeights>> alive;
+    for (const auto& entry : entries_)
+      if (auto c = entry.lock()) {
+        if (&c->source() == weights.get()) found = c;
+        alive.push_back(entry);
+      }
+    entries_.swap(alive);
+    if (!found) {
+      found = std::make_shared<ConvertedWeights>(weights);
+      entries_.push_back(found);
+    }
+    return found;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::weak_ptr<ConvertedWeights>> entries_;
+};
 
 }  // namespace lminv::reference

@@ -1,7 +1,7 @@
 // The torch backend: configuration, model creation, and the Model calls on top of a family's forward graph
 // (torch_networks.cpp): forward without autograd, the input gradient by autograd, and loss_and_grad as one forward,
 // the metric and its output gradient on the device (in f64, as the SDK's metric_item computes them), one backward;
-// and the "prefix_cache" capability of the causal family (gpt2) on top of the network's cached-prefix calls.
+// and the "prefix_cache" capability of the decoder on top of the network's cached-prefix calls.
 #include "torch_backend.hpp"
 
 #include <ATen/Parallel.h>
@@ -128,16 +128,22 @@ class ThreadScope {
 
 // ---- the prefix cache ---------------------------------------------------------------------------------------------
 
-// The "prefix_cache" capability of a model whose network has one (gpt2): the prefix's attention keys and values per
-// block, in the model's dtype on its device (Network::append_prefix), and the candidates run as B single positions
-// against them (Network::next_after_prefix): per block a few [B, C] x [C, *] matrix products and per head one
-// [B, hs] x [hs, t] product, where FullForwardPrefix runs B forward passes over all seq_len positions. Calls run
-// under the model's thread settings and without autograd, like forward().
+// The "prefix_cache" capability of a model whose network has one (the decoder): the prefix's attention keys and
+// values per block, in the model's dtype on its device (Network::append_prefix), and the candidates run as B single
+// positions against them (Network::next_after_prefix): per block a few [B, d] x [d, *] matrix products and per kv
+// head one [B g, hd] x [hd, t] product, where FullForwardPrefix runs B forward passes over all seq_len positions.
+// The prefix may grow to the model's longest sequence, n_positions (seq_len for a kind built for one length). Calls
+// run under the model's thread settings and without autograd, like forward().
 class TorchPrefixCache final : public PrefixCache {
  public:
   TorchPrefixCache(const ModelSpec& spec, const Network& network, const at::TensorOptions& options,
                    const ThreadSettings& threads)
-      : spec_(spec), network_(network), options_(options), threads_(threads) {}
+      : spec_(spec),
+        network_(network),
+        options_(options),
+        threads_(threads),
+        limit_(spec.any_length() ? spec.n_positions : spec.seq_len),
+        limit_name_(spec.any_length() ? "n_positions" : "seq_len") {}
 
   void reset() override { cache_ = KeyValueCache(); }
   std::int64_t length() const override { return cache_.length; }
@@ -145,9 +151,9 @@ class TorchPrefixCache final : public PrefixCache {
   void append(const Tensor& rows) override {
     check_rows(rows, "append");
     const std::int64_t n = rows.dim(0);
-    if (cache_.length + n > spec_.seq_len)
+    if (cache_.length + n > limit_)
       throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(n) + " positions to a prefix of " +
-                  std::to_string(cache_.length) + " exceeds seq_len " + std::to_string(spec_.seq_len));
+                  std::to_string(cache_.length) + " exceeds " + limit_name_ + " " + std::to_string(limit_));
     if (n == 0) return;
     guarded("prefix cache append", [&] {
       const ThreadScope threads(threads_);
@@ -158,9 +164,9 @@ class TorchPrefixCache final : public PrefixCache {
 
   Tensor next(const Tensor& candidates) override {
     check_rows(candidates, "next");
-    if (cache_.length >= spec_.seq_len)
-      throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(spec_.seq_len) +
-                  " positions (seq_len " + std::to_string(spec_.seq_len) + "): no position is left for next()");
+    if (cache_.length >= limit_)
+      throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(limit_) +
+                  " positions (" + limit_name_ + " " + std::to_string(limit_) + "): no position is left for next()");
     return guarded("prefix cache next", [&] {
       const ThreadScope threads(threads_);
       at::NoGradGuard no_grad;
@@ -182,6 +188,8 @@ class TorchPrefixCache final : public PrefixCache {
   const Network& network_;
   at::TensorOptions options_;
   ThreadSettings threads_;
+  std::int64_t limit_;      // the longest prefix plus candidate
+  const char* limit_name_;  // n_positions or seq_len
   KeyValueCache cache_;
 };
 
@@ -247,7 +255,7 @@ class TorchModel final : public Model {
     });
   }
 
-  // "prefix_cache": a TorchPrefixCache, made on the first request, when the family has one (gpt2); else nullptr.
+  // "prefix_cache": a TorchPrefixCache, made on the first request, when the network has one (decoder); else nullptr.
   void* capability(std::string_view name) override {
     if (name != kPrefixCache || !network_->has_prefix_cache()) return nullptr;
     if (!prefix_cache_) prefix_cache_ = std::make_unique<TorchPrefixCache>(spec_, *network_, options_, threads_);
@@ -257,11 +265,17 @@ class TorchModel final : public Model {
  private:
   std::int64_t width() const { return spec_.input == InputSpace::embedding ? spec_.n_embd : spec_.vocab_size; }
 
+  // [B, T, d or V] with T = seq_len, or any T in 1 .. n_positions for the kinds that take any length.
   void check_input(const Tensor& input) const {
-    if (input.rank() != 3 || input.dim(1) != spec_.seq_len || input.dim(2) != width())
+    const bool any = spec_.any_length();
+    const bool length_ok =
+        input.rank() == 3 && (any ? input.dim(1) >= 1 && input.dim(1) <= spec_.n_positions : input.dim(1) == spec_.seq_len);
+    if (!length_ok || input.dim(2) != width())
       throw Error(std::string(kWho) + ": input has shape " + shape_string(input.shape()) + ", expected [B, " +
-                  std::to_string(spec_.seq_len) + ", " + std::to_string(width()) + "] (family '" + spec_.family +
-                  "', input = " + input_space_name(spec_.input) + ")");
+                  (any ? "T" : std::to_string(spec_.seq_len)) + ", " + std::to_string(width()) + "]" +
+                  (any ? " with T in 1 .. n_positions = " + std::to_string(spec_.n_positions) : std::string()) +
+                  " (" + kind_name(spec_.kind) + " model, family '" + spec_.family + "', input = " +
+                  input_space_name(spec_.input) + ")");
   }
 
   static bool same_tensor(const Tensor& a, const Tensor& b) {
@@ -343,17 +357,31 @@ class TorchModel final : public Model {
 
 // ---- the backend --------------------------------------------------------------------------------------------------
 
-const std::vector<std::string>& supported_families() {
-  static const std::vector<std::string> families{"gpt2", "fcnet", "fcnet_noninvertible", "transformer_mlp"};
-  return families;
+const std::vector<ModelKind>& supported_kinds() {
+  static const std::vector<ModelKind> kinds{ModelKind::decoder, ModelKind::fcnet, ModelKind::fcnet_noninvertible,
+                                            ModelKind::transformer_mlp};
+  return kinds;
+}
+
+const std::vector<std::string>& supported_features() {
+  namespace f = feature;
+  static const std::vector<std::string> features{
+      f::layer_norm,   f::layer_norm_no_bias, f::rms_norm,          f::learned_positions, f::rotary,
+      f::partial_rotary, f::grouped_kv,       f::head_dim,          f::gelu_tanh,         f::gelu_erf,
+      f::swiglu,       f::parallel_residual,  f::untied_head,       f::extra_layers,      f::vocab_input,
+      f::prefix_cache};
+  return features;
 }
 
 bool cuda_available() {
   return guarded("checking for CUDA", [] { return torch::cuda::is_available(); });
 }
 
+TorchBackend::TorchBackend() : weights_(std::make_shared<WeightCache>()) {}
+TorchBackend::~TorchBackend() = default;
+
 BackendInfo TorchBackend::info() const {
-  BackendInfo info{supported_families(), {DType::f32, DType::f64, DType::bf16}, {"cpu"}};
+  BackendInfo info{supported_kinds(), supported_features(), {DType::f32, DType::f64, DType::bf16}, {"cpu"}};
   if (cuda_available()) info.devices.push_back("cuda");
   return info;
 }
@@ -370,6 +398,10 @@ void TorchBackend::configure(const Options& options) {
 
 std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::shared_ptr<const WeightSet> weights) {
   if (!weights) throw Error(std::string(kWho) + ": no weights given");
+  const auto& kinds = supported_kinds();
+  if (std::find(kinds.begin(), kinds.end(), spec.kind) == kinds.end())
+    throw Error(std::string(kWho) + ": model kind #" + std::to_string(static_cast<int>(spec.kind)) +
+                " is not supported (supported: decoder, fcnet, fcnet_noninvertible, transformer_mlp)");
   if (spec.device == "cuda") {
     if (!cuda_available())
       throw Error(std::string(kWho) + ": device 'cuda' is not available: torch::cuda::is_available() is false (this "
@@ -382,19 +414,22 @@ std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::sh
   if (spec.dtype != DType::f32 && spec.dtype != DType::f64 && spec.dtype != DType::bf16)
     throw Error(std::string(kWho) + ": dtype #" + std::to_string(static_cast<int>(spec.dtype)) +
                 " is not supported (supported: f32, f64, bf16)");
-  const auto& families = supported_families();
-  if (std::find(families.begin(), families.end(), spec.family) == families.end())
-    throw Error(std::string(kWho) + ": family '" + spec.family + "' is not supported (supported: " + join(families) +
-                ")");
+  check_spec(spec, kWho);
+  check_features(spec, supported_features(), kWho);
+  check_weights(used_weights(spec), *weights, kWho);
   return guarded("create_model", [&]() -> std::unique_ptr<Model> {
     const ThreadScope threads(threads_);
     const at::TensorOptions options =
         at::TensorOptions().dtype(scalar_type(spec.dtype)).device(spec.device == "cuda" ? at::kCUDA : at::kCPU);
-    std::unique_ptr<Network> network =
-        spec.family == "gpt2" ? make_gpt2_network(spec, *weights, options) : make_mlp_network(spec, *weights, options);
+    std::shared_ptr<SharedWeights> shared = weights_->acquire(weights, options);
+    std::unique_ptr<Network> network = spec.kind == ModelKind::decoder
+                                           ? make_decoder_network(spec, weights, std::move(shared))
+                                           : make_mlp_network(spec, weights, std::move(shared));
     return std::make_unique<TorchModel>(spec, std::move(network), options, threads_);
   });
 }
+
+WeightCacheStats TorchBackend::weight_cache_stats() const { return weights_->stats(); }
 
 // ---- diagnostics --------------------------------------------------------------------------------------------------
 

@@ -1,23 +1,31 @@
-// The torch backend's families, as the reference backend computes them (plugins/backend-reference: mlp_model.cpp,
-// gpt2_model.cpp, gpt2_layers.hpp), written as ATen graphs for autograd.
+// The torch backend's networks, as the reference backend computes them (plugins/backend-reference: decoder_model.cpp,
+// decoder_layers.hpp, mlp_model.cpp), written as ATen graphs for autograd.
 //
-// GPT-2 (Hugging Face's GPT2LMHeadModel, first k blocks):
-//   h_0   = x + wpe[0:T],   x = input (input = embedding, [B, T, d]) or input @ wte (input = vocab, [B, T, V])
-//   a_l   = h_l + attn.c_proj(attention(attn.c_attn(ln_1(h_l))))      causal, scores scaled by 1 / sqrt(head_dim)
-//   h_l+1 = a_l + mlp.c_proj(gelu_tanh(mlp.c_fc(ln_2(a_l))))
-//   output = [ main(h_k) | h_layers[0] | h_layers[1] | ... ] along the last dimension, [B, T, D_main + d len(layers)]
-//   main   = h_k (head none), ln_f(h_k) (head ln_f) or ln_f(h_k) @ wte^T (head lm_head, tied, D_main = V)
-// with L = max(k, max(layers)) blocks run. Conv1D weights are [in, out] (x W + b); LayerNorm eps is the spec's.
+// The decoder (ModelKind::decoder; every transformer family is a setting of spec.arch, architecture.hpp), first k
+// blocks, on the residual stream kept as rows [B T, d] so that every projection is one matrix product:
+//   h_0   = x (+ wpe[0:T], learned positions),  x = input (input = embedding) or input @ wte (input = vocab)
+//   sequential:  a = h + attn(n_1(h));  h' = a + mlp(n_2(a))       parallel:  h' = (h + attn(n_1(h))) + mlp(n_2(h))
+//   attn(x) = c_proj(softmax(q k^T / sqrt(hd) + causal mask) v), [q | k | v] = x c_attn (+ b), q and k rotated
+//             (rotary); query head j reads kv head j / (nh / nkv)
+//   mlp(x)  = c_proj(act(x c_fc + b)), act gelu_tanh | gelu_erf, or silu(gate) * up on c_fc's [gate | up] (swiglu)
+//   output  = [ main(h_k) | h_layers[0] | ... ] along the last dimension, [B, T, D_main + d len(layers)], main = h_k
+//             (head none), ln_f(h_k) (ln_f) or ln_f(h_k) W^T (lm_head; W = wte tied, lm_head.weight untied)
+// with L = max(k, max(layers)) blocks run, norms layer_norm (with or without bias) or rms_norm, biases where the
+// architecture has them. T is the input's: any length 1 .. n_positions.
 //
-// GPT-2 is causal, so it also runs a few positions at a time against the keys and values of the positions before
-// them (the prefix cache: append_prefix, next_after_prefix): each position's row of the attention scores is the same
-// as in forward(), split into the part against the kept prefix and the part among the new positions.
+// Grouped-query attention without copying the kv heads: the g = nh / nkv query heads that share a kv head are
+// stacked as g T rows of one matrix, which meets that head's keys and values in one product.
 //
-// MLP families (nn.Linear weights [out, in], GELU in its exact erf form):
+// The decoder is causal, so it also runs a few positions at a time against the keys (rotated at their absolute
+// positions) and values of the positions before them (the prefix cache: append_prefix, next_after_prefix): each
+// position's row of the attention scores is the same as in forward(), split into the part against the kept prefix
+// and the part among the new positions.
+//
+// MLP kinds (nn.Linear weights [out, in], GELU in its exact erf form):
 //   fcnet                [B, T d] -> Linear(T d, 4 T d) -> GELU -> Linear(4 T d, 4 T d)      output [B, 4 T d]
 //   fcnet_noninvertible  the same with a last layer of T d outputs                          output [B, T d]
 //   transformer_mlp      per token: Linear(d, inner) -> GELU -> Linear(inner, d)           output [B, T, d]
-// after x = input or input @ wte (input = vocab). spec.blocks and spec.head are not used; layers must be empty.
+// after x = input or input @ wte (input = vocab). spec.blocks and spec.head are not used.
 #include "torch_networks.hpp"
 
 #include <ATen/ops/addmm.h>
@@ -31,12 +39,13 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -67,130 +76,184 @@ Tensor to_lminv(const at::Tensor& t, DType dtype) {
   return out;
 }
 
-// Families without a prefix cache: TorchModel offers none (has_prefix_cache() is false), so these are not reached.
+// ---- the shared weights -------------------------------------------------------------------------------------------
+
+at::Tensor SharedWeights::get(const std::shared_ptr<const WeightSet>& source, const std::string& name) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (auto it = tensors_.find(name); it != tensors_.end()) return it->second;
+  const Tensor& t = source->get(name);
+  at::Tensor converted;
+  if (options_.device().is_cpu() && scalar_type(t.dtype()) == options_.dtype().toScalarType()) {
+    // Already what the model computes in: a view of the WeightSet's bytes, whose storage keeps the WeightSet alive.
+    std::shared_ptr<const WeightSet> keep = source;
+    converted = at::from_blob(const_cast<void*>(t.raw()), t.shape(), [keep](void*) {},
+                              at::TensorOptions().dtype(scalar_type(t.dtype())));
+  } else {
+    converted = to_aten(t, options_);
+    copied_bytes_ += converted.nbytes();
+  }
+  tensors_.emplace(name, converted);
+  return converted;
+}
+
+at::Tensor SharedWeights::derived(const std::string& key, const std::function<at::Tensor()>& make) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (auto it = tensors_.find(key); it != tensors_.end()) return it->second;
+  at::Tensor t = make();
+  copied_bytes_ += t.nbytes();
+  tensors_.emplace(key, t);
+  return t;
+}
+
+WeightCacheStats SharedWeights::stats() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  WeightCacheStats s;
+  s.sets = 1;
+  s.tensors = tensors_.size();
+  for (const auto& entry : tensors_) s.bytes += entry.second.nbytes();
+  s.copied_bytes = copied_bytes_;
+  return s;
+}
+
+std::shared_ptr<SharedWeights> WeightCache::acquire(const std::shared_ptr<const WeightSet>& weights,
+                                                    const at::TensorOptions& options) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::ScalarType dtype = options.dtype().toScalarType();
+  const at::Device device = options.device();
+  entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.shared.expired(); }),
+                 entries_.end());
+  for (const Entry& e : entries_) {
+    // Same control block (owner order neither way) and same object: the same WeightSet.
+    const bool same_set = !e.source.owner_before(weights) && !weights.owner_before(e.source) &&
+                          e.address == weights.get();
+    if (same_set && e.dtype == dtype && e.device == device)
+      if (std::shared_ptr<SharedWeights> shared = e.shared.lock()) return shared;
+  }
+  auto shared = std::make_shared<SharedWeights>(options);
+  entries_.push_back({weights, weights.get(), dtype, device, shared});
+  return shared;
+}
+
+WeightCacheStats WeightCache::stats() const {
+  std::vector<std::shared_ptr<SharedWeights>> live;
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (const Entry& e : entries_)
+      if (auto s = e.shared.lock()) live.push_back(std::move(s));
+  }
+  WeightCacheStats total;
+  for (const auto& s : live) {
+    const WeightCacheStats one = s->stats();
+    total.sets += one.sets;
+    total.tensors += one.tensors;
+    total.bytes += one.bytes;
+    total.copied_bytes += one.copied_bytes;
+  }
+  return total;
+}
+
+// Networks without a prefix cache: TorchModel offers none (has_prefix_cache() is false), so these are not reached.
 void Network::append_prefix(const at::Tensor& /*rows*/, KeyValueCache& /*cache*/) const {
-  throw Error(std::string(kWho) + ": this family has no prefix cache");
+  throw Error(std::string(kWho) + ": this model has no prefix cache");
 }
 at::Tensor Network::next_after_prefix(const at::Tensor& /*candidates*/, const KeyValueCache& /*cache*/) const {
-  throw Error(std::string(kWho) + ": this family has no prefix cache");
+  throw Error(std::string(kWho) + ": this model has no prefix cache");
 }
 
 namespace {
 
-// x [..., in] times a weight along the last dimension, plus bias (when defined): x W + b for a weight stored
-// [in, out] (Conv1D, wte for a vocabulary-space input), x W^T + b for one stored [out, in] (nn.Linear, the tied
+// x [rows, in] times a weight, plus bias (when defined): x W + b for a weight stored [in, out] (Conv1D, the
+// canonical decoder layout, wte for a vocabulary-space input), x W^T + b for one stored [out, in] (nn.Linear, the
 // lm_head). A single row goes through a matrix-vector product: OpenBLAS 0.3.21 packs the whole weight for a GEMM
 // even when it has one row, which made fcnet's batch-1 steps 2.5 to 4 times slower (measured); from two rows on,
 // the GEMM is as fast as row-by-row products or faster.
 enum class Layout { in_out, out_in };
 at::Tensor affine(const at::Tensor& x, const at::Tensor& weight, Layout layout, const at::Tensor& bias = {}) {
-  const std::int64_t in = x.size(-1);
-  const at::Tensor w = layout == Layout::out_in ? weight : weight.t();  // [out, in]
-  std::vector<std::int64_t> sizes = x.sizes().vec();
-  sizes.back() = w.size(0);
-  if (x.numel() == in) {
-    const at::Tensor v = x.reshape({in});
-    return (bias.defined() ? at::addmv(bias, w, v) : at::mv(w, v)).view(sizes);
+  const at::Tensor w = layout == Layout::in_out ? weight : weight.t();  // [in, out]
+  if (x.size(0) == 1) {
+    const at::Tensor v = x.reshape({x.size(1)});
+    return (bias.defined() ? at::addmv(bias, w.t(), v) : at::mv(w.t(), v)).unsqueeze(0);
   }
-  const at::Tensor rows = x.reshape({-1, in});
-  return (bias.defined() ? at::addmm(bias, rows, w.t()) : at::mm(rows, w.t())).view(sizes);
+  return bias.defined() ? at::addmm(bias, x, w) : at::mm(x, w);
 }
 
-// The weights a network uses, checked and converted once. `sizes` describes the spec for error messages.
-class WeightLoader {
+// ---- the decoder --------------------------------------------------------------------------------------------------
+
+class DecoderNetwork final : public Network {
  public:
-  WeightLoader(const WeightSet& weights, const at::TensorOptions& options, std::string family, std::string sizes)
-      : weights_(weights), options_(options), family_(std::move(family)), sizes_(std::move(sizes)) {}
-
-  at::Tensor operator()(const std::string& name, const Shape& shape) const {
-    if (!weights_.contains(name))
-      throw Error(std::string(kWho) + ": family '" + family_ + "' needs weight '" + name + "' " + shape_string(shape) +
-                  ", which the weights lack" + sizes_);
-    const Tensor& tensor = weights_.get(name);
-    if (tensor.shape() != shape)
-      throw Error(std::string(kWho) + ": weight '" + name + "' has shape " + shape_string(tensor.shape()) +
-                  ", expected " + shape_string(shape) + sizes_);
-    return to_aten(tensor, options_);
-  }
-
- private:
-  const WeightSet& weights_;
-  at::TensorOptions options_;
-  std::string family_, sizes_;
-};
-
-// ---- GPT-2 --------------------------------------------------------------------------------------------------------
-
-class Gpt2Network final : public Network {
- public:
-  Gpt2Network(const ModelSpec& spec, const WeightSet& weights, const at::TensorOptions& options)
-      : C_(spec.n_embd),
-        NH_(spec.n_head),
-        hs_(spec.n_embd / spec.n_head),
-        T_(spec.seq_len),
+  DecoderNetwork(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+                 std::shared_ptr<SharedWeights> weights)
+      : weights_(std::move(weights)),
+        arch_(spec.arch),
+        d_(spec.n_embd),
+        nh_(spec.n_head),
+        nkv_(spec.kv_heads()),
+        g_(spec.n_head / spec.kv_heads()),
+        hd_(spec.head_size()),
+        rotary_(spec.rotary_dim()),
+        inner_(spec.inner()),
         k_(spec.blocks),
-        eps_(spec.layer_norm_epsilon),
         head_(spec.head),
         vocab_input_(spec.input == InputSpace::vocab),
-        layers_(spec.layers) {
-    const std::int64_t V = spec.vocab_size, inner = spec.inner();
-    std::int64_t L = k_;
-    for (std::int64_t l : layers_) L = std::max(L, l);
-    const WeightLoader load(weights, options, "gpt2",
-                            " (family 'gpt2' with n_embd " + std::to_string(spec.n_embd) + ", n_inner " +
-                                std::to_string(inner) + ", vocab_size " + std::to_string(V) + ", n_positions " +
-                                std::to_string(spec.n_positions) + ")");
-    if (vocab_input_ || head_ == Head::lm_head) wte_ = load("wte.weight", {V, C_});
-    // Only the first T positions are ever added: keep them, contiguous.
-    wpe_ = load("wpe.weight", {spec.n_positions, C_}).narrow(0, 0, T_).contiguous();
+        layers_(spec.layers),
+        scale_(std::sqrt(static_cast<double>(spec.head_size()))),
+        options_(weights_->options()) {
+    auto load = [&](const std::string& name) { return weights_->get(source, name); };
+    const bool lm_head = head_ == Head::lm_head;
+    if (vocab_input_ || (lm_head && arch_.tied_head)) wte_ = load("wte.weight");
+    if (lm_head) lm_head_ = arch_.tied_head ? wte_ : load("lm_head.weight");
+    if (arch_.positions == Positions::learned) wpe_ = load("wpe.weight");
+    else rotary_tables(spec);
+    const std::int64_t L = spec.blocks_run();
+    const bool norm_bias = arch_.norm == Norm::layer_norm && arch_.norm_bias;
+    auto load_norm = [&](const std::string& name) {
+      return NormParams{load(name + ".weight"), norm_bias ? load(name + ".bias") : at::Tensor()};
+    };
     for (std::int64_t l = 0; l < L; ++l) {
       const std::string h = "h." + std::to_string(l) + ".";
       Block b;
-      b.ln_1_weight = load(h + "ln_1.weight", {C_});
-      b.ln_1_bias = load(h + "ln_1.bias", {C_});
-      b.attn_weight = load(h + "attn.c_attn.weight", {C_, 3 * C_});
-      b.attn_bias = load(h + "attn.c_attn.bias", {3 * C_});
-      b.attn_proj_weight = load(h + "attn.c_proj.weight", {C_, C_});
-      b.attn_proj_bias = load(h + "attn.c_proj.bias", {C_});
-      b.ln_2_weight = load(h + "ln_2.weight", {C_});
-      b.ln_2_bias = load(h + "ln_2.bias", {C_});
-      b.fc_weight = load(h + "mlp.c_fc.weight", {C_, inner});
-      b.fc_bias = load(h + "mlp.c_fc.bias", {inner});
-      b.mlp_proj_weight = load(h + "mlp.c_proj.weight", {inner, C_});
-      b.mlp_proj_bias = load(h + "mlp.c_proj.bias", {C_});
+      b.ln_1 = load_norm(h + "ln_1");
+      b.attn_weight = load(h + "attn.c_attn.weight");
+      if (arch_.qkv_bias) b.attn_bias = load(h + "attn.c_attn.bias");
+      b.attn_proj_weight = load(h + "attn.c_proj.weight");
+      if (arch_.attn_out_bias) b.attn_proj_bias = load(h + "attn.c_proj.bias");
+      b.ln_2 = load_norm(h + "ln_2");
+      b.fc_weight = load(h + "mlp.c_fc.weight");
+      b.mlp_proj_weight = load(h + "mlp.c_proj.weight");
+      if (arch_.mlp_bias) {
+        b.fc_bias = load(h + "mlp.c_fc.bias");
+        b.mlp_proj_bias = load(h + "mlp.c_proj.bias");
+      }
       blocks_.push_back(std::move(b));
     }
-    if (head_ != Head::none) {
-      ln_f_weight_ = load("ln_f.weight", {C_});
-      ln_f_bias_ = load("ln_f.bias", {C_});
-    }
-    // True above the diagonal: position t attends to positions <= t only.
-    causal_mask_ = at::ones({T_, T_}, options.dtype(at::kBool)).triu(1);
+    if (head_ != Head::none) ln_f_ = load_norm("ln_f");
   }
 
   at::Tensor forward(const at::Tensor& x) const override {
-    std::vector<at::Tensor> stream;  // h_0 .. h_L
+    const Step step = make_step(x.size(0), x.size(1), 0);
+    std::vector<at::Tensor> stream;  // h_0 .. h_L, [B T, d] each
     stream.reserve(blocks_.size() + 1);
-    stream.push_back(embed(x, 0));
-    for (const Block& b : blocks_) stream.push_back(block(stream.back(), b));
-    return output(stream);
+    stream.push_back(embed(x, step));
+    for (const Block& b : blocks_) stream.push_back(block(stream.back(), b, step, {}, {}));
+    return output(stream, step);
   }
 
   bool has_prefix_cache() const override { return true; }
 
   void append_prefix(const at::Tensor& rows, KeyValueCache& cache) const override {
     const std::int64_t n = rows.size(0), t = cache.length;
+    const Step step = make_step(1, n, t);
     std::vector<at::Tensor> keys(blocks_.size()), values(blocks_.size());  // the cache's next state
-    at::Tensor h = embed(rows.unsqueeze(0), t);                            // [1, n, C]
+    at::Tensor h = embed(rows.unsqueeze(0), step);                          // [n, d]
     for (std::size_t l = 0; l < blocks_.size(); ++l) {
-      const Block& b = blocks_[l];
-      at::Tensor new_keys, new_values;  // [NH, n, hs]
-      const at::Tensor att = attention_after_prefix(qkv(h, b), prefix_part(cache.keys, t, l),
-                                                    prefix_part(cache.values, t, l), &new_keys, &new_values);
+      at::Tensor new_keys, new_values;  // [nkv, n, hd]
+      // The last block's output at the prefix is not needed: only later blocks read h at earlier positions.
+      const bool rest = l + 1 < blocks_.size();
+      at::Tensor next = block(h, blocks_[l], step, prefix_part(cache.keys, t, l), prefix_part(cache.values, t, l),
+                              &new_keys, &new_values, rest);
       keys[l] = t > 0 ? at::cat({cache.keys[l], new_keys}, 1) : new_keys.contiguous();
       values[l] = t > 0 ? at::cat({cache.values[l], new_values}, 1) : new_values.contiguous();
-      // The last block's output at the prefix is not needed: only later blocks read h at earlier positions.
-      if (l + 1 < blocks_.size()) h = after_attention(h, att, b);
+      if (rest) h = std::move(next);
     }
     // Nothing below throws: the cache changes whole or not at all.
     cache.keys = std::move(keys);
@@ -200,224 +263,246 @@ class Gpt2Network final : public Network {
 
   at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const override {
     const std::int64_t t = cache.length;
-    std::vector<at::Tensor> stream;  // h_0 .. h_L at position t, [B, 1, C]
+    const Step step = make_step(candidates.size(0), 1, t);
+    std::vector<at::Tensor> stream;  // h_0 .. h_L at position t, [B, d]
     stream.reserve(blocks_.size() + 1);
-    stream.push_back(embed(candidates.unsqueeze(1), t));
-    for (std::size_t l = 0; l < blocks_.size(); ++l) {
-      const Block& b = blocks_[l];
-      const at::Tensor& h = stream.back();
-      const at::Tensor att =
-          attention_after_prefix(qkv(h, b), prefix_part(cache.keys, t, l), prefix_part(cache.values, t, l));
-      stream.push_back(after_attention(h, att, b));
-    }
-    return output(stream).select(1, 0);  // [B, D]
+    stream.push_back(embed(candidates.unsqueeze(1), step));
+    for (std::size_t l = 0; l < blocks_.size(); ++l)
+      stream.push_back(
+          block(stream.back(), blocks_[l], step, prefix_part(cache.keys, t, l), prefix_part(cache.values, t, l)));
+    return output(stream, step).select(1, 0);  // [B, D]
   }
 
  private:
+  struct NormParams {
+    at::Tensor weight, bias;  // [d]; bias undefined for rms_norm and layer_norm without bias
+  };
   struct Block {
-    at::Tensor ln_1_weight, ln_1_bias;            // [C]
-    at::Tensor attn_weight, attn_bias;            // [C, 3C], [3C]
-    at::Tensor attn_proj_weight, attn_proj_bias;  // [C, C], [C]
-    at::Tensor ln_2_weight, ln_2_bias;            // [C]
-    at::Tensor fc_weight, fc_bias;                // [C, inner], [inner]
-    at::Tensor mlp_proj_weight, mlp_proj_bias;    // [inner, C], [C]
+    NormParams ln_1, ln_2;
+    at::Tensor attn_weight, attn_bias;            // [d, (nh + 2 nkv) hd], [(nh + 2 nkv) hd] or undefined
+    at::Tensor attn_proj_weight, attn_proj_bias;  // [nh hd, d], [d] or undefined
+    at::Tensor fc_weight, fc_bias;                // [d, FC], [FC] or undefined; FC = inner, 2 inner for swiglu
+    at::Tensor mlp_proj_weight, mlp_proj_bias;    // [inner, d], [d] or undefined
   };
 
-  at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
-    return at::layer_norm(x, {C_}, weight, bias, eps_, /*cudnn_enable=*/true);
+  // One call's positions: B sequences of n new positions starting at position `start`; the causal mask among the
+  // new positions for the g n query rows of a kv head (true above the diagonal; undefined when n is 1).
+  struct Step {
+    std::int64_t B, n, start;
+    at::Tensor mask;  // [g n, n] bool
+  };
+
+  Step make_step(std::int64_t B, std::int64_t n, std::int64_t start) const {
+    Step s{B, n, start, {}};
+    if (n > 1) {
+      s.mask = at::ones({n, n}, options_.dtype(at::kBool)).triu(1);
+      if (g_ > 1) s.mask = s.mask.repeat({g_, 1});
+    }
+    return s;
   }
 
-  // Hugging Face's Conv1D: [B, T, in] -> [B, T, out], x W + b with W [in, out] as stored.
-  static at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-    return affine(x, weight, Layout::in_out, bias);
+  // cos and sin of the rotary angles, [n_positions, r / 2] each (the two halves of a head's rotated features use
+  // the same angle), in the model's dtype on its device, shared by the models on these weights. As the reference
+  // makes them: inv_freq[i] = theta^(-2i / r) in double, rounded once; the angles t inv_freq[i] and their cos and
+  // sin in the model's dtype, or in f32 for bf16 (bf16 cannot hold positions above 256; Hugging Face also computes
+  // them in f32), then rounded.
+  void rotary_tables(const ModelSpec& spec) {
+    const std::int64_t P = spec.n_positions, half = rotary_ / 2;
+    const bool f64 = options_.dtype().toScalarType() == at::kDouble;
+    char key[160];
+    std::snprintf(key, sizeof key, "rotary %s theta=%a r=%lld P=%lld", f64 ? "f64" : "f32", arch_.rope_theta,
+                  static_cast<long long>(rotary_), static_cast<long long>(P));
+    auto table = [&](bool sine) {
+      return weights_->derived(std::string(key) + (sine ? " sin" : " cos"), [&] {
+        return f64 ? angles<double>(spec, P, half, sine) : angles<float>(spec, P, half, sine);
+      });
+    };
+    cos_ = table(false);
+    sin_ = table(true);
   }
 
-  // h_0 = x + wpe at positions start .. start + n - 1, for x [B, n, d or V] -> [B, n, C].
-  at::Tensor embed(const at::Tensor& x, std::int64_t start) const {
-    const at::Tensor e = vocab_input_ ? affine(x, wte_, Layout::in_out) : x;
-    return e.add(wpe_.narrow(0, start, x.size(1)));
+  template <class Real>
+  at::Tensor angles(const ModelSpec& spec, std::int64_t P, std::int64_t half, bool sine) const {
+    std::vector<Real> inv_freq(static_cast<std::size_t>(half));
+    for (std::int64_t i = 0; i < half; ++i)
+      inv_freq[i] = static_cast<Real>(
+          std::pow(spec.arch.rope_theta, -static_cast<double>(2 * i) / static_cast<double>(rotary_)));
+    std::vector<Real> values(static_cast<std::size_t>(P * half));
+    for (std::int64_t t = 0; t < P; ++t)
+      for (std::int64_t i = 0; i < half; ++i) {
+        const Real angle = static_cast<Real>(t) * inv_freq[i];
+        values[t * half + i] = sine ? std::sin(angle) : std::cos(angle);
+      }
+    return to_aten(Tensor::from<Real>({P, half}, values), options_);
   }
 
-  // The output from the residual stream h_0 .. h_L ([B, n, C] each): [ main(h_k) | h_layers[0] | ... ], [B, n, D].
-  at::Tensor output(const std::vector<at::Tensor>& stream) const {
+  at::Tensor norm(const at::Tensor& x, const NormParams& p) const {
+    if (arch_.norm == Norm::layer_norm)
+      return at::layer_norm(x, {d_}, p.weight, p.bias, arch_.norm_eps, /*cudnn_enable=*/true);
+    // rms_norm as Hugging Face's Llama computes it in the model's dtype: x rsqrt(mean(x^2) + eps) w.
+    return x.mul(x.mul(x).mean(-1, /*keepdim=*/true).add(arch_.norm_eps).rsqrt()).mul(p.weight);
+  }
+
+  // h_0 for x [B, n, d or V] at positions step.start ..: [B n, d].
+  at::Tensor embed(const at::Tensor& x, const Step& step) const {
+    const at::Tensor rows = x.reshape({step.B * step.n, x.size(2)});
+    const at::Tensor e = vocab_input_ ? affine(rows, wte_, Layout::in_out) : rows;
+    if (!wpe_.defined()) return e;
+    return e.view({step.B, step.n, d_}).add(wpe_.narrow(0, step.start, step.n)).view({step.B * step.n, d_});
+  }
+
+  // The output from the residual stream h_0 .. h_L ([B n, d] each): [ main(h_k) | h_layers[0] | ... ], [B, n, D].
+  at::Tensor output(const std::vector<at::Tensor>& stream, const Step& step) const {
     const at::Tensor& h_k = stream[static_cast<std::size_t>(k_)];
     at::Tensor main = h_k;
-    if (head_ != Head::none) main = layer_norm(h_k, ln_f_weight_, ln_f_bias_);
-    if (head_ == Head::lm_head) main = affine(main, wte_, Layout::out_in);  // ln_f(h_k) wte^T
-    if (layers_.empty()) return main;
-    std::vector<at::Tensor> parts{main};
-    for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
+    if (head_ != Head::none) main = norm(h_k, ln_f_);
+    if (head_ == Head::lm_head) main = affine(main, lm_head_, Layout::out_in);  // ln_f(h_k) W^T, W [V, d]
+    if (!layers_.empty()) {
+      std::vector<at::Tensor> parts{main};
+      for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
+      main = at::cat(parts, -1);
+    }
+    return main.reshape({step.B, step.n, main.size(1)});
+  }
+
+  // Rotates the first r features of every head of qk [B, n, H, hd] at positions step.start .. (rotate_half layout:
+  // feature i pairs with i + r/2): out_i = x_i cos - x_{i+r/2} sin, out_{i+r/2} = x_{i+r/2} cos + x_i sin.
+  at::Tensor rotate(const at::Tensor& qk, const Step& step) const {
+    const std::int64_t half = rotary_ / 2;
+    const at::Tensor c = cos_.narrow(0, step.start, step.n).view({1, step.n, 1, half});
+    const at::Tensor s = sin_.narrow(0, step.start, step.n).view({1, step.n, 1, half});
+    const at::Tensor x1 = qk.narrow(-1, 0, half), x2 = qk.narrow(-1, half, half);
+    std::vector<at::Tensor> parts{x1.mul(c).sub(x2.mul(s)), x2.mul(c).add(x1.mul(s))};
+    if (rotary_ < hd_) parts.push_back(qk.narrow(-1, rotary_, hd_ - rotary_));
     return at::cat(parts, -1);
   }
 
-  // Causal self-attention of qkv [B, T, 3C] -> [B, T, C] (heads merged).
-  at::Tensor attention(const at::Tensor& qkv) const {
-    const std::int64_t B = qkv.size(0);
-    const std::vector<at::Tensor> qkv_parts = qkv.split(C_, -1);
-    auto heads = [&](const at::Tensor& t) { return t.reshape({B, T_, NH_, hs_}).transpose(1, 2); };  // [B, NH, T, hs]
-    const at::Tensor q = heads(qkv_parts[0]), k = heads(qkv_parts[1]), v = heads(qkv_parts[2]);
-    const at::Tensor scores = at::matmul(q, k.transpose(-2, -1))
-                                  .div(std::sqrt(static_cast<double>(hs_)))
-                                  .masked_fill(causal_mask_, -std::numeric_limits<double>::infinity());
-    const at::Tensor att = at::softmax(scores, -1);                          // [B, NH, T, T]
-    return at::matmul(att, v).transpose(1, 2).reshape({B, T_, C_});  // [B, T, C]
+  // Attention of the step's new positions: q [B, n, nh, hd], k and v [B, n, nkv, hd] (rotated), against the
+  // prefix's keys and values shared by the B sequences (prefix_keys, prefix_values [nkv, t, hd]; undefined when t is
+  // 0) and, causally, among themselves -> [B n, nh hd] (heads merged). Per kv head, its g query heads' rows are one
+  // matrix [g n, hd]; against the prefix, all B sequences' rows are one matrix [B g n, hd].
+  at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_keys,
+                       const at::Tensor& prefix_values, const Step& step) const {
+    const std::int64_t B = step.B, n = step.n, t = prefix_keys.defined() ? prefix_keys.size(1) : 0;
+    const std::int64_t rows = g_ * n;
+    const at::Tensor queries = q.reshape({B, n, nkv_, g_, hd_}).permute({0, 2, 3, 1, 4}).reshape({B, nkv_, rows, hd_});
+    const at::Tensor keys = k.permute({0, 2, 1, 3}), vals = v.permute({0, 2, 1, 3});  // [B, nkv, n, hd]
+    at::Tensor scores = at::matmul(queries, keys.transpose(-2, -1)).div(scale_);    // [B, nkv, g n, n]
+    if (step.mask.defined()) scores = scores.masked_fill(step.mask, -std::numeric_limits<double>::infinity());
+    if (t > 0) {
+      const at::Tensor all_rows = queries.permute({1, 0, 2, 3}).reshape({nkv_, B * rows, hd_});
+      const at::Tensor prefix_scores = at::bmm(all_rows, prefix_keys.transpose(1, 2))  // [nkv, B g n, t]
+                                           .div(scale_)
+                                           .view({nkv_, B, rows, t})
+                                           .permute({1, 0, 2, 3});  // [B, nkv, g n, t]
+      scores = at::cat({prefix_scores, scores}, -1);                // [B, nkv, g n, t + n]
+    }
+    const at::Tensor att = at::softmax(scores, -1);  // subtracts each row's maximum first: stable
+    at::Tensor out = at::matmul(t > 0 ? att.narrow(-1, t, n) : att, vals);  // [B, nkv, g n, hd]
+    if (t > 0) {
+      const at::Tensor weights = att.narrow(-1, 0, t).permute({1, 0, 2, 3}).reshape({nkv_, B * rows, t});
+      out = out.add(at::bmm(weights, prefix_values).view({nkv_, B, rows, hd_}).permute({1, 0, 2, 3}));
+    }
+    // Query head j = c g + i of row (c, i, position): back to [B n, nh hd].
+    return out.reshape({B, nkv_, g_, n, hd_}).permute({0, 3, 1, 2, 4}).reshape({B * n, nh_ * hd_});
   }
 
-  // Attention of n new positions in each of B sequences that share a prefix of t positions, whose keys and values
-  // per head are given (prefix_keys, prefix_values [NH, t, hs]; undefined when t is 0): qkv [B, n, 3C] of the new
-  // positions -> [B, n, C] (heads merged). A new position attends to the whole prefix and, causally, to the new
-  // positions up to itself: its row of forward()'s scores, in two parts. The prefix is the same for the B sequences,
-  // so each head meets the queries of all B n positions in one matrix product. When given, new_keys and new_values
-  // receive the new positions' keys and values [NH, n, hs] (of sequence 0: the prefix's own, when B is 1).
-  at::Tensor attention_after_prefix(const at::Tensor& qkv, const at::Tensor& prefix_keys,
-                                    const at::Tensor& prefix_values, at::Tensor* new_keys = nullptr,
-                                    at::Tensor* new_values = nullptr) const {
-    const std::int64_t B = qkv.size(0), n = qkv.size(1), t = prefix_keys.defined() ? prefix_keys.size(1) : 0;
-    const std::vector<at::Tensor> qkv_parts = qkv.split(C_, -1);
-    auto heads = [&](const at::Tensor& x) { return x.reshape({B, n, NH_, hs_}).transpose(1, 2); };  // [B, NH, n, hs]
-    const at::Tensor q = heads(qkv_parts[0]), k = heads(qkv_parts[1]), v = heads(qkv_parts[2]);
-    if (new_keys) *new_keys = k[0];
-    if (new_values) *new_values = v[0];
-    const double scale = std::sqrt(static_cast<double>(hs_));
-    at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).div(scale);  // [B, NH, n, n]: among the new positions
-    if (n > 1) {  // the top-left n x n of the T x T mask: true above the diagonal
-      const at::Tensor mask = causal_mask_.narrow(0, 0, n).narrow(1, 0, n);
-      scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
+  at::Tensor mlp(const at::Tensor& x, const Block& b) const {
+    const at::Tensor fc = affine(x, b.fc_weight, Layout::in_out, b.fc_bias);
+    at::Tensor act;
+    switch (arch_.mlp) {
+      case Mlp::gelu_tanh: act = at::gelu(fc, "tanh"); break;
+      case Mlp::gelu_erf: act = at::gelu(fc); break;
+      case Mlp::swiglu: act = at::silu(fc.narrow(1, 0, inner_)).mul(fc.narrow(1, inner_, inner_)); break;
     }
-    if (t > 0) {
-      const at::Tensor queries = q.permute({1, 0, 2, 3}).reshape({NH_, B * n, hs_});  // per head, every query a row
-      const at::Tensor prefix_scores = at::bmm(queries, prefix_keys.transpose(1, 2))  // [NH, B n, t]
-                                           .div(scale)
-                                           .view({NH_, B, n, t})
-                                           .permute({1, 0, 2, 3});  // [B, NH, n, t]
-      scores = at::cat({prefix_scores, scores}, -1);                // [B, NH, n, t + n]
-    }
-    const at::Tensor att = at::softmax(scores, -1);        // subtracts each row's maximum first: stable
-    at::Tensor out = at::matmul(att.narrow(-1, t, n), v);  // [B, NH, n, hs]
-    if (t > 0) {
-      const at::Tensor weights = att.narrow(-1, 0, t).permute({1, 0, 2, 3}).reshape({NH_, B * n, t});
-      out = out.add(at::bmm(weights, prefix_values).view({NH_, B, n, hs_}).permute({1, 0, 2, 3}));
-    }
-    return out.transpose(1, 2).reshape({B, n, C_});  // [B, n, C]
+    return affine(act, b.mlp_proj_weight, Layout::in_out, b.mlp_proj_bias);
   }
 
-  // The prefix's keys or values of block l: [NH, t, hs], undefined while the prefix is empty.
+  // One block on h [B n, d] at the step's positions, after the prefix's keys and values (undefined: none). When
+  // given, new_keys and new_values receive the new positions' [nkv, n, hd] (of sequence 0: the prefix's own when B is
+  // 1). Without `rest`, only the attention runs (its keys and values are all that is wanted) and h is returned.
+  at::Tensor block(const at::Tensor& h, const Block& b, const Step& step, const at::Tensor& prefix_keys,
+                   const at::Tensor& prefix_values, at::Tensor* new_keys = nullptr, at::Tensor* new_values = nullptr,
+                   bool rest = true) const {
+    const std::int64_t B = step.B, n = step.n;
+    const at::Tensor qkv = affine(norm(h, b.ln_1), b.attn_weight, Layout::in_out, b.attn_bias);
+    at::Tensor qk = qkv.narrow(1, 0, (nh_ + nkv_) * hd_).view({B, n, nh_ + nkv_, hd_});  // q and k rotate together
+    if (rotary_ > 0) qk = rotate(qk, step);
+    const at::Tensor q = qk.narrow(2, 0, nh_), k = qk.narrow(2, nh_, nkv_);
+    const at::Tensor v = qkv.narrow(1, (nh_ + nkv_) * hd_, nkv_ * hd_).view({B, n, nkv_, hd_});
+    if (new_keys) *new_keys = k[0].transpose(0, 1);  // [nkv, n, hd]
+    if (new_values) *new_values = v[0].transpose(0, 1);
+    if (!rest) return h;
+    const at::Tensor att = attention(q, k, v, prefix_keys, prefix_values, step);
+    const at::Tensor a = h.add(affine(att, b.attn_proj_weight, Layout::in_out, b.attn_proj_bias));
+    return a.add(mlp(norm(arch_.residual == Residual::sequential ? a : h, b.ln_2), b));
+  }
+
+  // The prefix's keys or values of block l: [nkv, t, hd], undefined while the prefix is empty.
   static at::Tensor prefix_part(const std::vector<at::Tensor>& parts, std::int64_t t, std::size_t l) {
     return t > 0 ? parts[l] : at::Tensor();
   }
 
-  // The block's attention input: c_attn(ln_1(h)), [B, n, C] -> [B, n, 3C].
-  at::Tensor qkv(const at::Tensor& h, const Block& b) const {
-    return conv1d(layer_norm(h, b.ln_1_weight, b.ln_1_bias), b.attn_weight, b.attn_bias);
-  }
-
-  // The rest of the block from its attention's output att [B, n, C]: a = h + c_proj(att); a + mlp(ln_2(a)).
-  at::Tensor after_attention(const at::Tensor& h, const at::Tensor& att, const Block& b) const {
-    const at::Tensor a = h.add(conv1d(att, b.attn_proj_weight, b.attn_proj_bias));
-    const at::Tensor fc = conv1d(layer_norm(a, b.ln_2_weight, b.ln_2_bias), b.fc_weight, b.fc_bias);
-    return a.add(conv1d(at::gelu(fc, "tanh"), b.mlp_proj_weight, b.mlp_proj_bias));
-  }
-
-  at::Tensor block(const at::Tensor& h, const Block& b) const { return after_attention(h, attention(qkv(h, b)), b); }
-
-  std::int64_t C_, NH_, hs_, T_, k_;
-  double eps_;
+  std::shared_ptr<SharedWeights> weights_;  // owns (or keeps alive) every weight tensor below
+  Architecture arch_;
+  std::int64_t d_, nh_, nkv_, g_, hd_, rotary_, inner_, k_;
   Head head_;
   bool vocab_input_;
   std::vector<std::int64_t> layers_;
-  at::Tensor wte_;  // [V, C], when the input is in vocabulary space or the head is lm_head
-  at::Tensor wpe_;  // [T, C]
+  double scale_;  // sqrt(hd)
+  at::TensorOptions options_;
+  at::Tensor wte_;      // [V, d], input = vocab or a tied lm_head
+  at::Tensor lm_head_;  // [V, d]: wte or lm_head.weight, head lm_head only
+  at::Tensor wpe_;      // [P, d], learned positions
+  at::Tensor cos_, sin_;  // [P, r / 2], rotary
   std::vector<Block> blocks_;
-  at::Tensor ln_f_weight_, ln_f_bias_;  // [C], unless the head is none
-  at::Tensor causal_mask_;              // [T, T] bool
+  NormParams ln_f_;  // unless the head is none
 };
 
-void require(bool ok, const std::string& what) {
-  if (!ok) throw Error(std::string(kWho) + ": family 'gpt2' " + what);
-}
-
-// ---- MLP families -------------------------------------------------------------------------------------------------
+// ---- MLP kinds ----------------------------------------------------------------------------------------------------
 
 class MlpNetwork final : public Network {
  public:
-  MlpNetwork(const ModelSpec& spec, const WeightSet& weights, const at::TensorOptions& options)
-      : per_token_(spec.family == "transformer_mlp"), vocab_input_(spec.input == InputSpace::vocab) {
-    const std::int64_t T = spec.seq_len, d = spec.n_embd;
-    std::int64_t in = d, hidden = spec.inner(), out = d;
-    if (!per_token_) {
-      in = T * d;
-      hidden = 4 * in;
-      out = spec.family == "fcnet" ? 4 * in : in;
-    }
-    const WeightLoader load(weights, options, spec.family,
-                            " for family '" + spec.family + "' with n_embd " + std::to_string(d) + ", seq_len " +
-                                std::to_string(T) +
-                                (vocab_input_ ? ", vocab_size " + std::to_string(spec.vocab_size) : ""));
-    fc1_weight_ = load("fc1.weight", {hidden, in});
-    fc1_bias_ = load("fc1.bias", {hidden});
-    fc2_weight_ = load("fc2.weight", {out, hidden});
-    fc2_bias_ = load("fc2.bias", {out});
-    if (vocab_input_) wte_ = load("wte.weight", {spec.vocab_size, d});
+  MlpNetwork(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+             std::shared_ptr<SharedWeights> weights)
+      : weights_(std::move(weights)),
+        per_token_(spec.kind == ModelKind::transformer_mlp),
+        vocab_input_(spec.input == InputSpace::vocab) {
+    auto load = [&](const std::string& name) { return weights_->get(source, name); };
+    fc1_weight_ = load("fc1.weight");
+    fc1_bias_ = load("fc1.bias");
+    fc2_weight_ = load("fc2.weight");
+    fc2_bias_ = load("fc2.bias");
+    if (vocab_input_) wte_ = load("wte.weight");
   }
 
   at::Tensor forward(const at::Tensor& x) const override {
-    at::Tensor e = vocab_input_ ? affine(x, wte_, Layout::in_out) : x;  // [B, T, d]
-    if (!per_token_) e = e.reshape({x.size(0), -1});                     // [B, T d]
+    const std::int64_t B = x.size(0), T = x.size(1);
+    at::Tensor e = x.reshape({B * T, x.size(2)});
+    if (vocab_input_) e = affine(e, wte_, Layout::in_out);  // [B T, d]
+    if (!per_token_) e = e.reshape({B, -1});                 // [B, T d]
     const at::Tensor hidden = at::gelu(affine(e, fc1_weight_, Layout::out_in, fc1_bias_));
-    return affine(hidden, fc2_weight_, Layout::out_in, fc2_bias_);
+    const at::Tensor out = affine(hidden, fc2_weight_, Layout::out_in, fc2_bias_);
+    return per_token_ ? out.view({B, T, out.size(1)}) : out;
   }
 
  private:
+  std::shared_ptr<SharedWeights> weights_;
   bool per_token_, vocab_input_;
   at::Tensor fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;  // nn.Linear: [out, in], [out]
   at::Tensor wte_;                                            // [V, d], input = vocab only
 };
 
-void require_positive(const ModelSpec& spec, const char* key, std::int64_t value, const char* why = "") {
-  if (value <= 0)
-    throw Error(std::string(kWho) + ": family '" + spec.family + "' needs a positive " + key + why + ", got " +
-                std::to_string(value));
-}
-
 }  // namespace
 
-std::unique_ptr<Network> make_gpt2_network(const ModelSpec& spec, const WeightSet& weights,
-                                           const at::TensorOptions& options) {
-  require(spec.n_embd > 0, "needs a positive n_embd, got " + std::to_string(spec.n_embd));
-  require(spec.n_head > 0, "needs a positive n_head, got " + std::to_string(spec.n_head));
-  require(spec.n_embd % spec.n_head == 0, "needs n_embd divisible by n_head, got n_embd " +
-                                              std::to_string(spec.n_embd) + " and n_head " +
-                                              std::to_string(spec.n_head));
-  require(spec.n_layer >= 0, "needs n_layer >= 0, got " + std::to_string(spec.n_layer));
-  require(spec.inner() > 0, "needs a positive MLP width (n_inner, or 4 n_embd), got " + std::to_string(spec.inner()));
-  require(spec.n_positions > 0, "needs a positive n_positions, got " + std::to_string(spec.n_positions));
-  require(spec.seq_len > 0, "needs a positive seq_len (the prompt's token count), got " + std::to_string(spec.seq_len));
-  require(spec.seq_len <= spec.n_positions, "takes at most n_positions = " + std::to_string(spec.n_positions) +
-                                                " tokens, got seq_len " + std::to_string(spec.seq_len));
-  require(spec.blocks >= 0 && spec.blocks <= spec.n_layer,
-          "has n_layer = " + std::to_string(spec.n_layer) + " blocks: blocks must be in 0 .. " +
-              std::to_string(spec.n_layer) + ", got " + std::to_string(spec.blocks));
-  for (std::int64_t l : spec.layers)
-    require(l >= 0 && l <= spec.n_layer, "has n_layer = " + std::to_string(spec.n_layer) +
-                                             " blocks: every entry of layers must be in 0 .. " +
-                                             std::to_string(spec.n_layer) + ", got " + std::to_string(l));
-  if (spec.input == InputSpace::vocab || spec.head == Head::lm_head)
-    require(spec.vocab_size > 0, "needs a positive vocab_size, got " + std::to_string(spec.vocab_size));
-  require(std::isfinite(spec.layer_norm_epsilon) && spec.layer_norm_epsilon >= 0,
-          "needs a finite layer_norm_epsilon >= 0, got " + std::to_string(spec.layer_norm_epsilon));
-  return std::make_unique<Gpt2Network>(spec, weights, options);
+std::unique_ptr<Network> make_decoder_network(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+                                              std::shared_ptr<SharedWeights> weights) {
+  return std::make_unique<DecoderNetwork>(spec, source, std::move(weights));
 }
 
-std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const WeightSet& weights,
-                                          const at::TensorOptions& options) {
-  require_positive(spec, "n_embd", spec.n_embd);
-  require_positive(spec, "seq_len", spec.seq_len, " (the prompt's token count)");
-  if (spec.family == "transformer_mlp") require_positive(spec, "MLP width (n_inner, or 4 n_embd)", spec.inner());
-  if (spec.input == InputSpace::vocab) require_positive(spec, "vocab_size", spec.vocab_size);
-  if (!spec.layers.empty())
-    throw Error(std::string(kWho) + ": family '" + spec.family +
-                "' has no blocks whose outputs could be added (layers is not empty)");
-  return std::make_unique<MlpNetwork>(spec, weights, options);
+std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+                                          std::shared_ptr<SharedWeights> weights) {
+  return std::make_unique<MlpNetwork>(spec, source, std::move(weights));
 }
 
 }  // namespace lminv::torch_backend

@@ -1,5 +1,6 @@
-// Internal to the torch backend: the families' forward graphs on ATen tensors, and the conversions between lminv
-// and ATen tensors. Autograd differentiates the graphs; nothing here computes a gradient by hand.
+// Internal to the torch backend: the networks' forward graphs on ATen tensors (the decoder, driven by spec.arch, and
+// the MLP kinds), the ATen copies of the weights that models on one WeightSet share, and the conversions between
+// lminv and ATen tensors. Autograd differentiates the graphs; nothing here computes a gradient by hand.
 //
 // Only narrow ATen headers are included (the tensor class and the operators used): <torch/torch.h> would cost
 // three times the compile time.
@@ -7,50 +8,102 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "lminv/model.hpp"
 #include "lminv/weights.hpp"
+#include "torch_backend.hpp"
 
 namespace lminv::torch_backend {
 
 inline const char* const kWho = "torch backend";
 
-// The attention keys and values of a prefix of `length` positions, one pair per block run, each [NH, length, hs]:
-// the prefix cache's state (see Network::append_prefix).
-struct KeyValueCache {
-  std::int64_t length = 0;
-  std::vector<at::Tensor> keys, values;  // [L] of [NH, length, hs]; empty while length is 0
+// The ATen tensors made from one WeightSet for one dtype and device: every model the backend makes on that WeightSet
+// with that dtype and device holds this one object, so each tensor exists once however many models use it. Tensors
+// are made on first use. A tensor whose dtype already is the target's, for a CPU model, is not copied at all: it is
+// a view of the WeightSet's bytes, and keeps the WeightSet alive (WeightSets are not changed once models use them).
+// Also holds tables derived from the weights' spec (the rotary cos / sin), under keys of their own. Thread-safe.
+class SharedWeights {
+ public:
+  explicit SharedWeights(at::TensorOptions options) : options_(std::move(options)) {}
+
+  // The tensor `name` of `source` (the WeightSet this object was made for) in the target dtype and device.
+  at::Tensor get(const std::shared_ptr<const WeightSet>& source, const std::string& name);
+
+  // A tensor kept under `key`, made by `make` the first time.
+  at::Tensor derived(const std::string& key, const std::function<at::Tensor()>& make);
+
+  const at::TensorOptions& options() const { return options_; }
+  WeightCacheStats stats() const;  // sets = 1
+
+ private:
+  at::TensorOptions options_;
+  mutable std::mutex mutex_;
+  std::map<std::string, at::Tensor> tensors_;  // by weight name, or by a derived table's key (they cannot clash:
+                                               // derived keys contain a space, weight names do not)
+  std::size_t copied_bytes_ = 0;
 };
 
-// A family's forward pass: x [B, T, d or V] (the model's dtype, on its device) -> the output [B, ...] as the
+// The backend's index of SharedWeights: one per (WeightSet, dtype, device) while a model holds it. A WeightSet is
+// recognised by its shared_ptr's control block (kept alive by a weak_ptr here, so a new WeightSet can never take the
+// place of a freed one) and its address.
+class WeightCache {
+ public:
+  std::shared_ptr<SharedWeights> acquire(const std::shared_ptr<const WeightSet>& weights,
+                                         const at::TensorOptions& options);
+  WeightCacheStats stats() const;
+
+ private:
+  struct Entry {
+    std::weak_ptr<const WeightSet> source;
+    const WeightSet* address = nullptr;
+    c10::ScalarType dtype;
+    at::Device device{at::kCPU};
+    std::weak_ptr<SharedWeights> shared;
+  };
+  mutable std::mutex mutex_;
+  std::vector<Entry> entries_;  // a handful: searched in order, expired ones dropped
+};
+
+// The attention keys and values of a prefix of `length` positions, one pair per block run, each [n_kv_head, length,
+// head_dim], the keys rotated at their positions (rotary): the prefix cache's state (see Network::append_prefix).
+struct KeyValueCache {
+  std::int64_t length = 0;
+  std::vector<at::Tensor> keys, values;  // [L] of [nkv, length, hd]; empty while length is 0
+};
+
+// A model's forward pass: x [B, T, d or V] (the model's dtype, on its device) -> the output [B, ...] as the
 // reference backend lays it out. Tensors made here take part in autograd when x requires grad.
 class Network {
  public:
   virtual ~Network() = default;
   virtual at::Tensor forward(const at::Tensor& x) const = 0;
 
-  // Whether the family is run position by position against a KeyValueCache (gpt2): the two calls below.
+  // Whether the network is run position by position against a KeyValueCache (the decoder): the two calls below.
   virtual bool has_prefix_cache() const { return false; }
 
   // Runs the prefix's next n positions, rows [n, d or V], through the blocks against `cache` and appends their keys
-  // and values to it. Nothing changes when it throws. The caller keeps cache.length + n within seq_len.
+  // and values to it. Nothing changes when it throws. The caller keeps cache.length + n within n_positions.
   virtual void append_prefix(const at::Tensor& rows, KeyValueCache& cache) const;
 
   // The output at position t = cache.length for each of B candidates [B, d or V] following the cached prefix:
-  // [B, D], row b = forward(prefix, candidate b)[t]. The caller keeps t below seq_len.
+  // [B, D], row b = forward(prefix, candidate b)[t]. The caller keeps t below n_positions.
   virtual at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const;
 };
 
-// Check the spec as the reference backend does (errors name the field), load and convert the weights the spec uses
-// (errors name the weight, its shape and the expected one) to `options` (dtype and device).
-std::unique_ptr<Network> make_gpt2_network(const ModelSpec& spec, const WeightSet& weights,
-                                           const at::TensorOptions& options);
-std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const WeightSet& weights,
-                                          const at::TensorOptions& options);
+// The networks of a checked spec (check_spec, check_features and check_weights have passed): they take their weights
+// from `weights` (made for `source` and the model's dtype and device) and keep it.
+std::unique_ptr<Network> make_decoder_network(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+                                              std::shared_ptr<SharedWeights> weights);
+std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source,
+                                          std::shared_ptr<SharedWeights> weights);
 
 c10::ScalarType scalar_type(DType dtype);
 

@@ -12,7 +12,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-bool causal_family(const std::string& family) { return family == "gpt2" || family == "transformer_mlp"; }
 
 class VocabOrder final : public CandidateSource {
  public:
@@ -84,10 +83,10 @@ double default_epsilon(DType dtype) {
 // ---- Verifier -----------------------------------------------------------------------------------------------------
 
 Verifier::Verifier(Problem& problem, const SearchOptions& options) : problem_(problem), spec_(problem.model.spec()) {
-  if (!causal_family(spec_.family))
-    throw Error("needs a causal model (family gpt2 or transformer_mlp): the output at position t must not depend on "
-                "later positions; family '" +
-                spec_.family + "' is not");
+  if (!spec_.causal())
+    throw Error(std::string("needs a causal model (a decoder or transformer_mlp): the output at position t must not "
+                            "depend on later positions; a ") +
+                kind_name(spec_.kind) + " model (family '" + spec_.family + "') is not");
   const Tensor& target = problem.target;
   if (target.rank() != 3 || target.dim(0) != 1)
     throw Error("needs a target [1, T, D], got " + shape_string(target.shape()));

@@ -20,7 +20,10 @@ class EchoModel final : public Model {
 class EchoBackend final : public Backend {
  public:
   BackendInfo info() const override {
-    return {{"fcnet", "fcnet_noninvertible", "transformer_mlp", "gpt2"}, {DType::f32, DType::f64}, {"cpu"}};
+    return {{ModelKind::fcnet, ModelKind::fcnet_noninvertible, ModelKind::transformer_mlp, ModelKind::decoder},
+            {},
+            {DType::f32, DType::f64},
+            {"cpu"}};
   }
   void configure(const Options& options) override { (void)options.get_int("threads", 0); }
   std::unique_ptr<Model> create_model(const ModelSpec& spec, std::shared_ptr<const WeightSet>) override {

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "lminv/architecture.hpp"
 #include "lminv/tensor.hpp"
 
 namespace lminv {
@@ -54,22 +55,30 @@ inline std::optional<Metric> parse_metric(std::string_view s) {
 
 // Everything a backend needs to build a model, besides its weights.
 //
-// Families:
-//   gpt2                 GPT-2 (token + position embedding, pre-LayerNorm blocks, ln_f, tied lm_head)
+// `kind` is what a backend dispatches on; `family` is a label (the Hugging Face model_type of the host's family
+// adapter, "gpt2", "llama", ..., or the MLP's name) that backends do not look at.
+//   decoder              a decoder-only transformer described by `arch` (architecture.hpp): every transformer family
 //   fcnet                flatten [T, d] -> Linear(T d, 4 T d) -> GELU -> Linear(4 T d, 4 T d)
 //   fcnet_noninvertible  the same with a last layer of T d outputs
 //   transformer_mlp      per token: Linear(d, 4 d) -> GELU -> Linear(4 d, d)
 // Inputs are [B, T, d] token embeddings (input = embedding) or [B, T, V] vectors that the model
 // multiplies by the token-embedding matrix wte [V, d] (input = vocab).
+//
+// Sequence length: fcnet and fcnet_noninvertible are built for one T (their weights depend on it). A decoder or
+// transformer_mlp model takes any T from 1 to n_positions in every call, whatever spec.seq_len says; for them seq_len
+// is the length that input_shape() and callers that want one length use (LengthView gives a model of the same
+// network with another seq_len, sharing it). Backends check the input's length, not seq_len, for these kinds.
 struct ModelSpec {
   std::string family = "gpt2";
+  ModelKind kind = ModelKind::decoder;
+  Architecture arch;  // decoder only
+
   std::int64_t n_layer = 12;
   std::int64_t n_embd = 768;  // d
   std::int64_t n_head = 12;
   std::int64_t n_inner = 0;  // MLP width; 0 means 4 * n_embd
   std::int64_t vocab_size = 50257;
-  std::int64_t n_positions = 1024;
-  double layer_norm_epsilon = 1e-5;
+  std::int64_t n_positions = 1024;  // the longest sequence
 
   std::int64_t seq_len = 0;  // T: the prompt's token count
   std::int64_t blocks = 1;   // use the first k blocks
@@ -81,6 +90,23 @@ struct ModelSpec {
   std::string device = "cpu";
 
   std::int64_t inner() const { return n_inner > 0 ? n_inner : 4 * n_embd; }
+  std::int64_t kv_heads() const { return arch.n_kv_head > 0 ? arch.n_kv_head : n_head; }
+  std::int64_t head_size() const { return arch.head_dim > 0 ? arch.head_dim : (n_head > 0 ? n_embd / n_head : 0); }
+  std::int64_t rotary_dim() const {
+    if (arch.positions != Positions::rotary) return 0;
+    const auto r = static_cast<std::int64_t>(std::floor(static_cast<double>(head_size()) * arch.rotary_fraction));
+    return r - r % 2;
+  }
+  // Whether the output at position t depends on positions 0 .. t only (so a prefix cache applies).
+  bool causal() const { return kind == ModelKind::decoder || kind == ModelKind::transformer_mlp; }
+  // Whether one model takes every length up to n_positions (see above).
+  bool any_length() const { return kind == ModelKind::decoder || kind == ModelKind::transformer_mlp; }
+  // The blocks a forward pass runs: max(blocks, max(layers)).
+  std::int64_t blocks_run() const {
+    std::int64_t L = blocks;
+    for (std::int64_t l : layers) L = l > L ? l : L;
+    return L;
+  }
 };
 
 // Shape of a batch of B model inputs.
@@ -197,6 +223,36 @@ class Model {
   // Optional capabilities, asked for by name (for example "prefix_cache"); nullptr when absent.
   // Adding one breaks no plugin that does not know it.
   virtual void* capability(std::string_view /*name*/) { return nullptr; }
+};
+
+// The same network as `model` (a decoder or transformer_mlp model, which takes any length) presented with another
+// seq_len: forward, backward and capabilities go to `model`, so many lengths share one model and its weights.
+class LengthView final : public Model {
+ public:
+  LengthView(std::shared_ptr<Model> model, std::int64_t seq_len) : model_(std::move(model)) {
+    if (!model_) throw Error("LengthView: no model");
+    spec_ = model_->spec();
+    if (!spec_.any_length())
+      throw Error(std::string("LengthView: a ") + kind_name(spec_.kind) + " model is built for one length");
+    if (seq_len < 1 || seq_len > spec_.n_positions)
+      throw Error("LengthView: seq_len " + std::to_string(seq_len) + " is outside 1 .. n_positions = " +
+                  std::to_string(spec_.n_positions));
+    spec_.seq_len = seq_len;
+  }
+  const ModelSpec& spec() const override { return spec_; }
+  Tensor forward(const Tensor& input) override { return model_->forward(input); }
+  Tensor backward(const Tensor& input, const Tensor& grad_output) override {
+    return model_->backward(input, grad_output);
+  }
+  LossAndGrad loss_and_grad(const Tensor& input, const Tensor& target, Metric metric) override {
+    return model_->loss_and_grad(input, target, metric);
+  }
+  void* capability(std::string_view name) override { return model_->capability(name); }
+  const std::shared_ptr<Model>& base() const { return model_; }
+
+ private:
+  std::shared_ptr<Model> model_;
+  ModelSpec spec_;
 };
 
 }  // namespace lminv

@@ -1,6 +1,6 @@
 // lminv SDK: the optional "prefix_cache" capability of causal models, and the fallback that runs without it.
 //
-// In a causal model (gpt2, transformer_mlp) the output at position t depends on the inputs at positions 0 .. t only.
+// In a causal model (every decoder, transformer_mlp) the output at position t depends on the inputs at positions 0 .. t only.
 // A search that fixes a prefix and tries many inputs at position t needs the prefix's contribution once, not once
 // per candidate: a backend keeps, per block, the prefix's attention keys and values, and runs each candidate as one
 // token against them. Model::capability(kPrefixCache) returns a PrefixCache* (owned by the model, alive as long as
@@ -33,12 +33,13 @@ class PrefixCache {
   virtual std::int64_t length() const = 0;
 
   // Appends n positions, rows [n, d or V] in the model's input space (any dtype; converted to the model's), to the
-  // prefix. length() + n must stay within spec().seq_len.
+  // prefix. length() + n must stay within the model's longest sequence: spec().n_positions for the kinds that take
+  // any length (ModelSpec::any_length), spec().seq_len otherwise.
   virtual void append(const Tensor& rows) = 0;
 
   // The model's output at position length() for each of B candidate inputs [B, d or V]: [B, D], row b equal to
   // forward(prefix followed by candidate b)[t = length()] (D = the output's last dimension), computed as forward()
-  // computes it up to rounding. The prefix is unchanged. length() must be below spec().seq_len.
+  // computes it up to rounding. The prefix is unchanged. length() must be below that longest sequence.
   virtual Tensor next(const Tensor& candidates) = 0;
 };
 
