@@ -313,14 +313,16 @@ std::vector<std::string> split_commas(const std::string& text) {
 int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   BenchRequest r;
   po::options_description visible(
-      "lminv bench [options]\n\nTimes one inversion step (forward + loss + input gradient) of GPT-2 small on each "
+      "lminv bench [options]\n\nTimes one inversion step (forward + loss + input gradient) of GPT-2 small (or another family's shape) on each "
       "backend, dtype, model and batch size, and measures this machine's copy bandwidth and f32 GEMM rate in the "
       "same run, to give each step's share of its roofline. See bench/RESULTS.md.\n\noptions");
   visible.add(common_options());
   visible.add_options()("backends", po::value<std::string>()->default_value("reference,torch,onednn"), "backends")(
       "dtypes", po::value<std::string>()->default_value("f32,f64"), "dtypes")(
       "batches", po::value<std::string>()->default_value("1,8,32"), "batch sizes (independent starts)")(
-      "models", po::value<std::string>()->default_value("1block,12blocks,12blocks-lmhead"), "models")(
+      "models", po::value<std::string>()->default_value("1block,12blocks,12blocks-lmhead"),
+      "models: 1block, 12blocks, 12blocks-lmhead (GPT-2 of --n-layer blocks), pythia-160m, tinyllama-1.1b (random weights "
+      "of those shapes, every block; -lmhead: with the head)")(
       "tokens", po::value<std::int64_t>()->default_value(5), "prompt length T")(
       "repeat", po::value<int>()->default_value(3), "timed steps per cell (best counts)")(
       "n-layer", po::value<std::int64_t>()->default_value(12), "blocks of the model (12: GPT-2 small)")(

@@ -201,11 +201,6 @@ inline dnnl::primitive_attr matmul_attr(float scale, const memory::desc* added) 
 }
 inline constexpr int kPostOpSrc1 = DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1;
 
-inline dnnl::binary add(const Context& ctx, const memory::desc& md) {
-  return dnnl::binary(
-      dnnl::binary::primitive_desc(dnnl::binary::desc(dnnl::algorithm::binary_add, md, md, md), ctx.engine));
-}
-
 // A weight matrix as matmul weights: `stored` reads the tensor's bytes as they are (in either orientation: the
 // gemm-based matmul takes both, so the transposed use of a weight, as in the backward pass, needs no copy); `fast` is
 // a copy reordered once into the blocked layout oneDNN prefers for it where it has one, else the same as `stored`.
