@@ -238,7 +238,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
 
   const Tensor target = model->forward(true_input);
 
-  Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem")};
+  Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem"), {}, 0};
   const bool progress =
       !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
   HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress);

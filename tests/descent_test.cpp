@@ -57,7 +57,7 @@ struct Fixture {
   Result run(std::map<std::string, std::string> options, Recorder& recorder, std::uint64_t seed = 1) {
     auto optimizer = registry.create_optimizer("descent");
     optimizer->configure(Options("optimizer", "test.ini", std::move(options)));
-    Problem problem{*model, model->forward(true_input), true_input, {}, decoder, weights, Rng(seed)};
+    Problem problem{*model, model->forward(true_input), true_input, {}, decoder, weights, Rng(seed), {}, 0};
     return optimizer->run(problem, recorder);
   }
 
@@ -113,7 +113,7 @@ struct ReferenceFixture {
   Result run(std::map<std::string, std::string> options, Recorder& recorder) {
     auto optimizer = registry.create_optimizer("descent");
     optimizer->configure(Options("optimizer", "test.ini", std::move(options)));
-    Problem problem{*model, model->forward(true_input), true_input, {}, decoder, weights, Rng(7)};
+    Problem problem{*model, model->forward(true_input), true_input, {}, decoder, weights, Rng(7), {}, 0};
     return optimizer->run(problem, recorder);
   }
 

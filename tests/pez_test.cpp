@@ -164,7 +164,7 @@ struct Bench {
   Result run(std::map<std::string, std::string> options, Observer& observer, std::uint64_t seed = 1) {
     Pez pez;
     pez.configure(Options("optimizer", "test.ini", std::move(options)));
-    Problem problem{*model, target, e, true_ids, decoder, weights, Rng(seed)};
+    Problem problem{*model, target, e, true_ids, decoder, weights, Rng(seed), {}, 0};
     return pez.run(problem, observer);
   }
 
@@ -574,7 +574,7 @@ TEST(Pez, VocabInputIsAnErrorNamingModelInput) {
   Recorder rec;
   Pez pez;
   pez.configure(Options("optimizer", "test.ini", {}));
-  Problem problem{*model, target, e, {}, decoder, weights, Rng(1)};
+  Problem problem{*model, target, e, {}, decoder, weights, Rng(1), {}, 0};
   try {
     pez.run(problem, rec);
     ADD_FAILURE() << "no error";

@@ -114,7 +114,7 @@ Inversion invert(const std::string& backend_name, ModelSpec spec, const std::vec
   }
   optimizer.configure(Options("optimizer", "sequential_test", options));
   NoDecoder decoder;
-  Problem problem{*model, target, x, ids, decoder, w, Rng(5)};
+  Problem problem{*model, target, x, ids, decoder, w, Rng(5), {}, 0};
   Quiet observer;
   Inversion run{optimizer.run(problem, observer), observer.steps};
   return run;
@@ -325,7 +325,7 @@ TEST(Sequential, Errors) {
   const Tensor x = embed({1, 2}, fc, *w);
   NoDecoder decoder;
   Quiet observer;
-  Problem problem{*model, model->forward(x), x, {1, 2}, decoder, w, Rng(1)};
+  Problem problem{*model, model->forward(x), x, {1, 2}, decoder, w, Rng(1), {}, 0};
   sequential::SequentialOptimizer ok;
   ok.configure(Options("optimizer", "test.ini", {}));
   try {

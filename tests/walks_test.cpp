@@ -79,7 +79,7 @@ struct Walker {
   Result run(Optimizer& optimizer, std::map<std::string, std::string> options, Observer& observer,
              std::uint64_t seed = 1) {
     optimizer.configure(Options("optimizer", "test.ini", std::move(options)));
-    Problem problem{*model, target, e, {}, decoder, weights, Rng(seed)};
+    Problem problem{*model, target, e, {}, decoder, weights, Rng(seed), {}, 0};
     return optimizer.run(problem, observer);
   }
 
@@ -559,7 +559,7 @@ TEST(WalkPlugins, LoadThroughTheRegistryAndReadEveryKey) {
     const Options read("optimizer", "test.ini", options);
     plugin->configure(read);
     EXPECT_TRUE(read.unread_keys().empty());
-    Problem problem{*s.model, s.target, s.e, {}, s.decoder, s.weights, Rng(3)};
+    Problem problem{*s.model, s.target, s.e, {}, s.decoder, s.weights, Rng(3), {}, 0};
     Recorder from_plugin, from_class;
     const Result a = plugin->run(problem, from_plugin);
     std::unique_ptr<Optimizer> direct;

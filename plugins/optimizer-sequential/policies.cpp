@@ -83,8 +83,7 @@ class Linearized final : public CandidateSource {
  private:
   void prepare(Verifier& v) {
     const Index V = v.vocab(), d = v.spec().n_embd;
-    const std::vector<float>& w = v.wte_f32();
-    W_ = Eigen::Map<const RowMatrixF>(w.data(), V, d);
+    W_ = Eigen::Map<const RowMatrixF>(v.wte_f32(), V, d);
     e0_ = W_.colwise().mean().transpose();
     // Step h: fd_step times the spread of the embeddings about their mean (root mean square over all entries).
     const double spread = std::sqrt((W_.rowwise() - e0_.transpose()).cast<double>().squaredNorm() /
@@ -193,7 +192,7 @@ class Gradient final : public CandidateSource {
     std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());
     std::vector<double> p(static_cast<std::size_t>(w));
     if (embedding) {
-      const std::vector<float>& wte = v.wte_f32();
+      const float* wte = v.wte_f32();
       for (Index id = 0; id < V; ++id)
         for (Index j = 0; j < w; ++j) p[j] += wte[id * w + j];
       for (double& x : p) x /= static_cast<double>(V);
@@ -228,7 +227,7 @@ class Gradient final : public CandidateSource {
 
     std::vector<float> score(static_cast<std::size_t>(V));
     if (embedding) {  // ||w_v - p||^2
-      const std::vector<float>& wte = v.wte_f32();
+      const float* wte = v.wte_f32();
       for (Index id = 0; id < V; ++id) {
         double sq = 0;
         for (Index j = 0; j < w; ++j) sq += (wte[id * w + j] - p[j]) * (wte[id * w + j] - p[j]);

@@ -99,7 +99,13 @@ Verifier::Verifier(Problem& problem, const SearchOptions& options) : problem_(pr
   if (spec_.input == InputSpace::embedding) {
     if (!problem.weights || !problem.weights->contains("wte.weight"))
       throw Error("needs the token embeddings (weight 'wte.weight' [V, d]) to make candidate inputs");
-    wte_model_ = problem.weights->get("wte.weight", {V_, spec_.n_embd}).to(spec_.dtype);
+    wte_ = &problem.weights->get("wte.weight", {V_, spec_.n_embd});
+    if (wte_->dtype() == spec_.dtype) {
+      wte_model_ = wte_;
+    } else {
+      wte_converted_ = wte_->to(spec_.dtype);
+      wte_model_ = &wte_converted_;
+    }
   }
   if (options.use_cache) cache_ = prefix_cache_of(problem.model);
   backend_cache_ = cache_ != nullptr;
@@ -111,17 +117,14 @@ Verifier::Verifier(Problem& problem, const SearchOptions& options) : problem_(pr
   distance_.assign(static_cast<std::size_t>(V_), -1.0);
 }
 
-const std::vector<float>& Verifier::wte_f32() const {
+const float* Verifier::wte_f32() const {
+  if (!wte_) throw Error("the token embeddings are needed for ranking, and this model's input is not embedding");
+  if (wte_->dtype() == DType::f32) return wte_->data<float>();
   if (wte_f32_.empty()) {
-    const Tensor& wte = problem_.weights->get("wte.weight", {V_, spec_.n_embd});
-    wte_f32_.resize(static_cast<std::size_t>(wte.numel()));
-    if (wte.dtype() == DType::f32) {
-      std::memcpy(wte_f32_.data(), wte.raw(), wte.nbytes());
-    } else {
-      for (Index i = 0; i < wte.numel(); ++i) wte_f32_[i] = static_cast<float>(wte.get(i));
-    }
+    wte_f32_.resize(static_cast<std::size_t>(wte_->numel()));
+    for (Index i = 0; i < wte_->numel(); ++i) wte_f32_[i] = static_cast<float>(wte_->get(i));
   }
-  return wte_f32_;
+  return wte_f32_.data();
 }
 
 Tensor Verifier::rows(const std::vector<Index>& ids) const {
@@ -134,7 +137,7 @@ Tensor Verifier::rows(const std::vector<Index>& ids) const {
   const std::size_t row = static_cast<std::size_t>(width_) * dtype_size(spec_.dtype);
   for (Index i = 0; i < n; ++i)
     std::memcpy(static_cast<unsigned char*>(out.raw()) + static_cast<std::size_t>(i) * row,
-                static_cast<const unsigned char*>(wte_model_.raw()) + static_cast<std::size_t>(ids[i]) * row, row);
+                static_cast<const unsigned char*>(wte_model_->raw()) + static_cast<std::size_t>(ids[i]) * row, row);
   return out;
 }
 

@@ -64,8 +64,9 @@ class Verifier {
   const Tensor& target() const { return problem_.target; }      // [1, T, D]
   Index seq_len() const { return T_; }
 
-  // Token embeddings wte [V, d] in float (for ranking), and one row in the model's dtype.
-  const std::vector<float>& wte_f32() const;
+  // Token embeddings wte [V, d] as floats, row-major (for ranking): the weights' own bytes when they are f32 (no
+  // copy), else a converted copy made on first use. Valid for the Verifier's life.
+  const float* wte_f32() const;
   Tensor rows(const std::vector<Index>& ids) const;  // candidate input rows [n, width] in the model's dtype
 
   // Output rows of arbitrary input rows [n, width] at this position (chunked by `chunk` rows per backend call).
@@ -95,8 +96,10 @@ class Verifier {
   double y_norm_ = 0;
   std::vector<double> distance_;  // per token at this position; -1 = not verified
   Index verified_count_ = 0;
-  Tensor wte_model_;                     // [V, d] in the model's dtype (embedding input)
-  mutable std::vector<float> wte_f32_;   // made on first use
+  const Tensor* wte_ = nullptr;          // [V, d] in the weights (embedding input)
+  Tensor wte_converted_;                 // wte in the model's dtype, when the weights hold another
+  const Tensor* wte_model_ = nullptr;    // wte_ or wte_converted_: candidate rows are copied from it
+  mutable std::vector<float> wte_f32_;   // made on first use when the weights are not f32
 };
 
 // A policy: the order in which a position's candidates are verified.

@@ -18,12 +18,20 @@ namespace lminv {
 // One inversion problem: find inputs whose output matches `target`.
 struct Problem {
   Model& model;
-  Tensor target;      // [1, ...]: the model's output for the true input
-  Tensor true_input;  // [1, T, d or V]: walks start here; descent may blend it into its start
-  std::vector<std::int64_t> true_ids;  // the prompt's tokens (for reports; never a shortcut to the answer)
+  Tensor target;      // [1, ...]: the model's output for the true input, or states captured elsewhere
+  // [1, T, d or V]: walks start here; descent may blend it into its start. Empty when the prompt is unknown
+  // (lminv invert: the target came from a states file); a method that needs it then refuses with an Error.
+  Tensor true_input;
+  std::vector<std::int64_t> true_ids;  // the prompt's tokens (for reports; never a shortcut to the answer); may be empty
   Decoder& decoder;
   std::shared_ptr<const WeightSet> weights;
   Rng rng;  // seeded from the config: the run is reproducible
+  // Tokens known to stand at positions 0 .. n-1 (a BOS token, a system prompt): the token searches (sequential,
+  // brute_force) fix them, check them against the target and search from position n; other methods ignore it.
+  std::vector<std::int64_t> known_prefix;
+  // The relative rounding of the target's values as they were captured: 2^-8 (bf16), 2^-11 (f16), 2^-24 (f32),
+  // 2^-53 (f64). 0 when the host computed the target with this very model (the usual study setting).
+  double target_rounding = 0;
 };
 
 // One step as the host sees it.
@@ -42,6 +50,12 @@ class Observer {
   virtual void on_step(const Step& step) = 0;
 };
 
+// A token and its distance to the target at one position (the token searches' certificate).
+struct Candidate {
+  std::int64_t id = -1;
+  double distance = 0;
+};
+
 struct Result {
   Tensor input;           // [1, T, d or V]: the best input found
   double loss = 0;        // its loss in the optimizer's metric
@@ -53,6 +67,9 @@ struct Result {
   std::vector<std::int64_t> ids;
   // Method-specific measurements per position or per round (a certificate margin per position, say).
   std::map<std::string, std::vector<double>> series;
+  // Token searches: per position, the verified tokens other than the accepted one whose distance fell within the
+  // position's tolerance (series "tolerance"), closest first: the rivals that make the position ambiguous.
+  std::vector<std::vector<Candidate>> ties;
 };
 
 class Optimizer {

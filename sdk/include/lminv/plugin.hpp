@@ -17,7 +17,7 @@ namespace lminv {
 
 // 1: the first. 2: Result gained ids and series. 3: ModelSpec.kind and .arch (the decoder's architecture),
 // BackendInfo.kinds and .features, models of any length.
-inline constexpr std::uint32_t kAbiVersion = 3;
+inline constexpr std::uint32_t kAbiVersion = 4;
 inline constexpr const char* kPluginEntry = "lminv_plugin";
 
 enum class PluginKind : std::uint32_t { backend = 1, optimizer = 2, decoder = 3 };
