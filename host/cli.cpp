@@ -18,6 +18,7 @@
 #include "config.hpp"
 #include "experiment.hpp"
 #include "families/family.hpp"
+#include "invert.hpp"
 #include "paths.hpp"
 #include "prompts.hpp"
 #include "registry.hpp"
@@ -54,6 +55,7 @@ constexpr const char* kOverview =
     "\n"
     "commands:\n"
     "  run CONFIG [--set section.key=value ...]   run an inversion experiment\n"
+    "  invert CONFIG --states FILE                recover the prompt behind captured hidden states, certified\n"
     "  forward CONFIG --out FILE.safetensors      write the config's model output (and input gradient)\n"
     "  init CONFIG --out DIR                      save the config's model as a Hugging Face GPT-2 folder\n"
     "  compare CONFIG --across section.key=A,B,.. run one experiment per value and compare them\n"
@@ -62,6 +64,7 @@ constexpr const char* kOverview =
     "  tokenize TEXT                              show GPT-2 token ids and pieces\n"
     "  prompts --out FILE                         write a prompt set: corpus sentences + random token ids\n"
     "  sweep CONFIG... --prompts FILE [--grid ..] run configs on every prompt (x every grid point), resumable\n"
+    "  sweep CONFIG... --states FILE              invert every entry of a set of captured states, resumable\n"
     "\n"
     "Every command takes --help, and --plugin-dir DIR (repeatable) to search more folders for plugins.\n";
 
@@ -139,6 +142,41 @@ int cmd_run(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   const Registry registry = make_registry(vm);
   warn_rejected(registry, err);
   run_experiment(config, registry, out);
+  return 0;
+}
+
+int cmd_invert(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv invert CONFIG --states FILE [options]\n\nRecovers the prompt behind hidden states captured by another "
+      "program: FILE is a safetensors (.safetensors), NumPy (.npy) or NumPy zip (.npz) file holding a [T, D] or "
+      "[1, T, D] tensor, the output of CONFIG's model at its layer (model.blocks and model.head: from the file's "
+      "metadata when it has them, as lminv forward writes them, else from CONFIG; --set wins over both). The search "
+      "(CONFIG's sequential or brute_force optimizer; sequential when CONFIG names none) fixes the known prefix (BOS "
+      "and [prompt] prefix), recovers every other position and certifies each: accepted distance, epsilon, the best "
+      "rival's distance and their ratio, and a verdict (unique, ambiguous with its rivals listed, not found). Prints "
+      "the certificate table and appends one JSON record to <output.dir>/records.jsonl (or --records FILE). See "
+      "docs/exact-inversion.md.\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("states", po::value<std::string>(), "the states file")(
+      "tensor", po::value<std::string>(), "the tensor (array) in FILE; default: the only one, else \"output\"")(
+      "records", po::value<std::string>(), "the JSON Lines file to append the record to");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("config")) throw UsageError("invert: missing CONFIG (see lminv invert --help)");
+  if (!vm.count("states")) throw UsageError("invert: missing --states FILE");
+  InvertRequest request;
+  request.config_file = vm["config"].as<std::string>();
+  request.states = vm["states"].as<std::string>();
+  if (vm.count("tensor")) request.tensor = vm["tensor"].as<std::string>();
+  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  if (vm.count("records")) request.records = vm["records"].as<std::string>();
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  run_invert(request, registry, out);
   return 0;
 }
 
@@ -471,6 +509,9 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "to the records (-summary.md, -summary.json).\n\noptions");
   visible.add(common_options()).add(config_options());
   visible.add_options()("prompts", po::value<std::string>(), "the prompt file")(
+      "states", po::value<std::string>(),
+      "instead of prompts: captured states, one entry per prompt (a .jsonl manifest, a [N, T, D] tensor, or a "
+      "safetensors/.npz file of [T, D] tensors); each run is an lminv invert")(
       "grid", po::value<std::vector<std::string>>()->composing(), "section.key=value1,value2,... (repeatable)")(
       "records", po::value<std::string>(), "the JSON Lines file of the runs (default <output.dir>/sweep.jsonl)")(
       "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)");
@@ -484,10 +525,11 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
     return 0;
   }
   if (!vm.count("configs")) throw UsageError("sweep: missing CONFIG (see lminv sweep --help)");
-  if (!vm.count("prompts")) throw UsageError("sweep: missing --prompts FILE");
+  if (vm.count("prompts") == vm.count("states")) throw UsageError("sweep: give one of --prompts FILE or --states FILE");
   SweepRequest request;
   request.config_files = vm["configs"].as<std::vector<std::string>>();
-  request.prompts = vm["prompts"].as<std::string>();
+  if (vm.count("prompts")) request.prompts = vm["prompts"].as<std::string>();
+  if (vm.count("states")) request.states = vm["states"].as<std::string>();
   if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
   if (vm.count("grid"))
     for (const std::string& g : vm["grid"].as<std::vector<std::string>>()) request.grid.push_back(parse_grid(g));
@@ -556,6 +598,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   }
   const std::map<std::string, int (*)(const std::vector<std::string>&, std::ostream&, std::ostream&)> commands = {
       {"run", cmd_run},
+      {"invert", cmd_invert},
       {"forward", cmd_forward},
       {"init", cmd_init},
       {"compare", cmd_compare},

@@ -184,10 +184,14 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   const Options prompt = raw.section("prompt");
   c.prompt_text = prompt.get_string("text", "");
   c.prompt_ids = prompt.get_ints("ids", {});
-  if (c.prompt_text.empty() == c.prompt_ids.empty())
-    prompt.fail(prompt.has("text") ? "text" : "ids", "give exactly one of text or ids");
+  if (!c.prompt_text.empty() && !c.prompt_ids.empty()) prompt.fail("ids", "give one of text or ids, not both");
   for (std::int64_t id : c.prompt_ids)
     if (id < 0) prompt.fail("ids", "token ids are >= 0");
+  c.prefix_text = prompt.get_string("prefix", "");
+  c.prefix_ids = prompt.get_ints("prefix_ids", {});
+  if (!c.prefix_text.empty() && !c.prefix_ids.empty()) prompt.fail("prefix_ids", "give one of prefix or prefix_ids");
+  for (std::int64_t id : c.prefix_ids)
+    if (id < 0) prompt.fail("prefix_ids", "token ids are >= 0");
   c.bos = prompt.get_choice("bos", c.bos, {"auto", "yes", "no"});
   check_all_read(prompt);
 

@@ -46,9 +46,13 @@ struct ExperimentConfig {
   std::string backend = "reference";
   Options backend_options;
 
-  // [prompt]: text, or ids
+  // [prompt]: text, or ids (neither: the prompt is unknown, as for lminv invert; run and forward then refuse)
   std::string prompt_text;
   std::vector<std::int64_t> prompt_ids;
+  // A known prefix (a system prompt): text or ids, placed after the tokenizer's special prefix (text prompts) and
+  // before the prompt's own tokens; the token searches fix it instead of searching it.
+  std::string prefix_text;
+  std::vector<std::int64_t> prefix_ids;
   std::string bos = "auto";  // text prompts: auto (the tokenizer's special prefix) | yes (its BOS) | no (nothing)
 
   // [tokenizer]

@@ -109,7 +109,19 @@ ExperimentFactory::ExperimentFactory(const ExperimentConfig& config, std::shared
 
 Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
   if (ids.empty()) throw Error(config_.source + ": [prompt] has no tokens");
-  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  Experiment e = build_unknown(static_cast<std::int64_t>(ids.size()));
+  for (std::int64_t id : ids)
+    if (id < 0 || id >= e.spec.vocab_size)
+      throw Error(config_.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(e.spec.vocab_size) + ")");
+  e.prompt_ids = ids;
+  e.prompt_text = display_text(tokenizer_, ids);
+  e.true_input = true_input_for(ids, e.spec, *e.weights);
+  return e;
+}
+
+Experiment ExperimentFactory::build_unknown(std::int64_t T) {
+  if (T < 1) throw Error(config_.source + ": a prompt needs at least one position");
   // A decoder's and the per-token MLP's weights do not depend on the prompt's length; fcnet's do.
   const bool per_length = !spec_.any_length();
   const std::int64_t key = per_length ? T : 0;
@@ -126,35 +138,39 @@ Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
   ModelSpec spec = found->second.first;
   spec.seq_len = T;
   const std::shared_ptr<const WeightSet>& weights = found->second.second;
-
-  for (std::int64_t id : ids)
-    if (id < 0 || id >= spec.vocab_size)
-      throw Error(config_.source + ": [prompt] token id " + std::to_string(id) + " is outside the vocabulary (size " +
-                  std::to_string(spec.vocab_size) + ")");
   if (spec.seq_len > spec.n_positions && spec.kind == ModelKind::decoder)
-    throw Error(config_.source + ": [prompt] has " + std::to_string(spec.seq_len) + " tokens, more than the model's " +
+    throw Error(config_.source + ": the prompt has " + std::to_string(spec.seq_len) + " tokens, more than the model's " +
                 std::to_string(spec.n_positions) + " positions");
   // One model for every length where the network takes any (weights held once), one per length otherwise.
   std::shared_ptr<Model>& model = models_[key];
   if (!model) model = keep_alive(backend_->create_model(spec, weights), backend_);
   std::shared_ptr<Model> sized = per_length ? model : std::make_shared<LengthView>(model, T);
 
-  Experiment e{tokenizer_, ids, display_text(tokenizer_, ids), spec, weights, backend_, sized, {}, 0};
-  e.true_input = true_input_for(ids, spec, *weights);
+  Experiment e{tokenizer_, {}, "", spec, weights, backend_, sized, {}, 0};
   e.weights_seconds = weights_seconds_[key];
   return e;
 }
 
+std::vector<std::int64_t> prefix_for_ids(const ExperimentConfig& config, const Tokenizer& tokenizer) {
+  if (!config.prefix_ids.empty()) return config.prefix_ids;
+  if (!config.prefix_text.empty()) return tokenizer.encode(config.prefix_text);
+  return {};
+}
+
 std::vector<std::int64_t> prefix_for_text(const ExperimentConfig& config, const Tokenizer& tokenizer) {
-  if (config.bos == "no") return {};
+  std::vector<std::int64_t> ids;
   if (config.bos == "yes") {
     const std::optional<std::int64_t> bos = tokenizer.bos_id();
     if (!bos)
       throw Error(config.source + ": [prompt] bos = yes, but the tokenizer (" + tokenizer.kind() +
                   ") has no BOS token");
-    return {*bos};
+    ids.push_back(*bos);
+  } else if (config.bos == "auto") {
+    ids = tokenizer.special_prefix();
   }
-  return tokenizer.special_prefix();
+  const std::vector<std::int64_t> own = prefix_for_ids(config, tokenizer);
+  ids.insert(ids.end(), own.begin(), own.end());
+  return ids;
 }
 
 std::vector<std::int64_t> text_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer,
@@ -166,7 +182,23 @@ std::vector<std::int64_t> text_prompt_ids(const ExperimentConfig& config, const 
 }
 
 std::vector<std::int64_t> config_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer) {
-  return config.prompt_text.empty() ? config.prompt_ids : text_prompt_ids(config, tokenizer, config.prompt_text);
+  if (config.prompt_text.empty() && config.prompt_ids.empty())
+    throw Error(config.source + ": [prompt] has neither text nor ids (for states without a prompt, use lminv invert)");
+  if (!config.prompt_text.empty()) return text_prompt_ids(config, tokenizer, config.prompt_text);
+  std::vector<std::int64_t> ids = prefix_for_ids(config, tokenizer);
+  ids.insert(ids.end(), config.prompt_ids.begin(), config.prompt_ids.end());
+  return ids;
+}
+
+std::size_t known_prefix_length(const ExperimentConfig& config, const Tokenizer& tokenizer,
+                                const std::vector<std::int64_t>& ids) {
+  auto starts_with = [&](const std::vector<std::int64_t>& p) {
+    return p.size() <= ids.size() && std::equal(p.begin(), p.end(), ids.begin());
+  };
+  const std::vector<std::int64_t> text = prefix_for_text(config, tokenizer);
+  if (!text.empty() && starts_with(text)) return text.size();
+  const std::vector<std::int64_t> own = prefix_for_ids(config, tokenizer);
+  return starts_with(own) ? own.size() : 0;
 }
 
 Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {

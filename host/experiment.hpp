@@ -52,6 +52,9 @@ class ExperimentFactory {
   std::int64_t vocab_size() const { return spec_.vocab_size; }  // before a checkpoint is read: the config's
   // The experiment for prompt ids (checked against the vocabulary and the model's positions).
   Experiment build(const std::vector<std::int64_t>& ids);
+  // The model for an unknown prompt of T positions (lminv invert): everything build() gives but the prompt (its
+  // ids empty, true_input empty).
+  Experiment build_unknown(std::int64_t T);
 
  private:
   ExperimentConfig config_;
@@ -67,12 +70,19 @@ class ExperimentFactory {
 Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights);
 
 // The ids a text prompt runs as: the tokenizer's special prefix (a BOS token where its tokenizer_config.json or
-// post-processor adds one) unless [prompt] bos says otherwise, then the text's own ids.
+// post-processor adds one) unless [prompt] bos says otherwise, then the [prompt] prefix's ids, then the text's own.
 std::vector<std::int64_t> prefix_for_text(const ExperimentConfig& config, const Tokenizer& tokenizer);
+// The [prompt] prefix (or prefix_ids) alone, without the special prefix: what an ids prompt is preceded by.
+std::vector<std::int64_t> prefix_for_ids(const ExperimentConfig& config, const Tokenizer& tokenizer);
 std::vector<std::int64_t> text_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer,
                                           const std::string& text);
-// The config's prompt: [prompt] ids as given, or its text through text_prompt_ids.
+// The config's prompt: [prompt] ids after prefix_for_ids, or its text through text_prompt_ids. An Error when the
+// config has no prompt.
 std::vector<std::int64_t> config_prompt_ids(const ExperimentConfig& config, const Tokenizer& tokenizer);
+// How many leading tokens of `ids` are the config's known prefix: prefix_for_text's when ids start with it, else
+// prefix_for_ids' when they start with that, else 0.
+std::size_t known_prefix_length(const ExperimentConfig& config, const Tokenizer& tokenizer,
+                                const std::vector<std::int64_t>& ids);
 
 // Text of ids for people to read; ids the tokenizer does not know are shown as <id>.
 std::string display_text(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids);

@@ -199,7 +199,8 @@ struct Sentence {
 }  // namespace
 
 std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer& tokenizer, std::int64_t vocab_size,
-                                          const std::vector<std::int64_t>& text_prefix) {
+                                          const std::vector<std::int64_t>& text_prefix,
+                                          const std::vector<std::int64_t>& ids_prefix) {
   if (vocab_size <= 0)
     throw Error(file.string() + ": vocabulary size " + std::to_string(vocab_size) + " is not positive");
   std::ifstream in(file, std::ios::binary);
@@ -222,7 +223,8 @@ std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer&
       check_text_ids(entry.ids, at, vocab_size);
       entry.kind = "text";
     }
-    if (entry.from_text) entry.ids.insert(entry.ids.begin(), text_prefix.begin(), text_prefix.end());
+    const std::vector<std::int64_t>& prefix = entry.from_text ? text_prefix : ids_prefix;
+    entry.ids.insert(entry.ids.begin(), prefix.begin(), prefix.end());
     entry.line = number;
     entries.push_back(std::move(entry));
   }

@@ -26,12 +26,14 @@ struct PromptEntry {
 //     and/or "text" (tokenized with `tokenizer`), optional "kind" (a string); other keys are ignored.
 //   - A line starting with '#', or holding only whitespace, is skipped.
 //   - Any other line is plain text, tokenized as it is (leading spaces count; a trailing '\r' is dropped).
-// Text prompts (plain lines, JSON "text" without "ids") get `text_prefix` first (the tokenizer's BOS, as a run's).
+// Text prompts (plain lines, JSON "text" without "ids") get `text_prefix` first (the tokenizer's BOS and the known
+// [prompt] prefix, as a run's), ids prompts get `ids_prefix` (the known prefix alone).
 // Every id must lie in [0, vocab_size). Errors name the file and the line: invalid JSON, ids not integers, an id out of
 // range, a prompt with no tokens, neither ids nor text; and the file when it cannot be read or holds no prompt.
 std::vector<PromptEntry> read_prompt_file(const std::filesystem::path& file, const Tokenizer& tokenizer,
                                           std::int64_t vocab_size,
-                                          const std::vector<std::int64_t>& text_prefix = {});
+                                          const std::vector<std::int64_t>& text_prefix = {},
+                                          const std::vector<std::int64_t>& ids_prefix = {});
 
 // What `lminv prompts` makes.
 struct MakePromptsRequest {

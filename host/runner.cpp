@@ -13,6 +13,7 @@
 #include "experiment.hpp"
 #include "lminv/ops.hpp"
 #include "paths.hpp"
+#include "certificate.hpp"
 #include "report.hpp"
 
 namespace lminv {
@@ -239,6 +240,8 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   const Tensor target = model->forward(true_input);
 
   Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem"), {}, 0};
+  const std::size_t known = known_prefix_length(config, tokenizer, summary.prompt_ids);
+  problem.known_prefix.assign(summary.prompt_ids.begin(), summary.prompt_ids.begin() + static_cast<std::ptrdiff_t>(known));
   const bool progress =
       !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
   HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress);
@@ -305,6 +308,8 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
     out << "  next token " << quoted(display_text(tokenizer, {next->original})) << " for the prompt, "
         << quoted(display_text(tokenizer, {next->recovered})) << " for the result"
         << (next->original == next->recovered ? " (agree)" : " (differ)") << "\n";
+  const std::optional<Certificate> certificate = certificate_of(result);
+  if (certificate) print_certificate(out, *certificate, tokenizer);
   out << std::defaultfloat << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s ("
       << steps_per_second << " steps/s; weights " << init_seconds << " s, decoder " << prepare_seconds << " s)\n";
 
@@ -347,12 +352,154 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"trajectory", observer.trajectory()},
       {"values", values},
       {"series", series},
+      {"certificate", certificate ? certificate_json(*certificate, tokenizer) : nlohmann::json(nullptr)},
+      {"known_prefix", problem.known_prefix},
       {"time_s",
        {{"total", seconds_since(run_start)},
         {"weights", init_seconds},
         {"prepare", prepare_seconds},
         {"optimize", optimize_seconds}}},
       {"steps_per_s", steps_per_second},
+  };
+  for (const auto& [key, value] : extra.items()) summary.record[key] = value;
+  append_json_line(records, summary.record);
+  out << "  record    " << records.string() << "\n";
+  return summary;
+}
+
+std::int64_t ExperimentSession::output_width() {
+  // One zero token through the model: whatever the head and the extra layers make of a row.
+  Experiment e = factory_->build_unknown(1);
+  const Tensor out = e.model->forward(Tensor(e.spec.dtype, input_shape(e.spec, 1)));
+  return out.dim(-1);
+}
+
+std::int64_t ExperimentSession::max_positions() { return factory_->build_unknown(1).spec.n_positions; }
+
+RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostream& shown, bool quiet,
+                                     const fs::path& records, const nlohmann::json& extra) {
+  const auto run_start = Clock::now();
+  const ExperimentConfig& config = config_;
+  std::ostringstream silent;
+  std::ostream& out = quiet ? silent : shown;
+  if (captured.states.rank() != 2) throw Error(captured.source + ": states must be [T, D]");
+  const std::int64_t T = captured.states.dim(0), D = captured.states.dim(1);
+
+  Experiment e = factory_->build_unknown(T);
+  const Tokenizer& tokenizer = e.tokenizer;
+  const ModelSpec& spec = e.spec;
+  const std::vector<std::int64_t> known = prefix_for_text(config, tokenizer);
+  for (std::int64_t id : known)
+    if (id < 0 || id >= spec.vocab_size)
+      throw Error(config.source + ": [prompt] prefix token " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(spec.vocab_size) + ")");
+  if (static_cast<std::int64_t>(known.size()) > T)
+    throw Error(captured.source + ": " + std::to_string(T) + " positions, fewer than the known prefix's " +
+                std::to_string(known.size()) + " tokens (BOS and [prompt] prefix)");
+  Tensor target = captured.states.to(spec.dtype).reshape({1, T, D});
+
+  out << "lminv invert " << config.source << "\n"
+      << "  states    " << captured.source << "  [" << T << ", " << D << "] " << captured.stored_dtype << "\n"
+      << "  model     " << spec.family << "  d=" << spec.n_embd;
+  if (spec.kind == ModelKind::decoder)
+    out << "  blocks=" << spec.blocks << "/" << spec.n_layer << "  head=" << head_name(spec.head);
+  out << "  weights=" << config.weights;
+  if (config.weights == "random") out << " (seed " << config.seed << ")";
+  out << "\n  search    " << config.optimizer << " on " << config.backend << " (" << dtype_name(spec.dtype) << ", "
+      << spec.device << ")";
+  if (!known.empty()) out << "  known prefix " << quoted(display_text(tokenizer, known)) << " (" << known.size() << ")";
+  out << "\n" << std::flush;
+
+  Problem problem{*e.model, target, Tensor(), captured.true_ids, *decoder_, e.weights, Rng(config.seed).fork("problem"),
+                  known, captured.rounding};
+  const bool progress =
+      !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
+  HostObserver observer(out, *decoder_, tokenizer, {}, progress);
+  auto t0 = Clock::now();
+  Result result = optimizer_->run(problem, observer);
+  const double optimize_seconds = seconds_since(t0);
+  observer.finish();
+  if (result.ids.size() != static_cast<std::size_t>(T))
+    throw Error("optimizer '" + config.optimizer + "' returned " + std::to_string(result.ids.size()) +
+                " tokens for states of " + std::to_string(T) + " positions; lminv invert needs a token search "
+                "(sequential or brute_force)");
+  const std::optional<Certificate> certificate = certificate_of(result);
+  if (!certificate)
+    throw Error("optimizer '" + config.optimizer + "' gave no certificate; lminv invert needs sequential or brute_force");
+
+  RunSummary summary;
+  summary.prompt_ids = captured.true_ids;
+  summary.decoded_ids = result.ids;
+  summary.decoded_text = display_text(tokenizer, result.ids);
+  summary.final_loss = result.loss;
+  const bool truth = captured.true_ids.size() == result.ids.size();
+  if (truth) {
+    std::int64_t correct = 0;
+    for (std::size_t t = 0; t < result.ids.size(); ++t) correct += result.ids[t] == captured.true_ids[t];
+    summary.token_accuracy = static_cast<double>(correct) / static_cast<double>(T);
+    summary.exact_match = correct == T;
+  }
+
+  // The recovered prompt run forward: its distance to the states, as a whole.
+  const Tensor recovered_output = e.model->forward(true_input_for(result.ids, spec, *e.weights));
+  const double l2 = distances(recovered_output, target, Metric::l2)[0];
+  double target_norm = 0;
+  for (std::int64_t i = 0; i < target.numel(); ++i) target_norm += target.get(i) * target.get(i);
+  const double relative = l2 / std::max(std::sqrt(target_norm), 1e-300);
+  // What the whole model predicts after the recovered prompt (decoders).
+  std::optional<std::int64_t> next;
+  if (spec.kind == ModelKind::decoder) {
+    e.prompt_ids = result.ids;  // next_token_agreement's "original" is then the recovered prompt too
+    next = next_token_agreement(*backend_, e, result.ids, full_model_)->recovered;
+  }
+
+  out << "  result    " << quoted(summary.decoded_text) << "  (" << T << " tokens)\n";
+  print_certificate(out, *certificate, tokenizer);
+  if (truth)
+    out << "  truth     the file's prompt ids: " << (summary.exact_match ? "recovered exactly" : "NOT recovered")
+        << " (token accuracy " << std::setprecision(3) << summary.token_accuracy * 100 << "%)\n";
+  out << std::scientific << std::setprecision(4) << "  output distance  relative L2 " << relative
+      << " (the recovered prompt's states against the file's)\n"
+      << std::defaultfloat;
+  if (next) out << "  next token " << quoted(display_text(tokenizer, {*next})) << " after the recovered prompt\n";
+  out << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s (search " << optimize_seconds
+      << " s)\n";
+
+  nlohmann::json sections = nlohmann::json::object();
+  for (const auto& [name, keys] : config.raw_sections) sections[name] = keys;
+  nlohmann::json values = nlohmann::json::object();
+  for (const auto& [k, v] : result.values) values[k] = v;
+  nlohmann::json series = nlohmann::json::object();
+  for (const auto& [k, v] : result.series) series[k] = v;
+  summary.record = {
+      {"lminv_version", LMINV_VERSION},
+      {"command", "invert"},
+      {"time", utc_timestamp()},
+      {"config_file", config.source},
+      {"config", sections},
+      {"states",
+       {{"source", captured.source}, {"shape", {T, D}}, {"stored_dtype", captured.stored_dtype},
+        {"rounding", captured.rounding}}},
+      {"prompt", truth ? nlohmann::json{{"ids", captured.true_ids}, {"text", display_text(tokenizer, captured.true_ids)}}
+                       : nlohmann::json(nullptr)},
+      {"known_prefix", known},
+      {"model", spec_json(spec)},
+      {"weights", {{"source", config.weights}, {"seed", config.seed}}},
+      {"backend", config.backend},
+      {"optimizer", config.optimizer},
+      {"metric", "l2"},
+      {"steps", result.steps},
+      {"final_loss", result.loss},
+      {"output_distance", {{"l2", l2}, {"relative_l2", relative}}},
+      {"decoded", {{"ids", result.ids}, {"text", summary.decoded_text}, {"by", "optimizer"}}},
+      {"verdict", verdict_name(certificate->verdict)},
+      {"certificate", certificate_json(*certificate, tokenizer)},
+      {"exact_match", truth ? nlohmann::json(summary.exact_match) : nlohmann::json(nullptr)},
+      {"token_accuracy", truth ? nlohmann::json(summary.token_accuracy) : nlohmann::json(nullptr)},
+      {"next_token", next ? nlohmann::json{{"recovered", *next}} : nlohmann::json(nullptr)},
+      {"values", values},
+      {"series", series},
+      {"time_s", {{"total", seconds_since(run_start)}, {"optimize", optimize_seconds}}},
   };
   for (const auto& [key, value] : extra.items()) summary.record[key] = value;
   append_json_line(records, summary.record);

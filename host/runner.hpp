@@ -30,6 +30,15 @@ struct RunSummary {
 // configured before anything expensive, so a bad option fails at once.
 RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out);
 
+// States captured elsewhere, as lminv invert hands them to a session.
+struct CapturedTarget {
+  Tensor states;                        // [T, D]
+  double rounding = 0;                  // relative rounding of the stored dtype (Problem::target_rounding)
+  std::string stored_dtype;             // "F32", "BF16", ...
+  std::string source;                   // "FILE" or "FILE:NAME", for records and messages
+  std::vector<std::int64_t> true_ids;   // the prompt that made them, when the file says (reports only)
+};
+
 class ExperimentFactory;
 class Backend;
 class Optimizer;
@@ -50,6 +59,18 @@ class ExperimentSession {
   // The record gets the fields of `extra` and is appended to `records`.
   RunSummary run(const std::vector<std::int64_t>& ids, std::ostream& out, bool quiet,
                  const std::filesystem::path& records, const nlohmann::json& extra = nlohmann::json::object());
+
+  // Inverts states captured elsewhere (lminv invert): the prompt is unknown, T comes from the states, the config's
+  // known prefix (BOS, [prompt] prefix) is fixed and checked. The optimizer must be a token search (sequential,
+  // brute_force). Prints the certificate table unless quiet; the record (prompt unknown: no control, no exact
+  // match unless the file gave the true ids) is appended to `records`.
+  RunSummary invert(const CapturedTarget& target, std::ostream& out, bool quiet, const std::filesystem::path& records,
+                    const nlohmann::json& extra = nlohmann::json::object());
+
+  // The width D of the model's output rows (n_embd, the vocabulary for lm_head, more with extra layers).
+  std::int64_t output_width();
+  // The longest sequence the model takes (n_positions; from the checkpoint when there is one).
+  std::int64_t max_positions();
 
  private:
   ExperimentConfig config_;

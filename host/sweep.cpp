@@ -17,6 +17,7 @@
 
 #include "config.hpp"
 #include "experiment.hpp"
+#include "invert.hpp"
 #include "prompts.hpp"
 #include "report.hpp"
 #include "runner.hpp"
@@ -194,22 +195,50 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     return overrides;
   };
 
+  // With captured states, every entry is read and checked before any config or model is made.
+  const bool inverting = !request.states.empty();
+  std::vector<CapturedStates> states;
+  if (inverting) states = read_states_set(request.states);
+
   // Every point's config is read and checked before anything runs: a bad grid value fails at once.
   std::vector<RawConfig> raws;
   std::vector<ExperimentConfig> configs;
   for (const GridPoint& point : points) {
-    raws.push_back(read_config(point.config_file, overrides_at(point)));
-    configs.push_back(parse_experiment(raws.back()));
+    if (inverting) {
+      const std::vector<std::string> overrides = overrides_for_states(states.front(), overrides_at(point));
+      raws.push_back(read_config(point.config_file, overrides));
+      configs.push_back(invert_config(point.config_file, states.front(), overrides_at(point)));
+    } else {
+      raws.push_back(read_config(point.config_file, overrides_at(point)));
+      configs.push_back(parse_experiment(raws.back()));
+    }
   }
   const fs::path records =
       request.records.empty() ? fs::path(configs.front().output_dir) / "sweep.jsonl" : request.records;
 
-  // The prompts, tokenized with the first point's tokenizer.
+  // The prompts, tokenized with the first point's tokenizer; or one entry per captured states tensor.
   std::unique_ptr<ExperimentSession> session = std::make_unique<ExperimentSession>(configs.front(), registry);
-  std::vector<PromptEntry> prompts = read_prompt_file(request.prompts, session->tokenizer(), session->vocab_size(),
-                                                 prefix_for_text(configs.front(), session->tokenizer()));
-  if (request.limit > 0 && static_cast<std::int64_t>(prompts.size()) > request.limit)
+  std::vector<PromptEntry> prompts;
+  std::vector<CapturedTarget> targets;
+  if (inverting) {
+    for (std::size_t i = 0; i < states.size(); ++i) {
+      targets.push_back(captured_target(states[i], *session, configs.front()));
+      PromptEntry entry;
+      entry.ids = states[i].prompt_ids;
+      entry.kind = "states";
+      entry.line = static_cast<std::int64_t>(i) + 1;
+      entry.text = states[i].where();
+      prompts.push_back(std::move(entry));
+    }
+  } else {
+    prompts = read_prompt_file(request.prompts, session->tokenizer(), session->vocab_size(),
+                               prefix_for_text(configs.front(), session->tokenizer()),
+                               prefix_for_ids(configs.front(), session->tokenizer()));
+  }
+  if (request.limit > 0 && static_cast<std::int64_t>(prompts.size()) > request.limit) {
     prompts.resize(static_cast<std::size_t>(request.limit));
+    if (inverting) targets.resize(prompts.size());
+  }
 
   std::map<std::string, nlohmann::json> done = read_records(records, out);
   std::vector<std::vector<std::string>> keys(points.size());
@@ -217,7 +246,11 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   for (std::size_t g = 0; g < points.size(); ++g) {
     const std::string print = config_fingerprint(raws[g]);
     for (std::size_t i = 0; i < prompts.size(); ++i) {
-      keys[g].push_back(run_key(print, i, prompts[i].ids));
+      // A states entry is known by its file, tensor and size (its true ids may be unknown).
+      keys[g].push_back(inverting ? run_key(print + "/states:" + targets[i].source + ":" +
+                                                std::to_string(targets[i].states.dim(0)),
+                                            i, prompts[i].ids)
+                                  : run_key(print, i, prompts[i].ids));
       todo += done.count(keys[g].back()) ? 0 : 1;
     }
   }
@@ -225,7 +258,8 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   std::string config_list;
   for (const std::string& file : request.config_files) config_list += (config_list.empty() ? "" : " ") + file;
   out << "lminv sweep " << config_list << "\n"
-      << "  prompts   " << request.prompts.string() << " (" << prompts.size() << ")\n"
+      << (inverting ? "  states    " : "  prompts   ") << (inverting ? request.states : request.prompts).string()
+      << " (" << prompts.size() << ")\n"
       << "  grid      " << points.size() << " point" << (points.size() == 1 ? "" : "s") << ": ";
   for (std::size_t g = 0; g < points.size(); ++g) out << (g ? "; " : "") << points[g].label();
   out << "\n  records   " << records.string() << "\n";
@@ -239,7 +273,11 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     bool any = false;
     for (const std::string& key : keys[g]) any = any || !done.count(key);
     if (!any) continue;
-    if (g > 0 || !session) session = std::make_unique<ExperimentSession>(configs[g], registry);
+    if (g > 0 || !session) {
+      session = std::make_unique<ExperimentSession>(configs[g], registry);
+      if (inverting)  // another grid point may change the layer: its width is checked again
+        for (std::size_t i = 0; i < targets.size(); ++i) targets[i] = captured_target(states[i], *session, configs[g]);
+    }
     for (std::size_t i = 0; i < prompts.size(); ++i) {
       if (done.count(keys[g][i])) continue;
       const nlohmann::json extra = {{"sweep",
@@ -248,11 +286,12 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
                                       {"overrides", request.overrides},
                                       {"grid", points[g].json()},
                                       {"grid_label", points[g].label()},
-                                      {"prompts_file", request.prompts.string()},
+                                      {"prompts_file", (inverting ? request.states : request.prompts).string()},
                                       {"prompt_index", i},
                                       {"prompt_line", prompts[i].line},
                                       {"prompt_kind", prompts[i].kind}}}};
-      const RunSummary summary = session->run(prompts[i].ids, out, /*quiet=*/true, records, extra);
+      const RunSummary summary = inverting ? session->invert(targets[i], out, /*quiet=*/true, records, extra)
+                                           : session->run(prompts[i].ids, out, /*quiet=*/true, records, extra);
       done[keys[g][i]] = summary.record;
       ++ran;
       const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
@@ -260,7 +299,14 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       const std::int64_t T = static_cast<std::int64_t>(summary.prompt_ids.size());
       const std::int64_t correct = std::llround(summary.token_accuracy * static_cast<double>(T));
       out << "  [" << ran << "/" << todo << "] " << points[g].label() << "  prompt " << i << " (" << prompts[i].kind
-          << ")  " << (summary.exact_match ? "exact" : "NOT exact") << " " << correct << "/" << T << "  "
+          << ")  ";
+      const nlohmann::json& verdict = summary.record.contains("certificate") && summary.record["certificate"].is_object()
+                                          ? summary.record["certificate"]["verdict"]
+                                          : nlohmann::json(nullptr);
+      if (verdict.is_string()) out << verdict.get<std::string>() << "  ";
+      if (!inverting || !summary.prompt_ids.empty())
+        out << (summary.exact_match ? "exact" : "NOT exact") << " " << correct << "/" << T << "  ";
+      out
           << fixed(number_at(summary.record, {"time_s", "optimize"}), 2) << " s";
       const double per_position = number_at(summary.record, {"values", "candidates_per_position"});
       if (std::isfinite(per_position)) out << "  " << fixed(per_position, 1) << " candidates/position";
@@ -271,40 +317,53 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   // The summary of every run of this sweep, this invocation's and earlier ones'.
   nlohmann::json table = nlohmann::json::array();
   std::ostringstream md;
-  md << "| grid point | runs | exact match | token accuracy | time/prompt mean (s) | median (s) | max (s) | "
-        "candidates/position |\n|---|---|---|---|---|---|---|---|\n";
+  md << "| grid point | runs | exact match | token accuracy | certified unique | time/prompt mean (s) | median (s) | "
+        "max (s) | candidates/position |\n|---|---|---|---|---|---|---|---|---|\n";
   out << "\n  " << std::left << std::setw(28) << "grid point" << std::right << std::setw(6) << "runs" << std::setw(8)
-      << "exact" << std::setw(10) << "tok acc" << std::setw(10) << "mean s" << std::setw(10) << "median s"
+      << "exact" << std::setw(10) << "tok acc" << std::setw(8) << "unique" << std::setw(10) << "mean s" << std::setw(10) << "median s"
       << std::setw(10) << "max s" << std::setw(12) << "cand/pos" << "\n";
   for (std::size_t g = 0; g < points.size(); ++g) {
     std::vector<double> times, per_position;
-    double exact = 0, accuracy = 0;
-    std::size_t runs = 0;
+    double exact = 0, accuracy = 0, unique = 0;
+    std::size_t runs = 0, with_truth = 0, certified = 0;
     for (const std::string& key : keys[g]) {
       auto it = done.find(key);
       if (it == done.end()) continue;
       const nlohmann::json& r = it->second;
       ++runs;
-      exact += r.value("exact_match", false) ? 1 : 0;
-      accuracy += number_at(r, {"token_accuracy"}, 0);
+      // Inverted states without their prompt have no exact match to count (null in the record).
+      if (r.contains("exact_match") && r["exact_match"].is_boolean()) {
+        ++with_truth;
+        exact += r["exact_match"].get<bool>() ? 1 : 0;
+        accuracy += number_at(r, {"token_accuracy"}, 0);
+      }
+      if (r.contains("certificate") && r["certificate"].is_object()) {
+        ++certified;
+        unique += r["certificate"].value("verdict", "") == "unique" ? 1 : 0;
+      }
       times.push_back(number_at(r, {"time_s", "optimize"}));
       per_position.push_back(number_at(r, {"values", "candidates_per_position"}));
     }
-    const double n = std::max<double>(1, static_cast<double>(runs));
+    const double n = std::max<double>(1, static_cast<double>(with_truth));
+    const double nc = std::max<double>(1, static_cast<double>(certified));
+    const std::string exact_text = with_truth ? fixed(100 * exact / n, 0) + "%" : "-";
+    const std::string accuracy_text = with_truth ? fixed(100 * accuracy / n, 1) + "%" : "-";
+    const std::string unique_text = certified ? fixed(100 * unique / nc, 0) + "%" : "-";
     const Stats t = stats_of(times), c = stats_of(per_position);
     out << "  " << std::left << std::setw(28) << points[g].label() << std::right << std::setw(6) << runs
-        << std::setw(7) << fixed(100 * exact / n, 0) << "%" << std::setw(9) << fixed(100 * accuracy / n, 1) << "%"
+        << std::setw(8) << exact_text << std::setw(10) << accuracy_text << std::setw(8) << unique_text
         << std::setw(10) << fixed(t.mean, 2) << std::setw(10) << fixed(t.median, 2) << std::setw(10)
         << fixed(t.max, 2) << std::setw(12) << fixed(c.mean, 1) << "\n";
-    md << "| " << points[g].label() << " | " << runs << " | " << fixed(100 * exact / n, 0) << "% | "
-       << fixed(100 * accuracy / n, 1) << "% | " << fixed(t.mean, 2) << " | " << fixed(t.median, 2) << " | "
+    md << "| " << points[g].label() << " | " << runs << " | " << exact_text << " | " << accuracy_text << " | "
+       << unique_text << " | " << fixed(t.mean, 2) << " | " << fixed(t.median, 2) << " | "
        << fixed(t.max, 2) << " | " << fixed(c.mean, 1) << " |\n";
     auto or_null = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
     table.push_back({{"grid", points[g].json()},
                      {"grid_label", points[g].label()},
                      {"runs", runs},
-                     {"exact_match_rate", runs ? or_null(exact / n) : nlohmann::json(nullptr)},
-                     {"token_accuracy", runs ? or_null(accuracy / n) : nlohmann::json(nullptr)},
+                     {"exact_match_rate", with_truth ? or_null(exact / n) : nlohmann::json(nullptr)},
+                     {"token_accuracy", with_truth ? or_null(accuracy / n) : nlohmann::json(nullptr)},
+                     {"unique_rate", certified ? or_null(unique / nc) : nlohmann::json(nullptr)},
                      {"time_per_prompt_s", {{"mean", or_null(t.mean)}, {"median", or_null(t.median)},
                                             {"max", or_null(t.max)}}},
                      {"candidates_per_position", or_null(c.mean)}});
@@ -317,13 +376,14 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
                                   {"time", utc_timestamp()},
                                   {"config_files", request.config_files},
                                   {"overrides", request.overrides},
-                                  {"prompts_file", request.prompts.string()},
+                                  {"prompts_file", (inverting ? request.states : request.prompts).string()},
                                   {"prompts", prompts.size()},
                                   {"records", records.string()},
                                   {"table", table}};
   write_file_atomically(stem + "-summary.json", summary.dump(2) + "\n");
   write_file_atomically(stem + "-summary.md", "# lminv sweep " + config_list + "\n\nPrompts: " +
-                                                  request.prompts.string() + " (" + std::to_string(prompts.size()) +
+                                                  (inverting ? request.states : request.prompts).string() + " (" +
+                                                  std::to_string(prompts.size()) +
                                                   "). Time: the inversion per prompt.\n\n" + md.str());
   out << "  summary   " << stem << "-summary.md, " << stem << "-summary.json\n";
 }

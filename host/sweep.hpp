@@ -18,6 +18,8 @@ struct SweepRequest {
   std::vector<std::string> config_files;
   std::vector<std::string> overrides;  // --set, applied at every grid point
   std::filesystem::path prompts;       // one prompt a line, or JSON Lines (prompts.hpp)
+  // Or captured states, one entry per prompt (states.hpp read_states_set): each run is an lminv invert.
+  std::filesystem::path states;
   // --grid section.key=v1,v2,...: each a dimension; the runs cover their product, the first dimension outermost.
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;
   std::filesystem::path records;  // JSON Lines; empty: <output.dir>/sweep.jsonl of the first config

@@ -12,7 +12,8 @@ case "$action" in run | test | build) ;; *) echo "usage: $0 run|test|build" >&2;
 
 # --- Debian packages ----------------------------------------------------------------------------
 packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev libgtest-dev libeigen3-dev
-  nlohmann-json3-dev libopenblas0-pthread ocl-icd-opencl-dev libdnnl-dev libtorch-dev libpcre2-dev libutf8proc-dev)
+  nlohmann-json3-dev libopenblas0-pthread ocl-icd-opencl-dev libdnnl-dev libtorch-dev libpcre2-dev libutf8proc-dev
+  libzip-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,9 @@
 #include <fstream>
 
 #include "config.hpp"
+#include "experiment.hpp"
+#include "paths.hpp"
+#include "tokenizer.hpp"
 
 using namespace lminv;
 
@@ -112,13 +115,37 @@ TEST(Config, MalformedValuesNameTheKeyAndValue) {
            {"[backend]\ndtype = f16\n[prompt]\ntext=x\n", "[backend] dtype = 'f16': expected one of f32 | f64 | bf16"},
            {"[output]\ncontrol_sigma = x\n[prompt]\ntext=x\n", "[output] control_sigma = 'x': 'x' is not a number"},
            {"[prompt]\nids = 1 two 3\n", "[prompt] ids = '1 two 3': 'two' is not an integer"},
-           {"[prompt]\ntext = a\nids = 1\n", "give exactly one of text or ids"},
-           {"[model]\nfamily = fcnet\n", "give exactly one of text or ids"},
+           {"[prompt]\ntext = a\nids = 1\n", "give one of text or ids, not both"},
+           {"[prompt]\ntext = a\nprefix = b\nprefix_ids = 1\n", "give one of prefix or prefix_ids"},
        }) {
     const std::string msg = error_of([&] { parse(c.text); });
     EXPECT_NE(msg.find(c.expect), std::string::npos) << "config:\n" << c.text << "message: " << msg;
     EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
   }
+}
+
+TEST(Config, APromptIsOptionalUntilACommandNeedsOne) {
+  // lminv invert reads configs without a prompt; run and forward ask for one through config_prompt_ids.
+  const ExperimentConfig c = parse("[model]\nfamily = gpt2\n[prompt]\nprefix = System:\n");
+  EXPECT_TRUE(c.prompt_text.empty());
+  EXPECT_TRUE(c.prompt_ids.empty());
+  EXPECT_EQ(c.prefix_text, "System:");
+  const Tokenizer tokenizer = Tokenizer::from_folder(default_tokenizer_dir());
+  const std::string msg = error_of([&] { config_prompt_ids(c, tokenizer); });
+  EXPECT_NE(msg.find("[prompt] has neither text nor ids"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
+}
+
+TEST(Config, TheKnownPrefixPrecedesThePromptAndIsCounted) {
+  const Tokenizer tokenizer = Tokenizer::from_folder(default_tokenizer_dir());
+  const ExperimentConfig text = parse("[prompt]\ntext = The sky\nprefix = Question:\n");
+  const std::vector<std::int64_t> ids = config_prompt_ids(text, tokenizer);
+  EXPECT_EQ(ids, (std::vector<std::int64_t>{24361, 25, 464, 6766}));
+  EXPECT_EQ(known_prefix_length(text, tokenizer, ids), 2u);
+  EXPECT_EQ(known_prefix_length(text, tokenizer, {464, 6766}), 0u);  // a prompt without it: nothing is known
+  const ExperimentConfig given = parse("[prompt]\nids = 7 8\nprefix_ids = 5\n");
+  EXPECT_EQ(config_prompt_ids(given, tokenizer), (std::vector<std::int64_t>{5, 7, 8}));
+  EXPECT_EQ(known_prefix_length(given, tokenizer, {5, 7, 8}), 1u);
 }
 
 TEST(Config, SyntaxErrorsNameTheFile) {

@@ -102,7 +102,8 @@ struct Inversion {
 
 // Inverts ids on `backend` with `optimizer` configured by `options`.
 Inversion invert(const std::string& backend_name, ModelSpec spec, const std::vector<std::int64_t>& ids,
-           Optimizer& optimizer, const std::map<std::string, std::string>& options, double target_noise = 0) {
+           Optimizer& optimizer, const std::map<std::string, std::string>& options, double target_noise = 0,
+           const std::vector<std::int64_t>& known_prefix = {}) {
   spec.seq_len = static_cast<std::int64_t>(ids.size());
   const std::shared_ptr<const WeightSet> w = weights_for(spec);
   std::unique_ptr<Model> model = backend(backend_name)->create_model(spec, w);
@@ -114,7 +115,7 @@ Inversion invert(const std::string& backend_name, ModelSpec spec, const std::vec
   }
   optimizer.configure(Options("optimizer", "sequential_test", options));
   NoDecoder decoder;
-  Problem problem{*model, target, x, ids, decoder, w, Rng(5), {}, 0};
+  Problem problem{*model, target, x, ids, decoder, w, Rng(5), known_prefix, 0};
   Quiet observer;
   Inversion run{optimizer.run(problem, observer), observer.steps};
   return run;
@@ -210,7 +211,9 @@ TEST(Sequential, LinearizedRanksTheTrueTokenFirst) {
   const ModelSpec spec = small_gpt2(DType::f64);
   const std::vector<std::int64_t> ids = random_ids(6, spec.vocab_size, 7);
   sequential::SequentialOptimizer opt;
-  const Inversion r = invert("reference", spec, ids, opt, {{"policy", "linearized"}, {"batch", "4"}});
+  // certify_next = 0: the candidates counted are the ranking's own, not the certificate's extra ones.
+  const Inversion r =
+      invert("reference", spec, ids, opt, {{"policy", "linearized"}, {"batch", "4"}, {"certify_next", "0"}});
   ASSERT_EQ(r.result.ids, ids);
   for (double rank : r.result.series.at("true_rank")) EXPECT_LT(rank, 4);
   EXPECT_LE(r.result.values.at("candidates_per_position"), 4 * 2);
@@ -264,13 +267,13 @@ TEST(Sequential, AnyOutput) {
     }
 }
 
-// A target no token reaches exactly (noise of 1e-6 relative): nothing passes the first epsilon, a whole pass runs,
-// and epsilon grows until the closest token passes: still the true one.
+// A target no token reaches exactly (noise of 1e-6 relative): without relax, nothing passes the first epsilon, a
+// whole pass runs, and epsilon grows until the closest token passes: still the true one.
 TEST(Sequential, EpsilonGrowsOnlyWhenNothingVerifies) {
   const ModelSpec spec = small_gpt2(DType::f64);
   const std::vector<std::int64_t> ids = random_ids(4, spec.vocab_size, 12);
   sequential::SequentialOptimizer opt;
-  const Inversion r = invert("reference", spec, ids, opt, {{"epsilon", "1e-12"}}, 1e-6);
+  const Inversion r = invert("reference", spec, ids, opt, {{"epsilon", "1e-12"}, {"relax", "false"}}, 1e-6);
   EXPECT_EQ(r.result.ids, ids);
   for (std::size_t t = 0; t < ids.size(); ++t) {
     EXPECT_GT(r.result.series.at("epsilon")[t], 1e-12);
@@ -280,6 +283,53 @@ TEST(Sequential, EpsilonGrowsOnlyWhenNothingVerifies) {
   sequential::SequentialOptimizer clean;
   const Inversion c = invert("reference", spec, ids, clean, {{"epsilon", "1e-12"}});
   for (double eps : c.result.series.at("epsilon")) EXPECT_EQ(eps, 1e-12);
+}
+
+// The same noisy target with relax (the default): position 0 verifies relax_after candidates, takes the clear winner
+// and raises epsilon to its distance; the later positions accept at the first hit under epsilon = level_factor x
+// that level. Every position is marked relaxed, and the true token is found at each.
+TEST(Sequential, RelaxFollowsTheObservedLevel) {
+  const ModelSpec spec = small_gpt2(DType::f64);
+  const std::vector<std::int64_t> ids = random_ids(4, spec.vocab_size, 12);
+  sequential::SequentialOptimizer opt;
+  const Inversion r =
+      invert("reference", spec, ids, opt, {{"epsilon", "1e-12"}, {"relax_after", "8"}, {"batch", "4"}}, 1e-6);
+  EXPECT_EQ(r.result.ids, ids);
+  const auto& s = r.result.series;
+  EXPECT_GE(s.at("candidates")[0], 8);
+  EXPECT_LT(s.at("candidates")[0], spec.vocab_size);  // no whole pass
+  for (std::size_t t = 0; t < ids.size(); ++t) {
+    EXPECT_EQ(s.at("relaxed")[t], 1.0) << t;
+    EXPECT_EQ(s.at("verified")[t], 1.0) << t;
+    EXPECT_GT(s.at("distance")[t], 1e-9) << t;  // the noise, not rounding
+    EXPECT_EQ(s.at("ties")[t], 0.0) << t;
+  }
+  for (std::size_t t = 1; t < ids.size(); ++t) {
+    EXPECT_GE(s.at("epsilon")[t], 4 * s.at("distance")[0] * 0.999) << t;
+    EXPECT_LT(s.at("candidates")[t], spec.vocab_size) << t;
+  }
+  EXPECT_GT(r.result.values.at("observed_level"), 1e-9);
+}
+
+// A known prefix is checked and fixed, never searched; a wrong one is an error naming the position.
+TEST(Sequential, KnownPrefixIsFixedAndChecked) {
+  const ModelSpec spec = small_gpt2(DType::f64);
+  const std::vector<std::int64_t> ids = random_ids(5, spec.vocab_size, 21);
+  sequential::SequentialOptimizer opt;
+  const Inversion r = invert("reference", spec, ids, opt, {}, 0, {ids[0], ids[1]});
+  EXPECT_EQ(r.result.ids, ids);
+  EXPECT_EQ(r.result.series.at("known")[0], 1.0);
+  EXPECT_EQ(r.result.series.at("known")[1], 1.0);
+  EXPECT_EQ(r.result.series.at("candidates")[1], 1.0);
+  EXPECT_EQ(r.result.series.at("known")[2], 0.0);
+  EXPECT_EQ(r.result.values.at("known_positions"), 2.0);
+  sequential::SequentialOptimizer wrong;
+  try {
+    invert("reference", spec, ids, wrong, {}, 0, {ids[0], (ids[1] + 1) % spec.vocab_size});
+    ADD_FAILURE() << "a wrong known prefix was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not match the target at position 1"), std::string::npos) << e.what();
+  }
 }
 
 TEST(BruteForce, ScansInVocabularyOrder) {

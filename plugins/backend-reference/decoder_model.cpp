@@ -173,6 +173,7 @@ class DecoderModel final : public Model {
       length_ = 0;
       for (auto& k : keys_) k.clear();
       for (auto& v : values_) v.clear();
+      last_count_ = 0;
     }
     std::int64_t length() const override { return length_; }
 
@@ -183,6 +184,7 @@ class DecoderModel final : public Model {
       if (length_ + rows.dim(0) > P)
         throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(rows.dim(0)) + " positions to " +
                     std::to_string(length_) + " exceeds n_positions " + std::to_string(P));
+      last_count_ = 0;
       for (Index i = 0; i < rows.dim(0); ++i) {  // one position at a time: each attends to those before it
         m_.position_forward(x + i * m_.width(), 1, length_, keys_, values_, /*keep=*/true, nullptr);
         ++length_;
@@ -197,14 +199,38 @@ class DecoderModel final : public Model {
         throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(P) +
                     " positions (n_positions)");
       Tensor out(dtype_of<Real>::value, {candidates.dim(0), m_.out_width_});
-      m_.position_forward(x, candidates.dim(0), length_, keys_, values_, /*keep=*/false, out.data<Real>());
+      last_count_ = 0;
+      m_.position_forward(x, candidates.dim(0), length_, keys_, values_, /*keep=*/false, out.data<Real>(),
+                          &last_keys_, &last_values_);
+      last_count_ = candidates.dim(0);
       return out;
+    }
+
+    // The candidate's keys and values as next() computed them: the rows append() would compute, bit for bit (a
+    // position's rows do not depend on the others in its batch).
+    bool append_from_last_next(std::int64_t b) override {
+      if (last_count_ == 0) return false;
+      if (b < 0 || b >= last_count_)
+        throw Error(std::string(kWho) + ": prefix cache: append_from_last_next(" + std::to_string(b) +
+                    "): the last next() had " + std::to_string(last_count_) + " candidates");
+      const Index KV = m_.heads_.kv_width();
+      for (std::size_t l = 0; l < keys_.size(); ++l) {
+        keys_[l].insert(keys_[l].end(), last_keys_[l].begin() + b * KV, last_keys_[l].begin() + (b + 1) * KV);
+        values_[l].insert(values_[l].end(), last_values_[l].begin() + b * KV, last_values_[l].begin() + (b + 1) * KV);
+      }
+      ++length_;
+      last_count_ = 0;
+      return true;
     }
 
    private:
     DecoderModel& m_;
     Index length_ = 0;
     std::vector<std::vector<Real>> keys_, values_;  // per block: (length, NKV HS)
+    // The last next()'s candidates' keys and values per block, (last_count_, NKV HS); last_count_ 0: none kept (an
+    // append or reset since).
+    std::vector<std::vector<Real>> last_keys_, last_values_;
+    Index last_count_ = 0;
   };
 
   // Candidate rows [B, d or V] as Real, checked.
@@ -298,9 +324,16 @@ class DecoderModel final : public Model {
 
   // B inputs x (B, d or V) at position t, after the prefix whose keys and values are kept per block. With keep
   // (B = 1), the input's own keys and values are appended to them. With out, writes the output rows (B, out_width).
+  // With new_keys and new_values, each block's (B, NKV HS) keys and values of the inputs go there.
   void position_forward(const Real* x, Index B, Index t, std::vector<std::vector<Real>>& keys,
-                        std::vector<std::vector<Real>>& values, bool keep, Real* out) const {
+                        std::vector<std::vector<Real>>& values, bool keep, Real* out,
+                        std::vector<std::vector<Real>>* new_keys = nullptr,
+                        std::vector<std::vector<Real>>* new_values = nullptr) const {
     const Index C = C_, Q = heads_.q_width(), KV = heads_.kv_width();
+    if (new_keys) {
+      new_keys->resize(static_cast<std::size_t>(L_));
+      new_values->resize(static_cast<std::size_t>(L_));
+    }
     std::vector<std::vector<Real>> stream(static_cast<std::size_t>(L_ + 1),
                                           std::vector<Real>(static_cast<std::size_t>(B * C)));
     BlockActivations<Real> a;
@@ -317,6 +350,17 @@ class DecoderModel final : public Model {
         if (keep) {  // the row's k and v heads, rotated at t
           keys[l].insert(keys[l].end(), qkv + Q, qkv + Q + KV);
           values[l].insert(values[l].end(), qkv + Q + KV, qkv + Q + 2 * KV);
+        }
+        if (new_keys) {
+          const Index QKV = heads_.qkv_width();
+          std::vector<Real>& k = (*new_keys)[l];
+          std::vector<Real>& v = (*new_values)[l];
+          k.resize(static_cast<std::size_t>(B * KV));
+          v.resize(k.size());
+          for (Index b = 0; b < B; ++b) {
+            std::copy(qkv + b * QKV + Q, qkv + b * QKV + Q + KV, k.begin() + b * KV);
+            std::copy(qkv + b * QKV + Q + KV, qkv + b * QKV + Q + 2 * KV, v.begin() + b * KV);
+          }
         }
       };
       block_forward(params_.h[l], a, stream[l].data(), stream[l + 1].data(), B, 1, cos, sin, attend);

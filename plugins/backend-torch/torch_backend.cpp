@@ -145,7 +145,10 @@ class TorchPrefixCache final : public PrefixCache {
         limit_(spec.any_length() ? spec.n_positions : spec.seq_len),
         limit_name_(spec.any_length() ? "n_positions" : "seq_len") {}
 
-  void reset() override { cache_ = KeyValueCache(); }
+  void reset() override {
+    cache_ = KeyValueCache();
+    kept_ = CandidateKeyValues();
+  }
   std::int64_t length() const override { return cache_.length; }
 
   void append(const Tensor& rows) override {
@@ -154,6 +157,7 @@ class TorchPrefixCache final : public PrefixCache {
     if (cache_.length + n > limit_)
       throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(n) + " positions to a prefix of " +
                   std::to_string(cache_.length) + " exceeds " + limit_name_ + " " + std::to_string(limit_));
+    kept_ = CandidateKeyValues();
     if (n == 0) return;
     guarded("prefix cache append", [&] {
       const ThreadScope threads(threads_);
@@ -170,8 +174,34 @@ class TorchPrefixCache final : public PrefixCache {
     return guarded("prefix cache next", [&] {
       const ThreadScope threads(threads_);
       at::NoGradGuard no_grad;
-      return to_lminv(network_.next_after_prefix(to_aten(candidates, options_), cache_), spec_.dtype);
+      kept_ = CandidateKeyValues();
+      return to_lminv(network_.next_after_prefix(to_aten(candidates, options_), cache_, &kept_), spec_.dtype);
     });
+  }
+
+  // The candidate's keys and values as next() computed them, appended to each block's; they come from a product of
+  // B rows where append() runs one, so they may differ from append()'s in the last bits.
+  bool append_from_last_next(std::int64_t b) override {
+    if (kept_.position < 0 || kept_.position != cache_.length) return false;
+    const std::int64_t B = kept_.keys.empty() ? 0 : kept_.keys.front().size(0);
+    if (b < 0 || b >= B)
+      throw Error(std::string(kWho) + ": prefix cache: append_from_last_next(" + std::to_string(b) +
+                  "): the last next() had " + std::to_string(B) + " candidates");
+    guarded("prefix cache append", [&] {
+      at::NoGradGuard no_grad;
+      const std::size_t L = kept_.keys.size();
+      std::vector<at::Tensor> keys(L), values(L);  // the cache's next state
+      for (std::size_t l = 0; l < L; ++l) {
+        const at::Tensor k = kept_.keys[l][b].unsqueeze(1), v = kept_.values[l][b].unsqueeze(1);  // [nkv, 1, hd]
+        keys[l] = cache_.length > 0 ? at::cat({cache_.keys[l], k}, 1) : k.contiguous();
+        values[l] = cache_.length > 0 ? at::cat({cache_.values[l], v}, 1) : v.contiguous();
+      }
+      cache_.keys = std::move(keys);
+      cache_.values = std::move(values);
+      cache_.length += 1;
+      kept_ = CandidateKeyValues();
+    });
+    return true;
   }
 
  private:
@@ -191,6 +221,7 @@ class TorchPrefixCache final : public PrefixCache {
   std::int64_t limit_;      // the longest prefix plus candidate
   const char* limit_name_;  // n_positions or seq_len
   KeyValueCache cache_;
+  CandidateKeyValues kept_;  // the last next()'s, until an append or reset
 };
 
 // ---- the model ----------------------------------------------------------------------------------------------------

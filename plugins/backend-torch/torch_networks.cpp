@@ -156,7 +156,8 @@ WeightCacheStats WeightCache::stats() const {
 void Network::append_prefix(const at::Tensor& /*rows*/, KeyValueCache& /*cache*/) const {
   throw Error(std::string(kWho) + ": this model has no prefix cache");
 }
-at::Tensor Network::next_after_prefix(const at::Tensor& /*candidates*/, const KeyValueCache& /*cache*/) const {
+at::Tensor Network::next_after_prefix(const at::Tensor& /*candidates*/, const KeyValueCache& /*cache*/,
+                                     CandidateKeyValues* /*kept*/) const {
   throw Error(std::string(kWho) + ": this model has no prefix cache");
 }
 
@@ -261,16 +262,27 @@ class DecoderNetwork final : public Network {
     cache.length = t + n;
   }
 
-  at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const override {
+  at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache,
+                               CandidateKeyValues* kept) const override {
     const std::int64_t t = cache.length;
     const Step step = make_step(candidates.size(0), 1, t);
     std::vector<at::Tensor> stream;  // h_0 .. h_L at position t, [B, d]
     stream.reserve(blocks_.size() + 1);
     stream.push_back(embed(candidates.unsqueeze(1), step));
-    for (std::size_t l = 0; l < blocks_.size(); ++l)
-      stream.push_back(
-          block(stream.back(), blocks_[l], step, prefix_part(cache.keys, t, l), prefix_part(cache.values, t, l)));
-    return output(stream, step).select(1, 0);  // [B, D]
+    std::vector<at::Tensor> keys(kept ? blocks_.size() : 0), values(keys.size());
+    for (std::size_t l = 0; l < blocks_.size(); ++l) {
+      at::Tensor* k = kept ? &keys[l] : nullptr;
+      at::Tensor* v = kept ? &values[l] : nullptr;
+      stream.push_back(block(stream.back(), blocks_[l], step, prefix_part(cache.keys, t, l),
+                             prefix_part(cache.values, t, l), nullptr, nullptr, true, k, v));
+    }
+    at::Tensor out = output(stream, step).select(1, 0);  // [B, D]
+    if (kept) {
+      kept->position = t;
+      kept->keys = std::move(keys);
+      kept->values = std::move(values);
+    }
+    return out;
   }
 
  private:
@@ -420,10 +432,11 @@ class DecoderNetwork final : public Network {
 
   // One block on h [B n, d] at the step's positions, after the prefix's keys and values (undefined: none). When
   // given, new_keys and new_values receive the new positions' [nkv, n, hd] (of sequence 0: the prefix's own when B is
-  // 1). Without `rest`, only the attention runs (its keys and values are all that is wanted) and h is returned.
+  // 1), and all_keys and all_values every sequence's [B, nkv, hd] (n = 1: the candidates'). Without `rest`, only the
+  // attention runs (its keys and values are all that is wanted) and h is returned.
   at::Tensor block(const at::Tensor& h, const Block& b, const Step& step, const at::Tensor& prefix_keys,
                    const at::Tensor& prefix_values, at::Tensor* new_keys = nullptr, at::Tensor* new_values = nullptr,
-                   bool rest = true) const {
+                   bool rest = true, at::Tensor* all_keys = nullptr, at::Tensor* all_values = nullptr) const {
     const std::int64_t B = step.B, n = step.n;
     const at::Tensor qkv = affine(norm(h, b.ln_1), b.attn_weight, Layout::in_out, b.attn_bias);
     at::Tensor qk = qkv.narrow(1, 0, (nh_ + nkv_) * hd_).view({B, n, nh_ + nkv_, hd_});  // q and k rotate together
@@ -432,6 +445,8 @@ class DecoderNetwork final : public Network {
     const at::Tensor v = qkv.narrow(1, (nh_ + nkv_) * hd_, nkv_ * hd_).view({B, n, nkv_, hd_});
     if (new_keys) *new_keys = k[0].transpose(0, 1);  // [nkv, n, hd]
     if (new_values) *new_values = v[0].transpose(0, 1);
+    if (all_keys) *all_keys = k.select(1, 0);  // [B, nkv, hd]
+    if (all_values) *all_values = v.select(1, 0);
     if (!rest) return h;
     const at::Tensor att = attention(q, k, v, prefix_keys, prefix_values, step);
     const at::Tensor a = h.add(affine(att, b.attn_proj_weight, Layout::in_out, b.attn_proj_bias));

@@ -79,6 +79,13 @@ struct KeyValueCache {
   std::vector<at::Tensor> keys, values;  // [L] of [nkv, length, hd]; empty while length is 0
 };
 
+// The keys and values that one next_after_prefix call computed for its B candidates at position `position`, one pair
+// per block run, each [B, nkv, hd] (rotated at that position): appending candidate b needs nothing more.
+struct CandidateKeyValues {
+  std::int64_t position = -1;  // -1: none kept
+  std::vector<at::Tensor> keys, values;
+};
+
 // A model's forward pass: x [B, T, d or V] (the model's dtype, on its device) -> the output [B, ...] as the
 // reference backend lays it out. Tensors made here take part in autograd when x requires grad.
 class Network {
@@ -95,7 +102,9 @@ class Network {
 
   // The output at position t = cache.length for each of B candidates [B, d or V] following the cached prefix:
   // [B, D], row b = forward(prefix, candidate b)[t]. The caller keeps t below n_positions.
-  virtual at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache) const;
+  // With `kept`, the candidates' keys and values go there.
+  virtual at::Tensor next_after_prefix(const at::Tensor& candidates, const KeyValueCache& cache,
+                                       CandidateKeyValues* kept = nullptr) const;
 };
 
 // The networks of a checked spec (check_spec, check_features and check_weights have passed): they take their weights

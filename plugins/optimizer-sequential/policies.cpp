@@ -4,7 +4,17 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
+#include <sstream>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#ifdef LMINV_HAVE_DNNL
+#include <dnnl.h>
+#endif
 
 namespace lminv::sequential {
 
@@ -12,6 +22,23 @@ namespace {
 
 using RowMatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using VectorF = Eigen::VectorXf;
+using Embeddings = Eigen::Map<const RowMatrixF>;  // wte (V, d), the Verifier's floats
+
+// Token ids in ascending order of score, ties by id (what a stable sort of 0 .. V-1 by score gives), by one sort of
+// 64-bit keys: the score's bits made monotonic in the high half, the id in the low half.
+std::vector<Index> ascending(const std::vector<float>& score) {
+  std::vector<std::uint64_t> keys(score.size());
+  for (std::size_t i = 0; i < score.size(); ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &score[i], sizeof bits);
+    bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    keys[i] = (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint32_t>(i);
+  }
+  std::sort(keys.begin(), keys.end());
+  std::vector<Index> order(score.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) order[i] = static_cast<Index>(keys[i] & 0xffffffffu);
+  return order;
+}
 
 // Tokens sorted by score (ascending), with each token's place in that order.
 struct Ranking {
@@ -19,9 +46,7 @@ struct Ranking {
   Index next = 0;  // first entry of `order` not handed out yet
 
   void sort(const std::vector<float>& score) {
-    order.resize(score.size());
-    std::iota(order.begin(), order.end(), Index{0});
-    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return score[a] < score[b]; });
+    order = ascending(score);
     place.assign(order.size(), 0);
     for (std::size_t r = 0; r < order.size(); ++r) place[order[r]] = static_cast<Index>(r);
     next = 0;
@@ -36,59 +61,251 @@ struct Ranking {
   }
 };
 
+// What the token embeddings give every linearization: their mean (the first point e), each row's squared norm (the
+// scalar ranking) and their spread about the mean (the finite-difference step).
+struct EmbeddingStats {
+  VectorF mean;
+  std::vector<float> sq_norm;
+  double spread = 0;  // root mean square of (w - mean) over all V d entries
+};
+
+EmbeddingStats embedding_stats(const float* wte, Index V, Index d) {
+  EmbeddingStats s;
+  std::vector<double> mean(static_cast<std::size_t>(d), 0.0);
+  for (Index id = 0; id < V; ++id)
+    for (Index j = 0; j < d; ++j) mean[j] += wte[id * d + j];
+  s.mean.resize(d);
+  for (Index j = 0; j < d; ++j) s.mean[j] = static_cast<float>(mean[j] / static_cast<double>(V));
+  s.sq_norm.resize(static_cast<std::size_t>(V));
+  double spread = 0;
+  for (Index id = 0; id < V; ++id) {
+    double sq = 0;
+    for (Index j = 0; j < d; ++j) {
+      const double x = wte[id * d + j], c = x - s.mean[j];
+      sq += x * x;
+      spread += c * c;
+    }
+    s.sq_norm[id] = static_cast<float>(sq);
+  }
+  s.spread = std::sqrt(spread / static_cast<double>(V * d));
+  return s;
+}
+
+// One linearization of the position-t map: F(w) ~ F(e) + J (w - e), and the quadratic term of the J ranking,
+// quadratic[v] = ||K (w_v - e)||^2 with K^T K = J^T J. `scale` = tr J / d (J square), the scalar ranking's J ~ scale I;
+// 0 when J is not square.
+struct Linearization {
+  VectorF e, f_e;
+  RowMatrixF J;  // (D, d)
+  std::vector<float> quadratic;
+  float scale = 0;
+};
+
+// ||K (w_v - e)||^2 for every token: one V x d x D' product (D' = min(D, d)), in chunks of rows. Through oneDNN's
+// sgemm where it is built in (multithreaded, and faster than Eigen's product here: 0.37 s against 0.53 s for GPT-2
+// small's V = 50257, d = D = 768 on 2 cores), else Eigen's.
+std::vector<float> quadratic_term(const float* wte, Index V, const RowMatrixF& J, const VectorF& e) {
+  const Index D = J.rows(), d = J.cols();
+  RowMatrixF chol;
+  if (D > d) {  // K = U with U^T U = J^T J (d x d): the same norms from a d-wide product
+    Eigen::MatrixXd M = (J.transpose() * J).cast<double>();
+    M.diagonal().array() += 1e-12 * std::max(M.trace(), 1e-300);
+    Eigen::LLT<Eigen::MatrixXd> llt(M);
+    chol = Eigen::MatrixXd(llt.matrixU()).cast<float>();
+  }
+  const RowMatrixF& K = D > d ? chol : J;  // (D', d)
+  const Index Dk = K.rows();
+  const VectorF Ke = K * e;
+  std::vector<float> q(static_cast<std::size_t>(V));
+  constexpr Index kChunk = 4096;
+  RowMatrixF P(std::min(kChunk, V), Dk);
+  for (Index c0 = 0; c0 < V; c0 += kChunk) {
+    const Index n = std::min(kChunk, V - c0);
+#ifdef LMINV_HAVE_DNNL
+    // Row-major P (n, D') = W[c0 .. c0 + n) (n, d) x K^T.
+    const dnnl_status_t status = dnnl_sgemm('N', 'T', n, Dk, d, 1.0f, wte + c0 * d, d, K.data(), d, 0.0f, P.data(), Dk);
+    if (status != dnnl_success)
+      throw Error("policy linearized: oneDNN's sgemm failed (dnnl_status_t " + std::to_string(status) + ")");
+#else
+    P.topRows(n).noalias() = Embeddings(wte + c0 * d, n, d) * K.transpose();
+#endif
+    for (Index i = 0; i < n; ++i) q[c0 + i] = (P.row(i) - Ke.transpose()).squaredNorm();
+  }
+  return q;
+}
+
+std::string spec_key(const ModelSpec& s) {
+  // Everything that changes the map from an input row to the output, except seq_len (a causal model's output at t
+  // does not depend on it). Doubles in hexadecimal: exact.
+  std::ostringstream k;
+  const Architecture& a = s.arch;
+  k << std::hexfloat << s.family << ' ' << kind_name(s.kind) << ' ' << norm_name(a.norm) << a.norm_bias << ' '
+    << a.norm_eps << ' ' << static_cast<int>(a.positions) << ' ' << a.rope_theta << ' ' << a.rotary_fraction << ' '
+    << a.n_kv_head << ' ' << a.head_dim << ' ' << a.qkv_bias << a.attn_out_bias << static_cast<int>(a.mlp)
+    << a.mlp_bias << static_cast<int>(a.residual) << a.tied_head << ' ' << s.n_layer << ' ' << s.n_embd << ' '
+    << s.n_head << ' ' << s.n_inner << ' ' << s.vocab_size << ' ' << s.n_positions << ' ' << s.blocks << ' '
+    << head_name(s.head) << ' ' << input_space_name(s.input) << ' ' << dtype_name(s.dtype) << ' ' << s.device
+    << " layers";
+  for (std::int64_t l : s.layers) k << ' ' << l;
+  return k.str();
+}
+
+}  // namespace
+
+// ---- the session's cache ------------------------------------------------------------------------------------------
+
+// Valid for one weights object (held weakly: a new object at a freed one's address is not taken for it). A model on
+// another backend with the same weights and spec would find the same entries; its J differs from theirs only by the
+// backends' rounding, and a ranking only orders candidates (every one is still verified), so that is harmless. A
+// session has one backend anyway.
+class LinearizationCache {
+ public:
+  // The embeddings' statistics for these weights; forgets everything kept for other weights.
+  const EmbeddingStats& stats(const std::shared_ptr<const WeightSet>& weights, const float* wte, Index V, Index d) {
+    const bool same = weights && weights.get() == address_ && !weights_.expired() &&
+                      !weights_.owner_before(weights) && !weights.owner_before(weights_);
+    if (!same || !stats_ || stats_->mean.size() != d || static_cast<Index>(stats_->sq_norm.size()) != V) {
+      entries_.clear();
+      weights_ = weights;
+      address_ = weights.get();
+      stats_ = std::make_shared<const EmbeddingStats>(embedding_stats(wte, V, d));
+    }
+    return *stats_;
+  }
+
+  std::shared_ptr<const Linearization> find(const std::string& key) const {
+    for (const auto& [k, lin] : entries_)
+      if (k == key) return lin;
+    return nullptr;
+  }
+
+  void keep(const std::string& key, std::shared_ptr<const Linearization> lin) {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e.first == key; }),
+                   entries_.end());
+    entries_.emplace_back(key, std::move(lin));
+    constexpr std::size_t kEntries = 4;  // a few known prefixes or models on the same weights; 2.4 MB each for GPT-2
+    if (entries_.size() > kEntries) entries_.erase(entries_.begin());
+  }
+
+ private:
+  std::weak_ptr<const WeightSet> weights_;
+  const WeightSet* address_ = nullptr;
+  std::shared_ptr<const EmbeddingStats> stats_;
+  std::vector<std::pair<std::string, std::shared_ptr<const Linearization>>> entries_;  // oldest first
+};
+
+std::shared_ptr<LinearizationCache> make_linearization_cache() { return std::make_shared<LinearizationCache>(); }
+
+namespace {
+
 // ---- linearized ---------------------------------------------------------------------------------------------------
 
 class Linearized final : public CandidateSource {
  public:
-  explicit Linearized(const LinearizedSettings& s) : s_(s) {}
+  Linearized(const LinearizedSettings& s, std::shared_ptr<LinearizationCache> cache)
+      : s_(s), cache_(s.session_cache ? std::move(cache) : nullptr) {}
 
   void begin(Verifier& v) override {
     if (v.spec().input != InputSpace::embedding)
       throw Error("policy 'linearized' needs [model] input = embedding (use policy gradient or random)");
-    if (W_.size() == 0) prepare(v);
+    if (!wte_) prepare(v);
     jacobians_here_ = 0;
     since_rank_ = 0;
-    if (s_.reuse_jacobian && J_.size() > 0) {
+    if (!lin_) {
+      // The first searched position: its linearization depends on the model and the prefix only (empty, or the
+      // known prefix), the same for every prompt of a session.
+      std::ostringstream key;
+      key << spec_key(v.spec()) << " out " << v.out_width() << " cache " << v.backend_cache() << std::hexfloat
+          << " fd_step " << s_.fd_step << " batch " << s_.jacobian_batch << " prefix";
+      for (Index id : v.prefix()) key << ' ' << id;
+      if (cache_) {
+        if (std::shared_ptr<const Linearization> lin = cache_->find(key.str())) {
+          lin_ = std::move(lin);
+          f_e_ = lin_->f_e;
+          ++cached_jacobians_;
+          jacobians_here_ = 1;  // this position's fresh J at the mean, as if just computed
+          rank(v);
+          return;
+        }
+      }
+      linearize(v, stats_->mean);
+      if (cache_) cache_->keep(key.str(), lin_);
+      return;
+    }
+    if (s_.reuse_jacobian) {
       // The previous position's J and point e: only F(e) changes with the prefix.
-      const Tensor out = v.outputs(point_rows(v, e_), 1);
+      auto t0 = std::chrono::steady_clock::now();
+      const Tensor out = v.outputs(point_rows(v, lin_->e), 1);
       f_e_ = row_of(out, 0, v.out_width());
-      rank(v, /*new_jacobian=*/false);
+      auto t1 = std::chrono::steady_clock::now();
+      rank(v);
+      auto t2 = std::chrono::steady_clock::now();
+      if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME fe=%.4f rank=%.4f\n", std::chrono::duration<double>(t1-t0).count(), std::chrono::duration<double>(t2-t1).count());
+      if (std::getenv("LMINV_SPEED_J1") && v.position() == 1) generic_j1(v);
     } else {
-      linearize(v, e0_);
+      linearize(v, stats_->mean);
     }
   }
 
   std::vector<Index> next(Verifier& v, Index n) override {
     if (since_rank_ >= s_.relinearize_after && jacobians_here_ < s_.max_jacobians) {
       if (jacobians_here_ == 0) {
-        linearize(v, e0_);  // the reused J failed: a fresh one at the mean embedding
+        linearize(v, stats_->mean);  // the reused J failed: a fresh one at the mean embedding
       } else {
         Index best = -1;  // the closest token verified so far
         for (Index id = 0; id < v.vocab(); ++id)
           if (v.verified(id) && (best < 0 || v.distance(id) < v.distance(best))) best = id;
-        linearize(v, W_.row(best).transpose());
+        linearize(v, embeddings().row(best).transpose());
       }
     }
-    std::vector<Index> ids = ranking_.take(v, n);
-    since_rank_ += static_cast<Index>(ids.size());
-    return ids;
+    return take(v, n);
   }
 
-  Index rank_of(Index id) const override { return ranking_.place.empty() ? -1 : ranking_.place[id]; }
+  // The place of `id` in the order next() hands tokens out from the current rankings (both interleaved, each token
+  // once), counted from their start.
+  Index rank_of(Index id) const override {
+    if (orders_[0].empty()) return -1;
+    if (rankings() == 1) return static_cast<Index>(std::find(orders_[0].begin(), orders_[0].end(), id) - orders_[0].begin());
+    const std::uint32_t stamp = ++stamp_;
+    std::size_t at[2] = {0, 0};
+    for (Index r = 0;;) {
+      bool progress = false;
+      for (int s = 0; s < 2; ++s) {
+        const std::vector<Index>& o = orders_[s];
+        while (at[s] < o.size() && seen_[o[at[s]]] == stamp) ++at[s];
+        if (at[s] == o.size()) continue;
+        const Index t = o[at[s]++];
+        if (t == id) return r;
+        seen_[t] = stamp;
+        ++r;
+        progress = true;
+      }
+      if (!progress) return -1;
+    }
+  }
 
   std::map<std::string, double> totals() const override {
-    return {{"jacobians", static_cast<double>(jacobians_)}, {"fd_step", h_}};
+    return {{"jacobians", static_cast<double>(jacobians_)},
+            {"jacobians_cached", static_cast<double>(cached_jacobians_)},
+            {"fd_step", h_}};
   }
 
  private:
+  Embeddings embeddings() const { return Embeddings(wte_, V_, d_); }
+
   void prepare(Verifier& v) {
-    const Index V = v.vocab(), d = v.spec().n_embd;
-    W_ = Eigen::Map<const RowMatrixF>(v.wte_f32(), V, d);
-    e0_ = W_.colwise().mean().transpose();
-    // Step h: fd_step times the spread of the embeddings about their mean (root mean square over all entries).
-    const double spread = std::sqrt((W_.rowwise() - e0_.transpose()).cast<double>().squaredNorm() /
-                                    static_cast<double>(V * d));
-    h_ = s_.fd_step * (spread > 0 ? spread : 1.0);
+    V_ = v.vocab();
+    d_ = v.spec().n_embd;
+    wte_ = v.wte_f32();
+    if (cache_) {
+      stats_ = &cache_->stats(v.problem().weights, wte_, V_, d_);
+    } else {
+      own_stats_ = embedding_stats(wte_, V_, d_);
+      stats_ = &own_stats_;
+    }
+    // Step h: fd_step times the spread of the embeddings about their mean.
+    h_ = s_.fd_step * (stats_->spread > 0 ? stats_->spread : 1.0);
+    seen_.assign(static_cast<std::size_t>(V_), 0);
   }
 
   // One input row [1, d] at point e, in the model's dtype.
@@ -111,68 +328,128 @@ class Linearized final : public CandidateSource {
     for (Index r = 0; r <= d; ++r)
       for (Index j = 0; j < d; ++j) rows.set(r * d + j, e[j] + (r == j + 1 ? h_ : 0.0));
     const Tensor out = v.outputs(rows, s_.jacobian_batch);
-    f_e_ = row_of(out, 0, D);
+    auto lin = std::make_shared<Linearization>();
+    lin->e = e;
+    lin->f_e = row_of(out, 0, D);
     // Differences in double from the backend's values (rows e + h u_i carry the step's rounding in the model's dtype:
     // the actual step is (e + h) - e as stored).
     std::vector<double> step(static_cast<std::size_t>(d));
     for (Index i = 0; i < d; ++i) step[i] = rows.get((i + 1) * d + i) - rows.get(i);
-    J_.resize(D, d);
+    lin->J.resize(D, d);
     for (Index i = 0; i < d; ++i)
       for (Index j = 0; j < D; ++j)
-        J_(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / step[i]);
-    e_ = e;
+        lin->J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / step[i]);
+    lin->quadratic = quadratic_term(wte_, V_, lin->J, lin->e);
+    lin->scale = D == d ? lin->J.trace() / static_cast<float>(d) : 0.0f;
+    f_e_ = lin->f_e;
+    lin_ = std::move(lin);
     ++jacobians_;
     ++jacobians_here_;
-    rank(v, /*new_jacobian=*/true);
+    rank(v);
   }
 
-  // Scores of every token under the current J, e and F(e): ||K (w_v - e)||^2 + 2 <w_v - e, J^T r> (+ ||r||^2, the
-  // same for all), with K^T K = J^T J (K = J when D <= d, else the Cholesky factor of J^T J).
-  void rank(Verifier& v, bool new_jacobian) {
-    const Index V = v.vocab(), d = e_.size(), D = v.out_width();
-    if (new_jacobian) {
-      RowMatrixF K;
-      if (D <= d) {
-        K = J_;
-      } else {
-        Eigen::MatrixXd M = (J_.transpose() * J_).cast<double>();
-        M.diagonal().array() += 1e-12 * std::max(M.trace(), 1e-300);
-        Eigen::LLT<Eigen::MatrixXd> llt(M);
-        K = Eigen::MatrixXd(llt.matrixU()).cast<float>();
-      }
-      const RowMatrixF Kt = K.transpose();  // (d, D')
-      const VectorF Ke = K * e_;
-      quadratic_.resize(static_cast<std::size_t>(V));
-      constexpr Index kChunk = 4096;
-      for (Index c0 = 0; c0 < V; c0 += kChunk) {
-        const Index n = std::min(kChunk, V - c0);
-        RowMatrixF P = W_.middleRows(c0, n) * Kt;  // (n, D')
-        P.rowwise() -= Ke.transpose();
-        const VectorF q = P.rowwise().squaredNorm();
-        for (Index i = 0; i < n; ++i) quadratic_[c0 + i] = q[i];
-      }
-    }
+  void generic_j1(Verifier& v) {
+    auto keep = lin_; auto keep_f = f_e_;
+    v.cache().reset();
+    Tensor e0row = point_rows(v, stats_->mean);
+    v.cache().append(e0row);
+    const Index d = d_, D = v.out_width();
+    Tensor rows(v.spec().dtype, {d + 1, d});
+    const VectorF& e = stats_->mean;
+    for (Index r = 0; r <= d; ++r)
+      for (Index j = 0; j < d; ++j) rows.set(r * d + j, e[j] + (r == j + 1 ? h_ : 0.0));
+    const Tensor out = v.outputs(rows, s_.jacobian_batch);
+    auto lin = std::make_shared<Linearization>();
+    lin->e = e;
+    lin->f_e = row_of(out, 0, D);
+    lin->J.resize(D, d);
+    for (Index i = 0; i < d; ++i)
+      for (Index j = 0; j < D; ++j)
+        lin->J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / (rows.get((i + 1) * d + i) - rows.get(i)));
+    lin->quadratic = quadratic_term(wte_, V_, lin->J, lin->e);
+    lin->scale = lin->J.trace() / static_cast<float>(d);
+    v.cache().reset();
+    v.cache().append(v.rows(v.prefix()));
+    const Tensor o2 = v.outputs(point_rows(v, e), 1);
+    lin_ = lin; f_e_ = row_of(o2, 0, D);
+    rank(v);
+    std::fprintf(stderr, "GENERIC J1 installed; true rank quad-only=%lld\n", (long long)(std::find(orders_[0].begin(), orders_[0].end(), v.problem().true_ids[1]) - orders_[0].begin()));
+  }
+
+  // 2 when the scalar ranking runs beside the J ranking.
+  int rankings() const {
+    return s_.scalar_ranking && lin_ && lin_->scale > 0 && std::isfinite(lin_->scale) ? 2 : 1;
+  }
+
+  // The rankings of every token at this position, from the current linearization and F(e), r = F(e) - y_t:
+  //   J ranking       ||F(e) + J (w_v - e) - y_t||^2 = ||K (w_v - e)||^2 + 2 <w_v - e, J^T r> + ||r||^2
+  //   scalar ranking  ||F(e) + c (w_v - e) - y_t||^2 = c^2 ||w_v - a||^2 with a = e - r / c, c = tr J / d
+  // (terms equal for all tokens dropped): one product of the embeddings with the two vectors J^T r and a.
+  void rank(Verifier& v) {
+    const Index V = V_, d = d_, D = v.out_width();
+    const Linearization& lin = *lin_;
     VectorF r(D);
     const std::vector<double>& y = v.target_row();
     for (Index j = 0; j < D; ++j) r[j] = static_cast<float>(f_e_[j] - y[j]);
-    const VectorF g = J_.transpose() * r;  // (d)
-    const VectorF lin = W_ * g;            // <w_v, g>
-    const float eg = e_.dot(g);
+    const int n = rankings();
+    Eigen::MatrixXf G(d, n);
+    G.col(0) = lin.J.transpose() * r;
+    if (n == 2) G.col(1) = lin.e - r / lin.scale;
+    auto tg = std::chrono::steady_clock::now();
+    const Eigen::MatrixXf L = embeddings() * G;  // (V, n): <w_v, J^T r>, <w_v, a>
+    if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME gemv=%.4f\n", std::chrono::duration<double>(std::chrono::steady_clock::now()-tg).count());
+    const float eg = lin.e.dot(G.col(0));
     std::vector<float> score(static_cast<std::size_t>(V));
-    for (Index id = 0; id < V; ++id) score[id] = quadratic_[id] + 2.0f * (lin[id] - eg);
-    ranking_.sort(score);
+    for (Index id = 0; id < V; ++id) score[id] = lin.quadratic[id] + 2.0f * (L(id, 0) - eg);
+    auto ta = std::chrono::steady_clock::now();
+    orders_[0] = ascending(score);
+    if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME sort=%.4f\n", std::chrono::duration<double>(std::chrono::steady_clock::now()-ta).count());
+    if (n == 2) {
+      for (Index id = 0; id < V; ++id) score[id] = stats_->sq_norm[id] - 2.0f * L(id, 1);
+      orders_[1] = ascending(score);
+    } else {
+      orders_[1].clear();
+    }
+    next_[0] = next_[1] = 0;
     since_rank_ = 0;
   }
 
+  // Up to n tokens not verified yet, alternately from the J ranking and the scalar ranking (each token once).
+  std::vector<Index> take(const Verifier& v, Index n) {
+    std::vector<Index> ids;
+    const int count = rankings();
+    const std::uint32_t stamp = ++stamp_;
+    for (bool progress = true; progress && static_cast<Index>(ids.size()) < n;) {
+      progress = false;
+      for (int s = 0; s < count && static_cast<Index>(ids.size()) < n; ++s) {
+        const std::vector<Index>& o = orders_[s];
+        std::size_t& at = next_[s];
+        while (at < o.size() && (v.verified(o[at]) || seen_[o[at]] == stamp)) ++at;
+        if (at == o.size()) continue;
+        const Index id = o[at++];
+        seen_[id] = stamp;
+        ids.push_back(id);
+        if (s == 0) ++since_rank_;
+        progress = true;
+      }
+    }
+    return ids;
+  }
+
   LinearizedSettings s_;
-  RowMatrixF W_;                // wte (V, d)
-  VectorF e0_;                  // mean token embedding
-  double h_ = 0;                // finite-difference step
-  RowMatrixF J_;                // (D, d) at e_
-  VectorF e_, f_e_;             // the point and F(e) at this position
-  std::vector<float> quadratic_;
-  Ranking ranking_;
-  Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0;
+  std::shared_ptr<LinearizationCache> cache_;  // null without session_cache
+  const float* wte_ = nullptr;                 // the Verifier's (V, d) floats, for this run
+  Index V_ = 0, d_ = 0;
+  const EmbeddingStats* stats_ = nullptr;      // the cache's, or own_stats_
+  EmbeddingStats own_stats_;
+  double h_ = 0;                               // finite-difference step
+  std::shared_ptr<const Linearization> lin_;   // the current J, e, quadratic term (shared with the cache)
+  VectorF f_e_;                                // F(e) at this position
+  std::vector<Index> orders_[2];               // the J ranking, the scalar ranking (empty when off)
+  std::size_t next_[2] = {0, 0};               // first entry of each not handed out yet
+  mutable std::vector<std::uint32_t> seen_;    // per token: the stamp of the last take (or rank_of) that met it
+  mutable std::uint32_t stamp_ = 0;
+  Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0, cached_jacobians_ = 0;
 };
 
 // ---- gradient -----------------------------------------------------------------------------------------------------
@@ -259,6 +536,8 @@ void LinearizedSettings::read(const Options& o) {
   if (max_jacobians < 1) o.fail("max_jacobians", "must be at least 1");
   jacobian_batch = o.get_int("jacobian_batch", jacobian_batch);
   if (jacobian_batch < 1) o.fail("jacobian_batch", "must be at least 1");
+  scalar_ranking = o.get_bool("scalar_ranking", scalar_ranking);
+  session_cache = o.get_bool("session_cache", session_cache);
 }
 
 void GradientSettings::read(const Options& o) {
@@ -268,7 +547,9 @@ void GradientSettings::read(const Options& o) {
   if (!(proxy_lr > 0) || !std::isfinite(proxy_lr)) o.fail("proxy_lr", "must be a positive number");
 }
 
-std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& s) { return std::make_unique<Linearized>(s); }
+std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& s, std::shared_ptr<LinearizationCache> cache) {
+  return std::make_unique<Linearized>(s, std::move(cache));
+}
 std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& s) { return std::make_unique<Gradient>(s); }
 
 }  // namespace lminv::sequential

@@ -14,16 +14,31 @@ namespace lminv::sequential {
 // `relinearize_after` candidates failed under one ranking, the best candidate verified so far. J comes from finite
 // differences over the d unit directions (d + 1 rows through the prefix cache, `jacobian_batch` per call). With
 // `reuse_jacobian`, a position starts with the previous position's J (only F(e) is recomputed) and takes a fresh one
-// when that ranking fails. Needs input = embedding.
+// when that ranking fails. With `scalar_ranking` (outputs as wide as the embeddings), a second ranking by the same
+// model with J replaced by its scalar part (tr J / d) I is interleaved with the first: it needs no Jacobian of its
+// own, so it stays right where a reused J has gone stale (the residual stream carries the input through every
+// block). Needs input = embedding.
 struct LinearizedSettings {
   double fd_step = 0.01;           // finite-difference step, relative to the spread of the token embeddings
   bool reuse_jacobian = true;
-  Index relinearize_after = 64;    // candidates verified under one ranking before a new Jacobian
+  Index relinearize_after = 64;    // candidates of the J ranking verified before a new Jacobian
   Index max_jacobians = 4;         // per position; after them the last ranking is followed to the end
   Index jacobian_batch = 256;      // rows per backend call
+  bool scalar_ranking = true;      // interleave the ranking by J ~ (tr J / d) I (when D = d)
+  bool session_cache = true;       // keep the first position's linearization for the session's next prompts
   void read(const Options& o);
 };
-std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& settings);
+
+// What a `linearized` policy keeps between the runs of one optimizer (a sweep's prompts): the statistics of the
+// token embeddings, and the linearization at the first searched position (J, F(e) and the ranking's quadratic term),
+// which depends on the model, its weights and the known prefix only, never on the target. Keyed by the weights
+// object, the model's spec (all but seq_len), the prefix and the settings that change J.
+class LinearizationCache;
+std::shared_ptr<LinearizationCache> make_linearization_cache();
+
+// `cache` may be null (nothing kept between runs).
+std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& settings,
+                                                 std::shared_ptr<LinearizationCache> cache = nullptr);
 
 // `gradient` (the paper's policy): a continuous proxy p at position t, started at the mean token embedding and
 // descended with Adam for `proxy_steps` steps on ||F_t(p) - y_t|| / ||y_t|| (gradients by the backend's backward

@@ -69,6 +69,17 @@ void SearchOptions::read(const Options& o) {
   if (!(epsilon_max > 0) || !std::isfinite(epsilon_max)) o.fail("epsilon_max", "must be a positive number");
   if (epsilon > epsilon_max) o.fail("epsilon", "must not exceed epsilon_max (" + std::to_string(epsilon_max) + ")");
   use_cache = o.get_bool("cache", use_cache);
+  relax = o.get_bool("relax", relax);
+  relax_after = o.get_int("relax_after", relax_after);
+  if (relax_after < 1) o.fail("relax_after", "must be at least 1");
+  unique_ratio = o.get_double("unique_ratio", unique_ratio);
+  if (!(unique_ratio > 1) || !std::isfinite(unique_ratio)) o.fail("unique_ratio", "must be a number > 1");
+  level_factor = o.get_double("level_factor", level_factor);
+  if (!(level_factor >= 1) || !std::isfinite(level_factor)) o.fail("level_factor", "must be a number >= 1");
+  certify_next = o.get_int("certify_next", certify_next);
+  if (certify_next < 0) o.fail("certify_next", "must be >= 0");
+  max_candidates = o.get_int("max_candidates", max_candidates);
+  if (max_candidates < 0) o.fail("max_candidates", "must be >= 0 (0: the whole vocabulary)");
 }
 
 double default_epsilon(DType dtype) {
@@ -142,6 +153,7 @@ Tensor Verifier::rows(const std::vector<Index>& ids) const {
 }
 
 Tensor Verifier::outputs(const Tensor& input_rows, Index chunk) {
+  last_verified_.clear();
   const Index n = input_rows.dim(0);
   if (n <= chunk) return cache_->next(input_rows);
   std::vector<Tensor> parts;
@@ -183,8 +195,20 @@ double Verifier::relative_distance(const Tensor& rows, Index r) const {
   return std::sqrt(sq) / (y_norm_ > 0 ? y_norm_ : 1.0);
 }
 
+Tensor Verifier::outputs_after(const Tensor& prefix_rows, const Tensor& input_rows, Index chunk) {
+  last_verified_.clear();
+  cache_->reset();
+  cache_->append(prefix_rows);
+  const Tensor out = outputs(input_rows, chunk);
+  cache_->reset();
+  if (!prefix_.empty()) cache_->append(rows(prefix_));
+  return out;
+}
+
 std::vector<double> Verifier::verify(const std::vector<Index>& ids) {
+  last_verified_.clear();
   const Tensor out = cache_->next(rows(ids));
+  last_verified_ = ids;
   std::vector<double> d(ids.size());
   for (std::size_t i = 0; i < ids.size(); ++i) {
     d[i] = relative_distance(out, static_cast<Index>(i));
@@ -195,7 +219,11 @@ std::vector<double> Verifier::verify(const std::vector<Index>& ids) {
 }
 
 void Verifier::accept(Index id) {
-  cache_->append(rows({id}));
+  // A candidate of the last verify() call: the cache appends it from that call's keys and values when it can.
+  const auto at = std::find(last_verified_.begin(), last_verified_.end(), id);
+  const bool kept = at != last_verified_.end() && cache_->append_from_last_next(at - last_verified_.begin());
+  if (!kept) cache_->append(rows({id}));
+  last_verified_.clear();
   prefix_.push_back(id);
 }
 
@@ -205,40 +233,135 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
                   const std::string& who) {
   Verifier v(problem, options);
   const Index T = v.seq_len(), V = v.vocab();
-  const double eps0 = options.epsilon > 0 ? options.epsilon : default_epsilon(v.spec().dtype);
+  const Index known = static_cast<Index>(problem.known_prefix.size());
+  if (known > T)
+    throw Error(who + ": the known prefix has " + std::to_string(known) + " tokens, the target only " +
+                std::to_string(T) + " positions");
+  for (Index id : problem.known_prefix)
+    if (id < 0 || id >= V)
+      throw Error(who + ": known prefix token " + std::to_string(id) + " is outside the vocabulary (size " +
+                  std::to_string(V) + ")");
+  // The threshold's floor: the model dtype's, or twice the rounding of the target as it was captured.
+  const double eps_floor = options.epsilon > 0
+                               ? options.epsilon
+                               : std::max(default_epsilon(v.spec().dtype), 2 * problem.target_rounding);
   std::map<std::string, std::vector<double>> series;
   auto record = [&](const char* name, double value) { series[name].push_back(value); };
   Tensor found(v.spec().dtype, {1, T, v.width()});
-  Index candidates_total = 0, unverified = 0;
+  Index candidates_total = 0, unverified = 0, relaxed_count = 0, ambiguous = 0;
   double worst_margin = std::numeric_limits<double>::infinity(), largest_eps = 0, total_distance = 0;
+  double level = 0;  // the largest distance accepted so far: how closely this model reproduces the target
+  std::vector<std::vector<Candidate>> ties;
 
-  for (Index t = 0; t < T; ++t) {
+  auto keep_row = [&](Index t, Index id) {
+    const Tensor row = v.rows({id});
+    std::memcpy(static_cast<unsigned char*>(found.raw()) + static_cast<std::size_t>(t) * row.nbytes(), row.raw(),
+                row.nbytes());
+  };
+  auto closest_verified = [&](Index except) {
+    Index best = -1;
+    for (Index id = 0; id < V; ++id)
+      if (id != except && v.verified(id) && (best < 0 || v.distance(id) < v.distance(best))) best = id;
+    return best;
+  };
+
+  // The known prefix: each token checked against its row of the target (a wrong prefix, or states captured
+  // without it, must not silently steer the search), then fixed.
+  for (Index t = 0; t < known; ++t) {
+    const auto start = Clock::now();
+    const Index id = problem.known_prefix[t];
+    v.begin_position(t);
+    const double dist = v.verify({id})[0];
+    if (!(dist <= options.epsilon_max))
+      throw Error(who + ": the known prefix does not match the target at position " + std::to_string(t) +
+                  ": token " + std::to_string(id) + " is at relative distance " + std::to_string(dist) +
+                  " (epsilon_max " + std::to_string(options.epsilon_max) +
+                  "); were the states made with this prefix (BOS, [prompt] prefix)?");
+    level = std::max(level, dist);
+    v.accept(id);
+    keep_row(t, id);
+    record("distance", dist);
+    record("epsilon", NAN);
+    record("best_rejected", NAN);
+    record("margin", NAN);
+    record("tolerance", NAN);
+    record("ties", 0);
+    record("candidates", 1);
+    record("verified", 1);
+    record("relaxed", 0);
+    record("known", 1);
+    record("rank", -1);
+    record("true_rank", -1);
+    record("seconds", std::chrono::duration<double>(Clock::now() - start).count());
+    ties.emplace_back();
+    total_distance += dist;
+  }
+
+  for (Index t = known; t < T; ++t) {
     const auto start = Clock::now();
     v.begin_position(t);
     source.begin(v);
-    double eps = eps0;
+    double eps = options.relax ? std::max(eps_floor, options.level_factor * level) : eps_floor;
+    eps = std::min(eps, options.epsilon_max);
     Index accepted = -1;
+    Index after_accepted = 0;  // candidates of the accepting batch that the policy ranked after the accepted one
+    bool clear_winner = false;
     for (;;) {
       const std::vector<Index> ids = source.next(v, options.batch);
       if (ids.empty()) break;  // every token verified
       const std::vector<double> d = v.verify(ids);
       if (!options.stop_at_first) continue;
+      std::size_t at = 0;
       for (std::size_t i = 0; i < ids.size(); ++i)
-        if (d[i] <= eps && (accepted < 0 || d[i] < v.distance(accepted))) accepted = ids[i];
-      if (accepted >= 0) break;
+        if (d[i] <= eps && (accepted < 0 || d[i] < v.distance(accepted))) {
+          accepted = ids[i];
+          at = i;
+        }
+      if (accepted >= 0) {
+        after_accepted = static_cast<Index>(ids.size() - 1 - at);
+        break;
+      }
+      if (options.relax && v.verified_count() >= options.relax_after) {
+        // A clear winner above epsilon: the target was made by another computation (or dtype) than this one.
+        const Index best = closest_verified(-1), second = closest_verified(best);
+        if (best >= 0 && v.distance(best) <= options.epsilon_max &&
+            (second < 0 || v.distance(best) * options.unique_ratio <= v.distance(second))) {
+          accepted = best;
+          clear_winner = true;
+          eps = std::max(eps, v.distance(best));
+          break;
+        }
+      }
+      if (options.max_candidates > 0 && v.verified_count() >= options.max_candidates) break;
     }
-    if (accepted < 0) {  // a whole pass: the closest token, with epsilon grown until it passes (or gives up)
-      for (Index id = 0; id < V; ++id)
-        if (v.verified(id) && (accepted < 0 || v.distance(id) < v.distance(accepted))) accepted = id;
+    if (accepted < 0) {  // a whole pass (or max_candidates): the closest token, epsilon grown until it passes
+      accepted = closest_verified(-1);
       if (accepted < 0) throw Error(who + ": no candidate was verified at position " + std::to_string(t));
       while (v.distance(accepted) > eps && eps * options.epsilon_growth <= options.epsilon_max)
         eps *= options.epsilon_growth;
     }
+    // The certificate also covers the candidates the policy ranks right after the accepted one.
+    if (options.stop_at_first && !clear_winner && after_accepted < options.certify_next) {
+      const std::vector<Index> more = source.next(v, options.certify_next - after_accepted);
+      if (!more.empty()) v.verify(more);
+    }
     const double dist = v.distance(accepted);
     const bool ok = dist <= eps;
+    if (ok) level = std::max(level, dist);
+    const double tolerance = std::max(eps, options.unique_ratio * dist);
     double best_rejected = std::numeric_limits<double>::infinity();
-    for (Index id = 0; id < V; ++id)
-      if (id != accepted && v.verified(id)) best_rejected = std::min(best_rejected, v.distance(id));
+    std::vector<Candidate> rivals;
+    for (Index id = 0; id < V; ++id) {
+      if (id == accepted || !v.verified(id)) continue;
+      best_rejected = std::min(best_rejected, v.distance(id));
+      if (v.distance(id) <= tolerance) rivals.push_back({id, v.distance(id)});
+    }
+    std::sort(rivals.begin(), rivals.end(), [](const Candidate& a, const Candidate& b) {
+      return a.distance < b.distance || (a.distance == b.distance && a.id < b.id);
+    });
+    const Index tie_count = static_cast<Index>(rivals.size());
+    if (static_cast<Index>(rivals.size()) > options.max_ties) rivals.resize(static_cast<std::size_t>(options.max_ties));
+    const bool relaxed = ok && eps > eps_floor;
     const Index rank = source.rank_of(accepted);
     const Index true_rank =
         t < static_cast<Index>(problem.true_ids.size()) ? source.rank_of(problem.true_ids[t]) : Index{-1};
@@ -249,20 +372,25 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
     record("epsilon", eps);
     record("best_rejected", std::isfinite(best_rejected) ? best_rejected : NAN);
     record("margin", std::isfinite(best_rejected) ? best_rejected - dist : NAN);
+    record("tolerance", tolerance);
+    record("ties", static_cast<double>(tie_count));
     record("candidates", static_cast<double>(candidates));
     record("verified", ok ? 1.0 : 0.0);
+    record("relaxed", relaxed ? 1.0 : 0.0);
+    record("known", 0);
     record("rank", static_cast<double>(rank));
     record("true_rank", static_cast<double>(true_rank));
     record("seconds", std::chrono::duration<double>(Clock::now() - start).count());
+    ties.push_back(std::move(rivals));
     candidates_total += candidates;
     unverified += ok ? 0 : 1;
+    relaxed_count += relaxed ? 1 : 0;
+    ambiguous += tie_count > 0 ? 1 : 0;
     if (std::isfinite(best_rejected)) worst_margin = std::min(worst_margin, best_rejected - dist);
     largest_eps = std::max(largest_eps, eps);
     total_distance += dist;
 
-    const Tensor row = v.rows({accepted});
-    std::memcpy(static_cast<unsigned char*>(found.raw()) + static_cast<std::size_t>(t) * row.nbytes(), row.raw(),
-                row.nbytes());
+    keep_row(t, accepted);
     Step step;
     step.index = t + 1;
     step.total = T;
@@ -277,14 +405,22 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
   result.ids = v.prefix();
   result.metric = Metric::l2;
   result.loss = total_distance / static_cast<double>(T);  // mean relative L2 distance of the accepted rows
-  result.steps = T;
+  result.steps = T - known;
   result.series = std::move(series);
+  result.ties = std::move(ties);
   result.values = source.totals();
+  const double searched = static_cast<double>(std::max<Index>(1, T - known));
   result.values["candidates_verified"] = static_cast<double>(candidates_total);
-  result.values["candidates_per_position"] = static_cast<double>(candidates_total) / static_cast<double>(T);
+  result.values["candidates_per_position"] = static_cast<double>(candidates_total) / searched;
   result.values["unverified_positions"] = static_cast<double>(unverified);
+  result.values["relaxed_positions"] = static_cast<double>(relaxed_count);
+  result.values["ambiguous_positions"] = static_cast<double>(ambiguous);
+  result.values["known_positions"] = static_cast<double>(known);
   result.values["min_margin"] = std::isfinite(worst_margin) ? worst_margin : NAN;
   result.values["max_epsilon"] = largest_eps;
+  result.values["epsilon_floor"] = eps_floor;
+  result.values["observed_level"] = level;
+  result.values["target_rounding"] = problem.target_rounding;
   result.values["backend_prefix_cache"] = v.backend_cache() ? 1.0 : 0.0;
   return result;
 }

@@ -31,13 +31,24 @@ using Index = std::int64_t;
 // Options shared by every policy.
 struct SearchOptions {
   Index batch = 16;             // candidates verified per backend call
-  double epsilon = 0;           // first acceptance threshold; 0: by dtype (default_epsilon)
+  double epsilon = 0;           // first acceptance threshold; 0: from the dtypes and the observed level (below)
   double epsilon_growth = 10;   // factor, when a whole pass verified nothing
   double epsilon_max = 0.1;     // beyond it a position is reported unverified (its best candidate is still taken)
   bool use_cache = true;        // the backend's prefix cache when it has one; else whole sequences (same results)
   bool stop_at_first = true;    // accept the first candidate within epsilon; false: verify every token first
+  // Tolerance to other implementations' rounding (states captured elsewhere):
+  bool relax = true;            // accept a clear winner above epsilon (see below) and let epsilon follow the level
+  Index relax_after = 64;       // candidates verified at a position before a clear winner above epsilon is taken
+  double unique_ratio = 3;      // a rival within unique_ratio x the accepted distance is a tie (and no clear winner)
+  double level_factor = 4;      // epsilon >= level_factor x the largest accepted distance so far (with relax)
+  // The certificate: candidates verified after the accepted one, in the policy's order (rivals the policy ranks
+  // next to it, e.g. tokens with near-identical embeddings, are verified rather than assumed away).
+  Index certify_next = 8;
+  Index max_candidates = 0;     // per position; 0: the whole vocabulary (a complete search)
+  Index max_ties = 16;          // rivals listed per position (all are counted)
 
-  // Reads batch, epsilon, epsilon_growth, epsilon_max, cache.
+  // Reads batch, epsilon, epsilon_growth, epsilon_max, cache, relax, relax_after, unique_ratio, level_factor,
+  // certify_next, max_candidates.
   void read(const Options& o);
 };
 
@@ -71,6 +82,9 @@ class Verifier {
 
   // Output rows of arbitrary input rows [n, width] at this position (chunked by `chunk` rows per backend call).
   Tensor outputs(const Tensor& input_rows, Index chunk);
+  // The same at position p after other rows [p, width] in place of the prefix (a policy's look at a generic
+  // context); the cache holds the prefix again afterwards.
+  Tensor outputs_after(const Tensor& prefix_rows, const Tensor& input_rows, Index chunk);
 
   // Starts position t (the prefix holds the tokens accepted so far).
   void begin_position(Index t);
@@ -96,6 +110,7 @@ class Verifier {
   double y_norm_ = 0;
   std::vector<double> distance_;  // per token at this position; -1 = not verified
   Index verified_count_ = 0;
+  std::vector<Index> last_verified_;  // the ids of the cache's last next(), when verify() made it (for accept)
   const Tensor* wte_ = nullptr;          // [V, d] in the weights (embedding input)
   Tensor wte_converted_;                 // wte in the model's dtype, when the weights hold another
   const Tensor* wte_model_ = nullptr;    // wte_ or wte_converted_: candidate rows are copied from it
@@ -121,8 +136,18 @@ std::unique_ptr<CandidateSource> make_vocab_order();
 std::unique_ptr<CandidateSource> make_random_order(Rng rng);
 
 // The search over every position: the Result's ids are the accepted tokens, its input their rows; series per
-// position: distance, epsilon, best_rejected, margin, candidates, verified (1/0), seconds, and rank (the policy's
-// rank of the accepted token) and true_rank (of the prompt's token, for reports) where the policy ranks.
+// position: distance, epsilon, best_rejected, margin, tolerance, ties (rivals within the tolerance, listed in
+// Result::ties), candidates, verified (1/0: within epsilon), relaxed (1/0: epsilon above its dtype floor), known
+// (1/0: a Problem::known_prefix token, checked, not searched), seconds, and rank (the policy's rank of the accepted
+// token) and true_rank (of the prompt's token, for reports) where the policy ranks.
+//
+// epsilon at a position (with epsilon = 0) is the largest of: the model dtype's threshold (default_epsilon), twice
+// the target's own rounding (Problem::target_rounding: states stored in bf16 or f16 cannot come closer), and, with
+// relax, level_factor x the observed level (the largest distance accepted so far, known prefix included: how far
+// this implementation's states lie from the target's for the right tokens). With relax, once relax_after candidates
+// are verified without one within epsilon, the closest is accepted when every other verified candidate lies at least
+// unique_ratio times farther (a clear winner; epsilon becomes its distance); otherwise the search goes on through
+// the whole vocabulary (or max_candidates), as without relax.
 Result run_search(Problem& problem, Observer& observer, const SearchOptions& options, CandidateSource& source,
                   const std::string& who);
 

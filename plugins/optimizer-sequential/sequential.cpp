@@ -20,7 +20,7 @@ void SequentialOptimizer::configure(const Options& o) {
 
 Result SequentialOptimizer::run(Problem& problem, Observer& observer) {
   std::unique_ptr<CandidateSource> source;
-  if (policy_ == "linearized") source = make_linearized(linearized_);
+  if (policy_ == "linearized") source = make_linearized(linearized_, linearization_cache_);
   else if (policy_ == "gradient") source = make_gradient(gradient_);
   else source = make_random_order(problem.rng.fork("sequential/random"));
   try {
@@ -33,6 +33,7 @@ Result SequentialOptimizer::run(Problem& problem, Observer& observer) {
 void BruteForceOptimizer::configure(const Options& o) {
   SearchOptions search;
   search.batch = 256;
+  search.certify_next = 0;  // vocabulary order: the next ids are no closer rivals than any others
   search.read(o);
   search.stop_at_first = o.get_choice("scan", "first", {"first", "all"}) == "first";
   search_ = search;

@@ -17,8 +17,11 @@ namespace lminv::sequential {
 //   epsilon_growth = 10        ; when a whole pass verified nothing
 //   epsilon_max = 0.1
 //   cache = true               ; the backend's prefix cache, when it has one
-//   fd_step, reuse_jacobian, relinearize_after, max_jacobians, jacobian_batch   ; policy linearized
+//   fd_step, reuse_jacobian, relinearize_after, max_jacobians, jacobian_batch,  ; policy linearized
+//   scalar_ranking, session_cache
 //   proxy_steps, proxy_lr                                                       ; policy gradient
+// One optimizer serves a whole session (a sweep's prompts): policy linearized keeps what does not depend on the
+// prompt between its runs (LinearizationCache).
 class SequentialOptimizer final : public Optimizer {
  public:
   void configure(const Options& options) override;
@@ -29,6 +32,7 @@ class SequentialOptimizer final : public Optimizer {
   SearchOptions search_;
   LinearizedSettings linearized_;
   GradientSettings gradient_;
+  std::shared_ptr<LinearizationCache> linearization_cache_ = make_linearization_cache();
 };
 
 //   [optimizer]

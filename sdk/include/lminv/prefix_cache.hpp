@@ -41,6 +41,14 @@ class PrefixCache {
   // forward(prefix followed by candidate b)[t = length()] (D = the output's last dimension), computed as forward()
   // computes it up to rounding. The prefix is unchanged. length() must be below that longest sequence.
   virtual Tensor next(const Tensor& candidates) = 0;
+
+  // Appends candidate b of the last next() call to the prefix from what that call computed (its keys and values):
+  // the same prefix as append(that candidate's row) up to rounding, without another pass through the model. A search
+  // that accepts a candidate it has just run saves one call per position. Returns false, changing nothing, when the
+  // cache has nothing kept from a next() at the current length (no next() since the last append or reset, or a
+  // backend without this extension: the default); the caller then appends the row. b outside the last next()'s
+  // candidates is an Error.
+  virtual bool append_from_last_next(std::int64_t /*b*/) { return false; }
 };
 
 // The model's prefix cache, or nullptr when its backend offers none.
@@ -57,10 +65,14 @@ class FullForwardPrefix final : public PrefixCache {
     prefix_ = Tensor(s.dtype, {s.seq_len, width_});
   }
 
-  void reset() override { length_ = 0; }
+  void reset() override {
+    length_ = 0;
+    has_last_ = false;
+  }
   std::int64_t length() const override { return length_; }
 
   void append(const Tensor& rows) override {
+    has_last_ = false;
     check_rows(rows, "append");
     const std::int64_t n = rows.dim(0);
     if (length_ + n > model_.spec().seq_len)
@@ -86,6 +98,8 @@ class FullForwardPrefix final : public PrefixCache {
                   static_cast<const unsigned char*>(cand.raw()) + static_cast<std::size_t>(b) * row_bytes, row_bytes);
     }
     const Tensor output = model_.forward(input);  // [B, T, D]
+    last_ = cand;  // a candidate's row is all that appending it needs here
+    has_last_ = true;
     const std::int64_t D = output.dim(-1);
     Tensor rows(output.dtype(), {B, D});
     const std::size_t out_row = static_cast<std::size_t>(D) * dtype_size(output.dtype());
@@ -94,6 +108,16 @@ class FullForwardPrefix final : public PrefixCache {
                   static_cast<const unsigned char*>(output.raw()) + static_cast<std::size_t>(b * T + t) * out_row,
                   out_row);
     return rows;
+  }
+
+  bool append_from_last_next(std::int64_t b) override {
+    if (!has_last_) return false;
+    if (b < 0 || b >= last_.dim(0))
+      throw Error("prefix cache: append_from_last_next(" + std::to_string(b) + "): the last next() had " +
+                  std::to_string(last_.dim(0)) + " candidates");
+    const Tensor row = last_.slice0(b, b + 1);
+    append(row);  // forgets it
+    return true;
   }
 
  private:
@@ -107,6 +131,8 @@ class FullForwardPrefix final : public PrefixCache {
   std::int64_t width_ = 0;
   std::int64_t length_ = 0;
   Tensor prefix_;  // [seq_len, width]
+  Tensor last_;    // the last next()'s candidates in the model's dtype ...
+  bool has_last_ = false;  // ... until an append or reset
 };
 
 }  // namespace lminv
