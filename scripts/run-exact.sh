@@ -5,6 +5,8 @@
 #   bash scripts/run-exact.sh sequential # only the sequential search at blocks 12, 6 and 1 (about 25 minutes)
 #   bash scripts/run-exact.sh baselines  # brute force and pez
 #   bash scripts/run-exact.sh policies   # the paper's gradient policy against linearized
+#   bash scripts/run-exact.sh long       # 50 prompts of 100 tokens at block 12
+#   bash scripts/run-exact.sh sizes      # GPT-2 medium and large shapes at their last block, 10 prompts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prompts=tests/data/prompts-20.txt
@@ -30,4 +32,16 @@ if [[ $what == all || $what == policies ]]; then
     --set optimizer.policy=gradient --records runs/exact/policies/gradient-block1.jsonl
   lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 1 --set optimizer.policy=gradient \
     --records runs/exact/policies/gradient-block12.jsonl
+fi
+if [[ $what == all || $what == long ]]; then
+  # 50 prompts of 100 tokens (20 license sentences, 30 random id sequences: bench/prompts-100-tokens.jsonl), block 12.
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts bench/prompts-100-tokens.jsonl \
+    --records runs/exact/long/block12-100-tokens.jsonl
+fi
+if [[ $what == all || $what == sizes ]]; then
+  # GPT-2 medium and large shapes (untrained), at their last block, 10 prompts of 20 tokens.
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 10 --set model.n_layer=24 \
+    --set model.n_embd=1024 --set model.n_head=16 --set model.blocks=24 --records runs/exact/sizes/gpt2-medium-block24.jsonl
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 10 --set model.n_layer=36 \
+    --set model.n_embd=1280 --set model.n_head=20 --set model.blocks=36 --records runs/exact/sizes/gpt2-large-block36.jsonl
 fi

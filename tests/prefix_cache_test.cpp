@@ -736,6 +736,69 @@ TEST_P(CacheChecks, NextLeavesThePrefixAsItWas) {
   expect_same(cache.next(a.to(DType::f64)), first, "next on the same candidates given in f64");
 }
 
+// append_from_last_next(b) after next(candidates) gives the prefix append(candidate b) gives (bit for bit on the
+// reference), in the backend's cache and in FullForwardPrefix over the same model; nothing is kept across an append
+// or a reset, a kept row is used once, and b outside the last call's candidates is refused.
+TEST_P(CacheChecks, AppendFromLastNextEqualsAppendingTheRow) {
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    SCOPED_TRACE(std::string("input = ") + input_space_name(input));
+    CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, input));
+    LMINV_REQUIRE_CACHE(cm);
+    const ModelSpec& spec = cm.model->spec();
+    const Rng rng = Rng(kSeed).fork("append from last next").fork(input_space_name(input));
+    const Tensor prefix = random_rows(spec, 3, rng.fork("prefix"), spec.dtype);
+    const Tensor candidates = random_rows(spec, 5, rng.fork("candidates"), spec.dtype);
+    const Tensor after = random_rows(spec, 4, rng.fork("after"), spec.dtype);
+    FullForwardPrefix full(*cm.model);
+    const bool implemented = GetParam().where.backend == "reference" || GetParam().where.backend == "torch";
+    for (PrefixCache* cache : {cm.cache, static_cast<PrefixCache*>(&full)}) {
+      const std::string which = cache == cm.cache ? "the backend's cache" : "FullForwardPrefix";
+      SCOPED_TRACE(which);
+      for (std::int64_t t : {std::int64_t{0}, std::int64_t{3}}) {  // an empty prefix and a prefix of 3
+        for (std::int64_t b : {std::int64_t{0}, std::int64_t{2}, std::int64_t{4}}) {
+          cache->reset();
+          if (t > 0) cache->append(prefix);
+          cache->append(candidates.slice0(b, b + 1));
+          const Tensor want = cache->next(after);
+          cache->reset();
+          if (t > 0) cache->append(prefix);
+          cache->next(candidates);
+          const bool kept = cache->append_from_last_next(b);
+          if (!kept) {
+            EXPECT_FALSE(implemented && cache == cm.cache) << "the backend keeps no candidates' keys and values";
+            continue;
+          }
+          EXPECT_EQ(cache->length(), t + 1);
+          expect_same(cache->next(after), want,
+                      "next after append_from_last_next(" + std::to_string(b) + ") at t = " + std::to_string(t));
+          EXPECT_EQ(cache->length(), t + 1) << "next changed the prefix";
+        }
+      }
+      // Kept only until an append or a reset, and used once.
+      cache->reset();
+      cache->next(candidates);
+      ASSERT_EQ(cache->append_from_last_next(1), implemented || cache == &full);
+      if (!implemented && cache == cm.cache) continue;
+      EXPECT_FALSE(cache->append_from_last_next(1)) << "a kept candidate was appended twice";
+      cache->next(candidates);
+      cache->append(prefix.slice0(0, 1));
+      EXPECT_FALSE(cache->append_from_last_next(0)) << "kept across an append";
+      cache->next(candidates);
+      cache->reset();
+      EXPECT_FALSE(cache->append_from_last_next(0)) << "kept across a reset";
+      EXPECT_EQ(cache->length(), 0);
+      // b outside the last call's candidates: an error naming it, the prefix unchanged.
+      cache->append(prefix);
+      cache->next(candidates);
+      expect_error([&] { cache->append_from_last_next(5); }, {"append_from_last_next(5)", "5 candidates"},
+                   "append_from_last_next(5) after 5 candidates");
+      expect_error([&] { cache->append_from_last_next(-1); }, {"append_from_last_next(-1)"},
+                   "append_from_last_next(-1)");
+      EXPECT_EQ(cache->length(), 3) << "a refused append_from_last_next changed the prefix";
+    }
+  }
+}
+
 TEST_P(CacheChecks, ErrorsNameTheProblem) {
   CachedModel cm = cached_model(GetParam().where, checks_spec(GetParam().arch, InputSpace::embedding));
   LMINV_REQUIRE_CACHE(cm);

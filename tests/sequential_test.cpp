@@ -100,12 +100,12 @@ struct Inversion {
   std::vector<std::int64_t> steps;
 };
 
-// Inverts ids on `backend` with `optimizer` configured by `options`.
+// Inverts ids on `backend` with `optimizer` configured by `options` (on `weights`, else weights_for(spec)).
 Inversion invert(const std::string& backend_name, ModelSpec spec, const std::vector<std::int64_t>& ids,
            Optimizer& optimizer, const std::map<std::string, std::string>& options, double target_noise = 0,
-           const std::vector<std::int64_t>& known_prefix = {}) {
+           const std::vector<std::int64_t>& known_prefix = {}, std::shared_ptr<const WeightSet> weights = nullptr) {
   spec.seq_len = static_cast<std::int64_t>(ids.size());
-  const std::shared_ptr<const WeightSet> w = weights_for(spec);
+  const std::shared_ptr<const WeightSet> w = weights ? weights : weights_for(spec);
   std::unique_ptr<Model> model = backend(backend_name)->create_model(spec, w);
   const Tensor x = embed(ids, spec, *w);
   Tensor target = model->forward(x);
@@ -206,17 +206,149 @@ TEST(Sequential, RecoversEveryFamilyInEveryBackend) {
 }
 
 // The paper's policy and ours differ in how far down their ranking the true token sits; `linearized` should find it
-// in the first batch here (a 2-block model), which is what makes it fast.
+// in the first batch here (a 2-block model), which is what makes it fast. Widths 32 and 40 (the ranking pass reads
+// the embeddings 16 entries at a time, then the rest), and either ranking alone.
 TEST(Sequential, LinearizedRanksTheTrueTokenFirst) {
+  for (std::int64_t d : {32, 40})
+    for (const char* scalar : {"true", "false"}) {
+      SCOPED_TRACE("d " + std::to_string(d) + " scalar_ranking " + scalar);
+      ModelSpec spec = small_gpt2(DType::f64);
+      spec.n_embd = d;
+      const std::vector<std::int64_t> ids = random_ids(6, spec.vocab_size, 7);
+      sequential::SequentialOptimizer opt;
+      // certify_next = 0: the candidates counted are the ranking's own, not the certificate's extra ones.
+      const Inversion r = invert("reference", spec, ids, opt,
+                                 {{"policy", "linearized"}, {"batch", "4"}, {"certify_next", "0"},
+                                  {"scalar_ranking", scalar}});
+      ASSERT_EQ(r.result.ids, ids);
+      for (double rank : r.result.series.at("true_rank")) EXPECT_LT(rank, 4);
+      EXPECT_LE(r.result.values.at("candidates_per_position"), 4 * 2);
+    }
+}
+
+// One optimizer over several prompts (a sweep): the linearizations that do not depend on the prompt are computed once
+// and then taken from the session's cache: the first position's and the second's (after the mean embedding) from the
+// first prompt on, the later positions' generic ones from the second prompt on, one more per prompt. A linearization
+// from the cache gives the same search as the same one computed afresh: same ranks, candidates and distances (the
+// reference is deterministic).
+TEST(Sequential, LinearizedSessionCacheGivesTheSameSearch) {
   const ModelSpec spec = small_gpt2(DType::f64);
-  const std::vector<std::int64_t> ids = random_ids(6, spec.vocab_size, 7);
-  sequential::SequentialOptimizer opt;
-  // certify_next = 0: the candidates counted are the ranking's own, not the certificate's extra ones.
-  const Inversion r =
-      invert("reference", spec, ids, opt, {{"policy", "linearized"}, {"batch", "4"}, {"certify_next", "0"}});
-  ASSERT_EQ(r.result.ids, ids);
-  for (double rank : r.result.series.at("true_rank")) EXPECT_LT(rank, 4);
-  EXPECT_LE(r.result.values.at("candidates_per_position"), 4 * 2);
+  const std::vector<std::int64_t> a = random_ids(6, spec.vocab_size, 21), b = random_ids(5, spec.vocab_size, 22);
+  auto same_search = [](const Result& x, const Result& y, std::size_t positions) {
+    for (const char* name : {"rank", "true_rank", "candidates", "distance", "best_rejected"}) {
+      const std::vector<double>& p = x.series.at(name);
+      const std::vector<double>& q = y.series.at(name);
+      ASSERT_GE(p.size(), positions);
+      ASSERT_GE(q.size(), positions);
+      EXPECT_EQ(std::vector<double>(p.begin(), p.begin() + positions),
+                std::vector<double>(q.begin(), q.begin() + positions))
+          << name;
+    }
+  };
+  // b as a session's 1st, 2nd, 3rd and 5th prompt.
+  std::vector<Inversion> b_runs;
+  for (int before : {0, 1, 2, 4}) {
+    sequential::SequentialOptimizer session;
+    for (int i = 0; i < before; ++i) EXPECT_EQ(invert("reference", spec, a, session, {{"batch", "4"}}).result.ids, a);
+    b_runs.push_back(invert("reference", spec, b, session, {{"batch", "4"}}));
+  }
+  for (const Inversion& r : b_runs) {
+    EXPECT_EQ(r.result.ids, b);
+    expect_certified(r.result, b.size());
+  }
+  auto cached = [&](int i) { return b_runs[i].result.values.at("jacobians_cached"); };
+  auto computed = [&](int i) { return b_runs[i].result.values.at("jacobians"); };
+  // 1st: computes the J of positions 0 and 1 (and any its search needs). 2nd: takes those two and computes the
+  // generic J of position 2. 3rd: takes three, computes position 3's. 5th: takes all five it needs (0 .. 4).
+  EXPECT_EQ(cached(0), 0.0);
+  EXPECT_GE(computed(0), 2.0);
+  EXPECT_EQ(cached(1), 2.0);
+  EXPECT_GE(computed(1), 1.0);
+  EXPECT_EQ(cached(2), 3.0);
+  EXPECT_GE(computed(2), 1.0);
+  EXPECT_EQ(cached(3), 5.0);
+  EXPECT_EQ(computed(3), computed(2) - 1);
+  same_search(b_runs[0].result, b_runs[1].result, 2);  // positions 0, 1: the same J's, cached or not
+  same_search(b_runs[1].result, b_runs[2].result, 3);  // 0 .. 2
+  same_search(b_runs[2].result, b_runs[3].result, 4);  // 0 .. 3
+  // session_cache = false keeps nothing.
+  sequential::SequentialOptimizer uncached;
+  invert("reference", spec, a, uncached, {{"session_cache", "false"}});
+  const Inversion again = invert("reference", spec, b, uncached, {{"session_cache", "false"}});
+  EXPECT_EQ(again.result.ids, b);
+  EXPECT_EQ(again.result.values.at("jacobians_cached"), 0.0);
+}
+
+// The cache follows what the linearizations depend on: another output (blocks, head), another dtype, another weights
+// object of the same shape or another known prefix finds nothing kept; the prompt's length does not matter.
+TEST(Sequential, LinearizedSessionCacheFollowsTheModelWeightsAndPrefix) {
+  const ModelSpec spec = small_gpt2(DType::f64);
+  const std::vector<std::int64_t> ids = random_ids(5, spec.vocab_size, 31);
+  sequential::SequentialOptimizer session;
+  auto cached = [&](const ModelSpec& s, std::shared_ptr<const WeightSet> w = nullptr,
+                    const std::vector<std::int64_t>& known = {}) {
+    const Inversion r = invert("reference", s, ids, session, {}, 0, known, std::move(w));
+    EXPECT_EQ(r.result.ids, ids);
+    return r.result.values.at("jacobians_cached");
+  };
+  EXPECT_EQ(cached(spec), 0.0);
+  EXPECT_EQ(cached(spec), 2.0);
+  ModelSpec fewer = spec;
+  fewer.blocks = 1;
+  EXPECT_EQ(cached(fewer), 0.0) << "blocks";
+  ModelSpec normed = spec;
+  normed.head = Head::ln_f;
+  EXPECT_EQ(cached(normed), 0.0) << "head";
+  ModelSpec single = spec;
+  single.dtype = DType::f32;
+  EXPECT_EQ(cached(single), 0.0) << "dtype";
+  EXPECT_EQ(cached(spec, nullptr, {ids[0]}), 0.0) << "a known prefix";
+  EXPECT_EQ(cached(spec, nullptr, {ids[0]}), 2.0);
+  const auto other = std::make_shared<const WeightSet>(init_random_weights(spec, 12));
+  EXPECT_EQ(cached(spec, other), 0.0) << "another weights object";
+  EXPECT_EQ(cached(spec, other), 2.0);
+  EXPECT_EQ(cached(spec), 0.0) << "back to the first weights: their entries went with the other weights";
+  // A longer prompt of the same model: seq_len is not part of the key.
+  const std::vector<std::int64_t> longer = random_ids(7, spec.vocab_size, 32);
+  const Inversion r = invert("reference", spec, longer, session, {});
+  EXPECT_EQ(r.result.ids, longer);
+  EXPECT_EQ(r.result.values.at("jacobians_cached"), 2.0);
+}
+
+// Forced fallbacks (relinearize_after = 1, one candidate per call, no certificate candidates): when the reused J's
+// first candidate misses, the policy takes this position's exact gradient J_t^T r by a backward pass, once, before
+// any new J; a Jacobian comes only when the gradient's ranking misses too. The search stays exact either way.
+TEST(Sequential, LinearizedGradientFallbackBeforeANewJacobian) {
+  for (const BackendCase& c : backend_cases()) {
+    SCOPED_TRACE(c.backend + " " + dtype_name(c.dtype));
+    ModelSpec spec = small_gpt2(c.dtype);
+    spec.head = Head::ln_f;
+    const std::vector<std::int64_t> ids = random_ids(8, spec.vocab_size, 41);
+    // A finite-difference step 1e6 times the embeddings' spread: with ln_f's bounded output, a J near 0 whose
+    // rankings miss (the backward pass's gradient does not depend on the step).
+    const std::map<std::string, std::string> forced{
+        {"batch", "1"},           {"relinearize_after", "1"},  {"certify_next", "0"}, {"scalar_ranking", "false"},
+        {"session_cache", "false"}, {"fd_step", "1e6"}};
+    std::map<std::string, std::string> no_fallback = forced;
+    no_fallback["gradient_fallback"] = "false";
+    sequential::SequentialOptimizer with, without;
+    const Inversion g = invert(c.backend, spec, ids, with, forced);
+    const Inversion j = invert(c.backend, spec, ids, without, no_fallback);
+    EXPECT_EQ(g.result.ids, ids);
+    EXPECT_EQ(j.result.ids, ids);
+    for (double ok : g.result.series.at("verified")) EXPECT_EQ(ok, 1.0);
+    auto positions_beyond = [&](const Result& r, double n) {  // positions after the first with > n candidates
+      double count = 0;
+      for (std::size_t t = 1; t < ids.size(); ++t) count += r.series.at("candidates")[t] > n ? 1 : 0;
+      return count;
+    };
+    ASSERT_GT(positions_beyond(g.result, 1), 0) << "no reused ranking missed: the fallback was not exercised";
+    EXPECT_EQ(g.result.values.at("gradients"), positions_beyond(g.result, 1));
+    EXPECT_GE(g.result.values.at("jacobians"), 1 + positions_beyond(g.result, 2));
+    EXPECT_EQ(j.result.values.at("gradients"), 0.0);
+    EXPECT_GE(j.result.values.at("jacobians"), 1 + positions_beyond(j.result, 1));
+    EXPECT_LT(g.result.values.at("jacobians"), j.result.values.at("jacobians"));
+  }
 }
 
 TEST(Sequential, RepeatedTokensOneTokenAndTheWholeIdRange) {
@@ -287,7 +419,7 @@ TEST(Sequential, EpsilonGrowsOnlyWhenNothingVerifies) {
 
 // The same noisy target with relax (the default): position 0 verifies relax_after candidates, takes the clear winner
 // and raises epsilon to its distance; the later positions accept at the first hit under epsilon = level_factor x
-// that level. Every position is marked relaxed, and the true token is found at each.
+// that level (level_factor 2). Every position is marked relaxed, and the true token is found at each.
 TEST(Sequential, RelaxFollowsTheObservedLevel) {
   const ModelSpec spec = small_gpt2(DType::f64);
   const std::vector<std::int64_t> ids = random_ids(4, spec.vocab_size, 12);
@@ -305,7 +437,7 @@ TEST(Sequential, RelaxFollowsTheObservedLevel) {
     EXPECT_EQ(s.at("ties")[t], 0.0) << t;
   }
   for (std::size_t t = 1; t < ids.size(); ++t) {
-    EXPECT_GE(s.at("epsilon")[t], 4 * s.at("distance")[0] * 0.999) << t;
+    EXPECT_GE(s.at("epsilon")[t], 2 * s.at("distance")[0] * 0.999) << t;
     EXPECT_LT(s.at("candidates")[t], spec.vocab_size) << t;
   }
   EXPECT_GT(r.result.values.at("observed_level"), 1e-9);

@@ -8,12 +8,13 @@
 #include <cstring>
 #include <numeric>
 #include <sstream>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 
 #ifdef LMINV_HAVE_DNNL
 #include <dnnl.h>
+#endif
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LMINV_RANK_F16 1  // the ranking pass reads a half-precision copy of the embeddings
 #endif
 
 namespace lminv::sequential {
@@ -24,21 +25,58 @@ using RowMatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 using VectorF = Eigen::VectorXf;
 using Embeddings = Eigen::Map<const RowMatrixF>;  // wte (V, d), the Verifier's floats
 
-// Token ids in ascending order of score, ties by id (what a stable sort of 0 .. V-1 by score gives), by one sort of
-// 64-bit keys: the score's bits made monotonic in the high half, the id in the low half.
+// The 64-bit sort key of token i with score x: x's bits made monotonic in the high half, i in the low half, so that
+// ascending keys are ascending scores with ties by id (what a stable sort of 0 .. V-1 by score gives).
+std::uint64_t sort_key(float x, std::size_t i) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint32_t>(i);
+}
+
 std::vector<Index> ascending(const std::vector<float>& score) {
   std::vector<std::uint64_t> keys(score.size());
-  for (std::size_t i = 0; i < score.size(); ++i) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &score[i], sizeof bits);
-    bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-    keys[i] = (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint32_t>(i);
-  }
+  for (std::size_t i = 0; i < score.size(); ++i) keys[i] = sort_key(score[i], i);
   std::sort(keys.begin(), keys.end());
   std::vector<Index> order(score.size());
   for (std::size_t i = 0; i < keys.size(); ++i) order[i] = static_cast<Index>(keys[i] & 0xffffffffu);
   return order;
 }
+
+// The same order, sorted as far as it is read: a search reads the first few entries of a ranking at most positions,
+// so the rest is only partitioned (std::nth_element) and sorted a segment at a time when reached. Keys are unique, so
+// the order is the full sort's.
+class LazyOrder {
+ public:
+  void assign(const std::vector<float>& score) {
+    keys_.resize(score.size());
+    for (std::size_t i = 0; i < score.size(); ++i) keys_[i] = sort_key(score[i], i);
+    sorted_ = 0;
+  }
+  void clear() {
+    keys_.clear();
+    sorted_ = 0;
+  }
+  std::size_t size() const { return keys_.size(); }
+  bool empty() const { return keys_.empty(); }
+  // Entry i of the ascending order.
+  Index operator[](std::size_t i) {
+    while (i >= sorted_) extend();
+    return static_cast<Index>(keys_[i] & 0xffffffffu);
+  }
+
+ private:
+  void extend() {
+    constexpr std::size_t kFirst = 256;
+    const std::size_t end = std::min(keys_.size(), std::max(kFirst, 4 * sorted_));
+    if (end < keys_.size()) std::nth_element(keys_.begin() + sorted_, keys_.begin() + end, keys_.end());
+    std::sort(keys_.begin() + sorted_, keys_.begin() + end);
+    sorted_ = end;
+  }
+
+  std::vector<std::uint64_t> keys_;
+  std::size_t sorted_ = 0;  // keys_[0 .. sorted_) are in place; the rest are all larger
+};
 
 // Tokens sorted by score (ascending), with each token's place in that order.
 struct Ranking {
@@ -67,7 +105,52 @@ struct EmbeddingStats {
   VectorF mean;
   std::vector<float> sq_norm;
   double spread = 0;  // root mean square of (w - mean) over all V d entries
+  // wte in IEEE half precision, where the CPU converts it in hardware (F16C): each position's ranking is one pass
+  // over the embeddings, bound by memory bandwidth (154 MB for GPT-2 small in f32), and half the bytes take half the
+  // time. A ranking only orders candidates, so its scores need not be exact.
+  std::vector<std::uint16_t> half;
 };
+
+#ifdef LMINV_RANK_F16
+std::vector<std::uint16_t> to_half(const float* x, std::size_t n) {
+  std::vector<std::uint16_t> h(n);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h.data() + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) h[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+  return h;
+}
+
+float horizontal_sum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// <w, g> and (with a) <w, a> for one half-precision row w of d entries.
+void dots_half(const std::uint16_t* w, const float* g, const float* a, Index d, float& wg, float& wa) {
+  __m256 sg0 = _mm256_setzero_ps(), sg1 = _mm256_setzero_ps(), sa0 = _mm256_setzero_ps(), sa1 = _mm256_setzero_ps();
+  Index j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
+    const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 8)));
+    sg0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(g + j), sg0);
+    sg1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(g + j + 8), sg1);
+    if (a) {
+      sa0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a + j), sa0);
+      sa1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(a + j + 8), sa1);
+    }
+  }
+  wg = horizontal_sum(_mm256_add_ps(sg0, sg1));
+  wa = a ? horizontal_sum(_mm256_add_ps(sa0, sa1)) : 0.0f;
+  for (; j < d; ++j) {
+    const float x = _cvtsh_ss(w[j]);
+    wg += x * g[j];
+    if (a) wa += x * a[j];
+  }
+}
+#endif
 
 EmbeddingStats embedding_stats(const float* wte, Index V, Index d) {
   EmbeddingStats s;
@@ -88,6 +171,9 @@ EmbeddingStats embedding_stats(const float* wte, Index V, Index d) {
     s.sq_norm[id] = static_cast<float>(sq);
   }
   s.spread = std::sqrt(spread / static_cast<double>(V * d));
+#ifdef LMINV_RANK_F16
+  s.half = to_half(wte, static_cast<std::size_t>(V * d));
+#endif
   return s;
 }
 
@@ -161,16 +247,18 @@ std::string spec_key(const ModelSpec& s) {
 class LinearizationCache {
  public:
   // The embeddings' statistics for these weights; forgets everything kept for other weights.
-  const EmbeddingStats& stats(const std::shared_ptr<const WeightSet>& weights, const float* wte, Index V, Index d) {
+  std::shared_ptr<const EmbeddingStats> stats(const std::shared_ptr<const WeightSet>& weights, const float* wte,
+                                              Index V, Index d) {
     const bool same = weights && weights.get() == address_ && !weights_.expired() &&
                       !weights_.owner_before(weights) && !weights.owner_before(weights_);
     if (!same || !stats_ || stats_->mean.size() != d || static_cast<Index>(stats_->sq_norm.size()) != V) {
       entries_.clear();
+      runs_.clear();
       weights_ = weights;
       address_ = weights.get();
       stats_ = std::make_shared<const EmbeddingStats>(embedding_stats(wte, V, d));
     }
-    return *stats_;
+    return stats_;
   }
 
   std::shared_ptr<const Linearization> find(const std::string& key) const {
@@ -183,15 +271,20 @@ class LinearizationCache {
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e.first == key; }),
                    entries_.end());
     entries_.emplace_back(key, std::move(lin));
-    constexpr std::size_t kEntries = 4;  // a few known prefixes or models on the same weights; 2.4 MB each for GPT-2
+    // The positions of a prompt or two of a hundred tokens (2.6 MB each for GPT-2 small, 17 MB for d = 2048).
+    constexpr std::size_t kEntries = 32;
     if (entries_.size() > kEntries) entries_.erase(entries_.begin());
   }
+
+  // Counts a run that starts at the linearization `key`: how many did before.
+  Index begin_run(const std::string& key) { return runs_[key]++; }
 
  private:
   std::weak_ptr<const WeightSet> weights_;
   const WeightSet* address_ = nullptr;
   std::shared_ptr<const EmbeddingStats> stats_;
   std::vector<std::pair<std::string, std::shared_ptr<const Linearization>>> entries_;  // oldest first
+  std::map<std::string, Index> runs_;
 };
 
 std::shared_ptr<LinearizationCache> make_linearization_cache() { return std::make_shared<LinearizationCache>(); }
@@ -211,15 +304,20 @@ class Linearized final : public CandidateSource {
     if (!wte_) prepare(v);
     jacobians_here_ = 0;
     since_rank_ = 0;
+    gradient_here_ = false;
     if (!lin_) {
       // The first searched position: its linearization depends on the model and the prefix only (empty, or the
       // known prefix), the same for every prompt of a session.
+      first_ = v.position();
       std::ostringstream key;
       key << spec_key(v.spec()) << " out " << v.out_width() << " cache " << v.backend_cache() << std::hexfloat
           << " fd_step " << s_.fd_step << " batch " << s_.jacobian_batch << " prefix";
       for (Index id : v.prefix()) key << ' ' << id;
+      key_ = key.str();
+      lin_from_ = 0;
       if (cache_) {
-        if (std::shared_ptr<const Linearization> lin = cache_->find(key.str())) {
+        runs_before_ = cache_->begin_run(key_);
+        if (std::shared_ptr<const Linearization> lin = cache_->find(key_)) {
           lin_ = std::move(lin);
           f_e_ = lin_->f_e;
           ++cached_jacobians_;
@@ -229,26 +327,28 @@ class Linearized final : public CandidateSource {
         }
       }
       linearize(v, stats_->mean);
-      if (cache_) cache_->keep(key.str(), lin_);
+      if (cache_) cache_->keep(key_, lin_);
       return;
     }
     if (s_.reuse_jacobian) {
+      if (cache_) generic(v);
       // The previous position's J and point e: only F(e) changes with the prefix.
-      auto t0 = std::chrono::steady_clock::now();
       const Tensor out = v.outputs(point_rows(v, lin_->e), 1);
       f_e_ = row_of(out, 0, v.out_width());
-      auto t1 = std::chrono::steady_clock::now();
       rank(v);
-      auto t2 = std::chrono::steady_clock::now();
-      if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME fe=%.4f rank=%.4f\n", std::chrono::duration<double>(t1-t0).count(), std::chrono::duration<double>(t2-t1).count());
-      if (std::getenv("LMINV_SPEED_J1") && v.position() == 1) generic_j1(v);
     } else {
       linearize(v, stats_->mean);
     }
   }
 
   std::vector<Index> next(Verifier& v, Index n) override {
-    if (since_rank_ >= s_.relinearize_after && jacobians_here_ < s_.max_jacobians) {
+    if (v.certifying()) return take(v, n);  // the next ones of the current order, not a better order
+    if (since_rank_ >= s_.relinearize_after && s_.gradient_fallback && jacobians_here_ == 0 && !gradient_here_) {
+      // The reused J failed: first its linear term made exact for this position, J_t^T r by one backward pass.
+      gradient_here_ = true;
+      const VectorF g = gradient_at(v);
+      rank(v, &g);
+    } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ < s_.max_jacobians) {
       if (jacobians_here_ == 0) {
         linearize(v, stats_->mean);  // the reused J failed: a fresh one at the mean embedding
       } else {
@@ -265,13 +365,17 @@ class Linearized final : public CandidateSource {
   // once), counted from their start.
   Index rank_of(Index id) const override {
     if (orders_[0].empty()) return -1;
-    if (rankings() == 1) return static_cast<Index>(std::find(orders_[0].begin(), orders_[0].end(), id) - orders_[0].begin());
+    if (rankings() == 1) {
+      for (std::size_t i = 0; i < orders_[0].size(); ++i)
+        if (orders_[0][i] == id) return static_cast<Index>(i);
+      return -1;
+    }
     const std::uint32_t stamp = ++stamp_;
     std::size_t at[2] = {0, 0};
     for (Index r = 0;;) {
       bool progress = false;
       for (int s = 0; s < 2; ++s) {
-        const std::vector<Index>& o = orders_[s];
+        LazyOrder& o = orders_[s];
         while (at[s] < o.size() && seen_[o[at[s]]] == stamp) ++at[s];
         if (at[s] == o.size()) continue;
         const Index t = o[at[s]++];
@@ -287,6 +391,7 @@ class Linearized final : public CandidateSource {
   std::map<std::string, double> totals() const override {
     return {{"jacobians", static_cast<double>(jacobians_)},
             {"jacobians_cached", static_cast<double>(cached_jacobians_)},
+            {"gradients", static_cast<double>(gradients_)},
             {"fd_step", h_}};
   }
 
@@ -297,12 +402,8 @@ class Linearized final : public CandidateSource {
     V_ = v.vocab();
     d_ = v.spec().n_embd;
     wte_ = v.wte_f32();
-    if (cache_) {
-      stats_ = &cache_->stats(v.problem().weights, wte_, V_, d_);
-    } else {
-      own_stats_ = embedding_stats(wte_, V_, d_);
-      stats_ = &own_stats_;
-    }
+    stats_ = cache_ ? cache_->stats(v.problem().weights, wte_, V_, d_)
+                    : std::make_shared<const EmbeddingStats>(embedding_stats(wte_, V_, d_));
     // Step h: fd_step times the spread of the embeddings about their mean.
     h_ = s_.fd_step * (stats_->spread > 0 ? stats_->spread : 1.0);
     seen_.assign(static_cast<std::size_t>(V_), 0);
@@ -321,13 +422,56 @@ class Linearized final : public CandidateSource {
     return f;
   }
 
-  // J and F at e by forward differences: rows e, e + h u_0, ..., e + h u_{d-1}.
-  void linearize(Verifier& v, const VectorF& e) {
+  // The generic linearizations: at position first + k, the J taken there after the mean embedding in place of each
+  // of the k tokens before it (the known prefix stays), the same for every prompt and kept in the session's cache.
+  // Kept for k = 1, 2, 3, 4, 6, 8, 12, 16, 24, ..., each serving from its position to the next one's: k = 1 from
+  // the first prompt on, the others from the session's second prompt on, one more per prompt (a prompt alone does
+  // better with the previous position's J and its gradient fallback than with a J per bucket). The first
+  // position's own J, with nothing before it to attend to, ranks poorly from the second position on; generic ones
+  // ranked the prompt's token first at 143 of 144 positions of 8 prompts on GPT-2 small's block 12 (measured).
+  static Index generic_offset(Index k) {  // the largest of 1, 2, 3, 4, 6, 8, 12, ... not above k >= 1
+    Index b = 1;
+    for (Index p = 2; p <= k; p *= 2) {
+      b = p;
+      if (p + p / 2 <= k) b = p + p / 2;
+    }
+    return b;
+  }
+
+  void generic(Verifier& v) {
+    const Index k = generic_offset(v.position() - first_);
+    if (k <= lin_from_) return;  // the current J was taken at or after k (a fresh one of this prompt's)
+    const std::string key = key_ + " generic " + std::to_string(k);
+    std::shared_ptr<const Linearization> lin = cache_->find(key);
+    if (lin) {
+      ++cached_jacobians_;
+    } else {
+      // k = 1 at once; the others from the second prompt on, one more per prompt (the earliest position first),
+      // so that no prompt pays for many and a short session does not pay for positions it hardly needs.
+      if (k > 1 && (runs_before_ == 0 || generic_taken_)) return;
+      generic_taken_ = k > 1;
+      std::vector<Index> before(v.prefix().begin(), v.prefix().begin() + first_);
+      const Tensor known = v.rows(before);
+      Tensor context(v.spec().dtype, {first_ + k, d_});
+      for (Index i = 0; i < first_ * d_; ++i) context.set(i, known.get(i));
+      for (Index r = first_; r < first_ + k; ++r)
+        for (Index j = 0; j < d_; ++j) context.set(r * d_ + j, stats_->mean[j]);
+      lin = differences(v, stats_->mean, &context);
+      ++jacobians_;
+      cache_->keep(key, lin);
+    }
+    lin_ = std::move(lin);
+    lin_from_ = k;
+  }
+
+  // J and F at e by forward differences: rows e, e + h u_0, ..., e + h u_{d-1}, after the prefix (or `context`).
+  std::shared_ptr<const Linearization> differences(Verifier& v, const VectorF& e, const Tensor* context = nullptr) {
     const Index d = e.size(), D = v.out_width();
     Tensor rows(v.spec().dtype, {d + 1, d});
     for (Index r = 0; r <= d; ++r)
       for (Index j = 0; j < d; ++j) rows.set(r * d + j, e[j] + (r == j + 1 ? h_ : 0.0));
-    const Tensor out = v.outputs(rows, s_.jacobian_batch);
+    const Tensor out =
+        context ? v.outputs_after(*context, rows, s_.jacobian_batch) : v.outputs(rows, s_.jacobian_batch);
     auto lin = std::make_shared<Linearization>();
     lin->e = e;
     lin->f_e = row_of(out, 0, D);
@@ -341,39 +485,17 @@ class Linearized final : public CandidateSource {
         lin->J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / step[i]);
     lin->quadratic = quadratic_term(wte_, V_, lin->J, lin->e);
     lin->scale = D == d ? lin->J.trace() / static_cast<float>(d) : 0.0f;
-    f_e_ = lin->f_e;
-    lin_ = std::move(lin);
+    return lin;
+  }
+
+  // A fresh linearization at e for this position, and the rankings from it.
+  void linearize(Verifier& v, const VectorF& e) {
+    lin_ = differences(v, e);
+    lin_from_ = v.position() - first_;
+    f_e_ = lin_->f_e;
     ++jacobians_;
     ++jacobians_here_;
     rank(v);
-  }
-
-  void generic_j1(Verifier& v) {
-    auto keep = lin_; auto keep_f = f_e_;
-    v.cache().reset();
-    Tensor e0row = point_rows(v, stats_->mean);
-    v.cache().append(e0row);
-    const Index d = d_, D = v.out_width();
-    Tensor rows(v.spec().dtype, {d + 1, d});
-    const VectorF& e = stats_->mean;
-    for (Index r = 0; r <= d; ++r)
-      for (Index j = 0; j < d; ++j) rows.set(r * d + j, e[j] + (r == j + 1 ? h_ : 0.0));
-    const Tensor out = v.outputs(rows, s_.jacobian_batch);
-    auto lin = std::make_shared<Linearization>();
-    lin->e = e;
-    lin->f_e = row_of(out, 0, D);
-    lin->J.resize(D, d);
-    for (Index i = 0; i < d; ++i)
-      for (Index j = 0; j < D; ++j)
-        lin->J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / (rows.get((i + 1) * d + i) - rows.get(i)));
-    lin->quadratic = quadratic_term(wte_, V_, lin->J, lin->e);
-    lin->scale = lin->J.trace() / static_cast<float>(d);
-    v.cache().reset();
-    v.cache().append(v.rows(v.prefix()));
-    const Tensor o2 = v.outputs(point_rows(v, e), 1);
-    lin_ = lin; f_e_ = row_of(o2, 0, D);
-    rank(v);
-    std::fprintf(stderr, "GENERIC J1 installed; true rank quad-only=%lld\n", (long long)(std::find(orders_[0].begin(), orders_[0].end(), v.problem().true_ids[1]) - orders_[0].begin()));
   }
 
   // 2 when the scalar ranking runs beside the J ranking.
@@ -385,33 +507,67 @@ class Linearized final : public CandidateSource {
   //   J ranking       ||F(e) + J (w_v - e) - y_t||^2 = ||K (w_v - e)||^2 + 2 <w_v - e, J^T r> + ||r||^2
   //   scalar ranking  ||F(e) + c (w_v - e) - y_t||^2 = c^2 ||w_v - a||^2 with a = e - r / c, c = tr J / d
   // (terms equal for all tokens dropped): one product of the embeddings with the two vectors J^T r and a.
-  void rank(Verifier& v) {
-    const Index V = V_, d = d_, D = v.out_width();
+  //
+  // With `gradient`, J^T r is that vector (J_t^T r of this position's own J, where lin_ holds an earlier one).
+  void rank(Verifier& v, const VectorF* gradient = nullptr) {
+    const Index V = V_, d = d_;
     const Linearization& lin = *lin_;
+    const VectorF r = residual(v);
+    const bool scalar = rankings() == 2;
+    const VectorF g = gradient ? *gradient : VectorF(lin.J.transpose() * r);
+    const VectorF a = scalar ? VectorF(lin.e - r / lin.scale) : VectorF::Zero(d);
+    const float eg = lin.e.dot(g);
+    // Both products in one pass over the embeddings (memory-bound; see EmbeddingStats::half).
+    std::vector<float> score(static_cast<std::size_t>(V)), score2(scalar ? static_cast<std::size_t>(V) : 0);
+#ifdef LMINV_RANK_F16
+    const std::uint16_t* half = stats_->half.data();
+    for (Index id = 0; id < V; ++id) {
+      float wg, wa;
+      dots_half(half + id * d, g.data(), scalar ? a.data() : nullptr, d, wg, wa);
+      score[id] = lin.quadratic[id] + 2.0f * (wg - eg);
+      if (scalar) score2[id] = stats_->sq_norm[id] - 2.0f * wa;
+    }
+#else
+    const Embeddings W = embeddings();
+    for (Index id = 0; id < V; ++id) {
+      score[id] = lin.quadratic[id] + 2.0f * (W.row(id).dot(g.transpose()) - eg);
+      if (scalar) score2[id] = stats_->sq_norm[id] - 2.0f * W.row(id).dot(a.transpose());
+    }
+#endif
+    orders_[0].assign(score);
+    if (scalar) orders_[1].assign(score2);
+    else orders_[1].clear();
+    next_[0] = next_[1] = 0;
+    since_rank_ = 0;
+  }
+
+  // r = F(e) - y_t.
+  VectorF residual(const Verifier& v) const {
+    const Index D = v.out_width();
     VectorF r(D);
     const std::vector<double>& y = v.target_row();
     for (Index j = 0; j < D; ++j) r[j] = static_cast<float>(f_e_[j] - y[j]);
-    const int n = rankings();
-    Eigen::MatrixXf G(d, n);
-    G.col(0) = lin.J.transpose() * r;
-    if (n == 2) G.col(1) = lin.e - r / lin.scale;
-    auto tg = std::chrono::steady_clock::now();
-    const Eigen::MatrixXf L = embeddings() * G;  // (V, n): <w_v, J^T r>, <w_v, a>
-    if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME gemv=%.4f\n", std::chrono::duration<double>(std::chrono::steady_clock::now()-tg).count());
-    const float eg = lin.e.dot(G.col(0));
-    std::vector<float> score(static_cast<std::size_t>(V));
-    for (Index id = 0; id < V; ++id) score[id] = lin.quadratic[id] + 2.0f * (L(id, 0) - eg);
-    auto ta = std::chrono::steady_clock::now();
-    orders_[0] = ascending(score);
-    if (std::getenv("LMINV_SPEED_DIAG")) std::fprintf(stderr, "TIME sort=%.4f\n", std::chrono::duration<double>(std::chrono::steady_clock::now()-ta).count());
-    if (n == 2) {
-      for (Index id = 0; id < V; ++id) score[id] = stats_->sq_norm[id] - 2.0f * L(id, 1);
-      orders_[1] = ascending(score);
-    } else {
-      orders_[1].clear();
-    }
-    next_[0] = next_[1] = 0;
-    since_rank_ = 0;
+    return r;
+  }
+
+  // J_t^T r at e, this position's own, from one backward pass over positions 0 .. t (the prefix's rows, then e; a
+  // causal model needs nothing after t) with r as the output gradient at t: the gradient of ||F_t(x) - y_t||^2 / 2
+  // at x = e. A few forward passes' worth of work where a fresh J takes d + 1 rows.
+  VectorF gradient_at(Verifier& v) {
+    const Index t = v.position(), d = d_, D = v.out_width();
+    const VectorF& e = lin_->e;
+    Tensor input(v.spec().dtype, {1, t + 1, d});
+    const Tensor prefix = v.rows(v.prefix());
+    std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());
+    for (Index j = 0; j < d; ++j) input.set(t * d + j, e[j]);
+    const VectorF r = residual(v);
+    Tensor grad_output(v.model().spec().dtype, {1, t + 1, D});
+    for (Index j = 0; j < D; ++j) grad_output.set(t * D + j, r[j]);
+    const Tensor g = v.model().backward(input, grad_output);
+    VectorF out(d);
+    for (Index j = 0; j < d; ++j) out[j] = static_cast<float>(g.get(t * d + j));
+    ++gradients_;
+    return out;
   }
 
   // Up to n tokens not verified yet, alternately from the J ranking and the scalar ranking (each token once).
@@ -422,14 +578,14 @@ class Linearized final : public CandidateSource {
     for (bool progress = true; progress && static_cast<Index>(ids.size()) < n;) {
       progress = false;
       for (int s = 0; s < count && static_cast<Index>(ids.size()) < n; ++s) {
-        const std::vector<Index>& o = orders_[s];
+        LazyOrder& o = orders_[s];
         std::size_t& at = next_[s];
         while (at < o.size() && (v.verified(o[at]) || seen_[o[at]] == stamp)) ++at;
         if (at == o.size()) continue;
         const Index id = o[at++];
         seen_[id] = stamp;
         ids.push_back(id);
-        if (s == 0) ++since_rank_;
+        ++since_rank_;
         progress = true;
       }
     }
@@ -440,16 +596,21 @@ class Linearized final : public CandidateSource {
   std::shared_ptr<LinearizationCache> cache_;  // null without session_cache
   const float* wte_ = nullptr;                 // the Verifier's (V, d) floats, for this run
   Index V_ = 0, d_ = 0;
-  const EmbeddingStats* stats_ = nullptr;      // the cache's, or own_stats_
-  EmbeddingStats own_stats_;
+  std::shared_ptr<const EmbeddingStats> stats_;  // the cache's, or this run's own
   double h_ = 0;                               // finite-difference step
+  Index first_ = 0;                            // the first searched position (after the known prefix)
+  std::string key_;                            // its cache key
+  Index runs_before_ = 0;                      // the session's runs from the same first position before this one
+  Index lin_from_ = 0;                         // lin_ was taken at position first_ + lin_from_ (generic or not)
+  bool generic_taken_ = false;                 // this run has computed a generic J past the second position
   std::shared_ptr<const Linearization> lin_;   // the current J, e, quadratic term (shared with the cache)
   VectorF f_e_;                                // F(e) at this position
-  std::vector<Index> orders_[2];               // the J ranking, the scalar ranking (empty when off)
+  mutable LazyOrder orders_[2];                // the J ranking, the scalar ranking (empty when off)
   std::size_t next_[2] = {0, 0};               // first entry of each not handed out yet
   mutable std::vector<std::uint32_t> seen_;    // per token: the stamp of the last take (or rank_of) that met it
   mutable std::uint32_t stamp_ = 0;
-  Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0, cached_jacobians_ = 0;
+  Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0, cached_jacobians_ = 0, gradients_ = 0;
+  bool gradient_here_ = false;  // this position's ranking has had its exact gradient
 };
 
 // ---- gradient -----------------------------------------------------------------------------------------------------
@@ -538,6 +699,7 @@ void LinearizedSettings::read(const Options& o) {
   if (jacobian_batch < 1) o.fail("jacobian_batch", "must be at least 1");
   scalar_ranking = o.get_bool("scalar_ranking", scalar_ranking);
   session_cache = o.get_bool("session_cache", session_cache);
+  gradient_fallback = o.get_bool("gradient_fallback", gradient_fallback);
 }
 
 void GradientSettings::read(const Options& o) {
@@ -547,7 +709,8 @@ void GradientSettings::read(const Options& o) {
   if (!(proxy_lr > 0) || !std::isfinite(proxy_lr)) o.fail("proxy_lr", "must be a positive number");
 }
 
-std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& s, std::shared_ptr<LinearizationCache> cache) {
+std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& s,
+                                                 std::shared_ptr<LinearizationCache> cache) {
   return std::make_unique<Linearized>(s, std::move(cache));
 }
 std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& s) { return std::make_unique<Gradient>(s); }

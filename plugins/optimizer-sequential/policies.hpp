@@ -25,7 +25,8 @@ struct LinearizedSettings {
   Index max_jacobians = 4;         // per position; after them the last ranking is followed to the end
   Index jacobian_batch = 256;      // rows per backend call
   bool scalar_ranking = true;      // interleave the ranking by J ~ (tr J / d) I (when D = d)
-  bool session_cache = true;       // keep the first position's linearization for the session's next prompts
+  bool session_cache = true;       // keep the first positions' linearizations for the session's next prompts
+  bool gradient_fallback = true;   // when a reused J's ranking fails: J_t^T r by a backward pass before a new J
   void read(const Options& o);
 };
 

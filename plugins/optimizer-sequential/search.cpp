@@ -224,6 +224,7 @@ void Verifier::accept(Index id) {
   const bool kept = at != last_verified_.end() && cache_->append_from_last_next(at - last_verified_.begin());
   if (!kept) cache_->append(rows({id}));
   last_verified_.clear();
+  certifying_ = false;
   prefix_.push_back(id);
 }
 
@@ -339,9 +340,11 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
       if (accepted < 0) throw Error(who + ": no candidate was verified at position " + std::to_string(t));
       while (v.distance(accepted) > eps && eps * options.epsilon_growth <= options.epsilon_max)
         eps *= options.epsilon_growth;
+      if (v.distance(accepted) > eps && v.distance(accepted) <= options.epsilon_max) eps = options.epsilon_max;
     }
     // The certificate also covers the candidates the policy ranks right after the accepted one.
     if (options.stop_at_first && !clear_winner && after_accepted < options.certify_next) {
+      v.begin_certificate();  // the policy hands out what it has ranked, without a new Jacobian
       const std::vector<Index> more = source.next(v, options.certify_next - after_accepted);
       if (!more.empty()) v.verify(more);
     }

@@ -33,14 +33,14 @@ struct SearchOptions {
   Index batch = 16;             // candidates verified per backend call
   double epsilon = 0;           // first acceptance threshold; 0: from the dtypes and the observed level (below)
   double epsilon_growth = 10;   // factor, when a whole pass verified nothing
-  double epsilon_max = 0.1;     // beyond it a position is reported unverified (its best candidate is still taken)
+  double epsilon_max = 0.3;     // beyond it a position is reported unverified (its best candidate is still taken)
   bool use_cache = true;        // the backend's prefix cache when it has one; else whole sequences (same results)
   bool stop_at_first = true;    // accept the first candidate within epsilon; false: verify every token first
   // Tolerance to other implementations' rounding (states captured elsewhere):
   bool relax = true;            // accept a clear winner above epsilon (see below) and let epsilon follow the level
   Index relax_after = 64;       // candidates verified at a position before a clear winner above epsilon is taken
   double unique_ratio = 3;      // a rival within unique_ratio x the accepted distance is a tie (and no clear winner)
-  double level_factor = 4;      // epsilon >= level_factor x the largest accepted distance so far (with relax)
+  double level_factor = 2;      // epsilon >= level_factor x the largest accepted distance so far (with relax)
   // The certificate: candidates verified after the accepted one, in the policy's order (rivals the policy ranks
   // next to it, e.g. tokens with near-identical embeddings, are verified rather than assumed away).
   Index certify_next = 8;
@@ -97,6 +97,10 @@ class Verifier {
   double relative_distance(const Tensor& rows, Index r) const;
   // Accepts id at position t and appends it to the prefix.
   void accept(Index id);
+  // Says that a candidate is accepted at this position and the candidates still asked for are its certificate's:
+  // a policy need not look for better ones (no new linearization). Until accept().
+  void begin_certificate() { certifying_ = true; }
+  bool certifying() const { return certifying_; }
 
  private:
   Problem& problem_;
@@ -111,6 +115,7 @@ class Verifier {
   std::vector<double> distance_;  // per token at this position; -1 = not verified
   Index verified_count_ = 0;
   std::vector<Index> last_verified_;  // the ids of the cache's last next(), when verify() made it (for accept)
+  bool certifying_ = false;           // begin_certificate() .. accept()
   const Tensor* wte_ = nullptr;          // [V, d] in the weights (embedding input)
   Tensor wte_converted_;                 // wte in the model's dtype, when the weights hold another
   const Tensor* wte_model_ = nullptr;    // wte_ or wte_converted_: candidate rows are copied from it

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# lminv invert on states made by another computation than the inverting one (bench/RESULTS.md, "Captured states"):
+# untrained GPT-2 small (seed 0) saved as a Hugging Face folder, the first N prompts of tests/data/prompts-20.txt,
+# states after block 12 (head none) from
+#   lminv's torch backend in bf16                          (lminv forward, one file per prompt)
+#   the independent PyTorch implementation (tests/tools/capture_states.py) in float32, float64, bfloat16, float16
+#   compute, float32 states stored as float16, and float32 states with Gaussian noise of relative size sigma,
+# each inverted by the sequential search on the torch backend in f32 (configs/exact/gpt2-small-block12.ini).
+# Resumable: a set already made is kept, a sweep already recorded is skipped. Then the summary table.
+#   bash scripts/run-invert.sh [N] [sets]   (N prompts, default 10; the noise sets use min(N, 5); "sets": only make
+#                                            the states sets, no inversions)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-10}
+out=runs/invert
+config=configs/exact/gpt2-small-block12.ini
+py=/usr/bin/python3
+capture() { $py -B tests/tools/capture_states.py "$@"; }
+lminv() { build/bin/lminv "$@" 2>&1 | grep --line-buffered -v "^lminv: warning: refused plugin"; }
+mkdir -p $out/sets
+
+[[ -f $out/gpt2-small/config.json ]] || lminv init $config --out $out/gpt2-small
+head -n "$n" tests/data/prompts-20.txt > $out/prompts.jsonl
+head -n "$(( n < 5 ? n : 5 ))" tests/data/prompts-20.txt > $out/prompts-noise.jsonl
+
+make_set() {  # NAME ARGS...: a states set made by capture_states.py, once
+  local name=$1; shift
+  [[ -f $out/sets/$name.jsonl ]] || capture --model $out/gpt2-small --blocks 12 --out $out/sets/$name.jsonl "$@"
+}
+make_set pytorch-f64 --prompts $out/prompts.jsonl --compute float64 --store float64
+make_set pytorch-f32 --prompts $out/prompts.jsonl --compute float32 --store float32
+make_set pytorch-f32-stored-f16 --prompts $out/prompts.jsonl --compute float32 --store float16
+make_set pytorch-f16 --prompts $out/prompts.jsonl --compute float16 --store float16
+make_set pytorch-bf16 --prompts $out/prompts.jsonl --compute bfloat16 --store bfloat16
+for sigma in 0.001 0.01 0.03 0.1 0.2 0.3; do
+  make_set pytorch-f32-noise-$sigma --prompts $out/prompts-noise.jsonl --compute float32 --store float32 --sigma $sigma
+done
+# lminv's own torch backend in bf16: one lminv forward per prompt, and a manifest of them.
+if [[ ! -f $out/sets/lminv-torch-bf16.jsonl ]]; then
+  mkdir -p $out/sets/lminv-torch-bf16
+  i=0
+  while read -r line; do
+    ids=$($py -c 'import json,sys; print(",".join(map(str, json.loads(sys.argv[1])["ids"])))' "$line")
+    lminv forward $config --out $out/sets/lminv-torch-bf16/$i.safetensors --set prompt.text= --set prompt.ids=$ids \
+      --set backend.dtype=bf16 --set output.dir=$out/forward > /dev/null
+    echo "{\"states\": \"lminv-torch-bf16/$i.safetensors\"}" >> $out/sets/lminv-torch-bf16.jsonl.tmp
+    i=$((i + 1))
+  done < $out/prompts.jsonl
+  mv $out/sets/lminv-torch-bf16.jsonl.tmp $out/sets/lminv-torch-bf16.jsonl
+fi
+
+[[ ${2:-all} == sets ]] && exit 0
+
+# The inversions (torch f32). Noisy sets: at most 512 candidates per position, so that a position whose state no
+# token reproduces costs seconds, not the whole vocabulary.
+for set in lminv-torch-bf16 pytorch-f64 pytorch-f32 pytorch-f32-stored-f16 pytorch-f16 pytorch-bf16; do
+  lminv sweep $config --states $out/sets/$set.jsonl --set model.weights=$out/gpt2-small \
+    --records $out/records/$set.jsonl
+done
+for sigma in 0.001 0.01 0.03 0.1 0.2 0.3; do
+  lminv sweep $config --states $out/sets/pytorch-f32-noise-$sigma.jsonl --set model.weights=$out/gpt2-small \
+    --set optimizer.max_candidates=512 --records $out/records/pytorch-f32-noise-$sigma.jsonl
+done
+$py scripts/invert-summary.py $out/records/*.jsonl
