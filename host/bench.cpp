@@ -8,12 +8,15 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <ostream>
+#include <sstream>
 
+#include "lminv/matmul_probe.hpp"
 #include "lminv/ops.hpp"
 #include "lminv/prefix_cache.hpp"
 #include "families/family.hpp"
 #include "lminv/schema.hpp"
 #include "report.hpp"
+#include "roofline.hpp"
 #include "weights_init.hpp"
 
 #ifdef LMINV_HAVE_DNNL
@@ -47,28 +50,6 @@ double best_time(int repeat, F&& f) {
     best = std::min(best, seconds_since(start));
   }
   return best;
-}
-
-// Bytes copied per second by memcpy of a buffer far larger than the caches (each byte read once, written once).
-double copy_bandwidth() {
-  const std::size_t n = std::size_t{1} << 29;  // 512 MiB
-  std::vector<char> a(n, 1), b(n, 0);
-  const double s = best_time(3, [&] { std::memcpy(b.data(), a.data(), n); });
-  return static_cast<double>(n) / s;
-}
-
-// f32 GEMM rate (FLOP/s) through oneDNN's sgemm, square matrices of 2048.
-double gemm_rate() {
-#ifdef LMINV_HAVE_DNNL
-  const dnnl_dim_t n = 2048;
-  std::vector<float> a(n * n, 1.0f), b(n * n, 0.5f), c(n * n, 0.0f);
-  const double s = best_time(3, [&] {
-    dnnl_sgemm('N', 'N', n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
-  });
-  return 2.0 * n * n * n / s;
-#else
-  return 0;
-#endif
 }
 
 struct ModelCase {
@@ -138,19 +119,190 @@ double parameters_used(const ModelSpec& s) {
   double n = 0;
   for (const TensorSpec& t : used_weights(s)) {
     if (t.shape.size() != 2 || t.name == "wpe.weight") continue;
-    if (t.name == "wte.weight" && s.head != Head::lm_head) continue;  // an input in vocabulary space is not counted
+    // wte is multiplied by only as a tied lm_head (an input in vocabulary space is not counted).
+    if (t.name == "wte.weight" && (s.head != Head::lm_head || !s.arch.tied_head)) continue;
     n += static_cast<double>(t.shape[0]) * static_cast<double>(t.shape[1]);
   }
   return n;
 }
 
+
+// ---- the machine --------------------------------------------------------------------------------------------------
+
+constexpr std::int64_t kGemmSize = 2048;  // m = n = k of the GEMM-rate probes
+
+struct GemmRate {
+  std::string library;  // "oneDNN sgemm (host)" or the backend's name
+  std::string backend;  // empty for the host's own probe
+  DType dtype;
+  double flop_per_s;
+};
+
+struct Machine {
+  int threads = 1;
+  double read = 0;  // bytes/s
+  double copy = 0;  // bytes moved/s
+  std::vector<GemmRate> gemm;
+
+  // The fastest product in dtype measured in this run (0 when none was).
+  double best_gemm(DType dtype) const {
+    double best = 0;
+    for (const GemmRate& g : gemm)
+      if (g.dtype == dtype) best = std::max(best, g.flop_per_s);
+    return best;
+  }
+  // The backend's own rate in dtype (0 when it has no probe for it).
+  double backend_gemm(const std::string& backend, DType dtype) const {
+    for (const GemmRate& g : gemm)
+      if (g.backend == backend && g.dtype == dtype) return g.flop_per_s;
+    return 0;
+  }
+};
+
+// A model small enough to make at once, only to reach the backend's matmul probe with its default settings.
+ModelSpec probe_spec(DType dtype) {
+  ModelSpec spec;
+  spec.family = "gpt2";
+  family(spec.family).set_architecture(spec);
+  spec.n_layer = spec.blocks = 1;
+  spec.n_embd = 64;
+  spec.n_head = 2;
+  spec.vocab_size = 64;
+  spec.n_positions = 8;
+  spec.seq_len = 4;
+  spec.head = Head::none;
+  spec.dtype = dtype;
+  return spec;
+}
+
+Machine measure_machine(const BenchRequest& r, const Registry& registry, std::ostream& out) {
+  Machine m;
+  m.threads = roofline::all_threads();
+  m.read = roofline::read_bandwidth(m.threads, std::size_t{1} << 30, 5);
+  m.copy = roofline::copy_bandwidth(m.threads, std::size_t{1} << 29, 3);
+  out << "machine, measured now with " << m.threads << " threads:\n"
+      << "  read  " << std::fixed << std::setprecision(1) << m.read / 1e9
+      << " GB/s (each thread sums its share of 1 GiB it wrote first; best of 5): the memory bound\n"
+      << "  copy  " << m.copy / 1e9 << " GB/s moved (read + written, memcpy of 512 MiB shares; best of 3)\n"
+      << std::flush;
+#ifdef LMINV_HAVE_DNNL
+  {
+    const dnnl_dim_t n = kGemmSize;
+    std::vector<float> a(n * n, 1.0f), b(n * n, 0.5f), c(n * n, 0.0f);
+    const double s = best_time(3, [&] {
+      dnnl_sgemm('N', 'N', n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    });
+    m.gemm.push_back({"oneDNN sgemm (host)", "", DType::f32, 2.0 * n * n * n / s});
+  }
+#endif
+  // Each backend's own product in each requested dtype it has, through a small model's probe.
+  for (const std::string& backend_name : r.backends) {
+    if (!registry.find(PluginKind::backend, backend_name)) continue;
+    std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
+    backend->configure(Options("backend", "lminv bench", {}));
+    const BackendInfo info = backend->info();
+    if (info.dtypes.empty() || !supports(info, probe_spec(info.dtypes.front()))) continue;
+    const ModelSpec spec = probe_spec(info.dtypes.front());
+    auto model = keep_alive(backend->create_model(spec, std::make_shared<const WeightSet>(init_random_weights(spec, 0))),
+                            backend);
+    MatmulProbe* probe = matmul_probe_of(*model);
+    if (!probe) continue;
+    for (const std::string& dtype_text : r.dtypes) {
+      const std::optional<DType> dtype = parse_dtype(dtype_text);
+      if (!dtype || std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) continue;
+      const double s = probe->matmul_seconds(*dtype, kGemmSize, kGemmSize, kGemmSize, r.repeat);
+      m.gemm.push_back({backend_name, backend_name, *dtype, 2.0 * kGemmSize * kGemmSize * kGemmSize / s});
+    }
+  }
+  out << "  GEMM  (m = n = k = " << kGemmSize << ", GFLOP/s):";
+  if (m.gemm.empty()) out << " not measured (no oneDNN in the host, no backend with a matmul probe)";
+  for (const GemmRate& g : m.gemm)
+    out << "  " << g.library << " " << dtype_name(g.dtype) << " " << std::setprecision(0) << g.flop_per_s / 1e9;
+  out << "\n        the compute bound of a dtype is its fastest rate here\n\n" << std::flush;
+  if (!r.out_file.empty()) {
+    nlohmann::json rates = nlohmann::json::array();
+    for (const GemmRate& g : m.gemm)
+      rates.push_back({{"library", g.library}, {"backend", g.backend}, {"dtype", dtype_name(g.dtype)},
+                       {"m", kGemmSize}, {"n", kGemmSize}, {"k", kGemmSize}, {"flop_per_s", g.flop_per_s}});
+    append_json_line(r.out_file, {{"kind", "machine"},
+                                  {"time", utc_timestamp()},
+                                  {"threads", m.threads},
+                                  {"read_bytes_per_s", m.read},
+                                  {"copy_bytes_moved_per_s", m.copy},
+                                  {"gemm", rates}});
+  }
+  return m;
+}
+
+// ---- cells --------------------------------------------------------------------------------------------------------
+
+// What a cell measured, set against the machine.
+struct Cell {
+  double seconds = 0;
+  double flops = 0;
+  double bytes = 0;  // weights read
+  roofline::Bound bound;
+  double own_gemm = 0;  // the backend's GEMM rate in the cell's dtype (0: no probe)
+  double peak = -1;     // peak resident bytes during the cell
+};
+
+Cell make_cell(const Machine& m, const std::string& backend, DType dtype, double seconds, double flops, double bytes,
+               double peak) {
+  Cell c;
+  c.seconds = seconds;
+  c.flops = flops;
+  c.bytes = bytes;
+  c.bound = roofline::bound(bytes, flops, m.read, m.best_gemm(dtype));
+  c.own_gemm = m.backend_gemm(backend, dtype);
+  c.peak = peak;
+  return c;
+}
+
+// The columns every cell table shares, after its own: GFLOP/s, % of the backend's GEMM rate, the bound, what
+// limits it, the time over the bound, the peak resident memory.
+void print_cell(std::ostream& out, const Cell& c, bool& below_bound) {
+  const double rate = c.flops / c.seconds;
+  out << std::setw(11) << std::setprecision(4) << c.seconds << std::setw(9) << std::setprecision(1) << rate / 1e9;
+  if (c.own_gemm > 0)
+    out << std::setw(8) << std::setprecision(0) << 100.0 * rate / c.own_gemm;
+  else
+    out << std::setw(8) << "-";
+  const double x = c.seconds / c.bound.seconds();
+  out << std::setw(10) << std::setprecision(4) << c.bound.seconds() << std::setw(8) << c.bound.limiter()
+      << std::setw(8) << std::setprecision(2) << x << (x < 1 ? "!" : " ") << std::setw(8) << std::setprecision(0)
+      << (c.peak > 0 ? c.peak / (1024.0 * 1024.0) : NAN) << "\n"
+      << std::flush;
+  if (x < 1) below_bound = true;
+}
+
+nlohmann::json cell_json(const Cell& c) {
+  return {{"seconds", c.seconds},
+          {"flops", c.flops},
+          {"weight_bytes_read", c.bytes},
+          {"memory_bound_s", c.bound.memory_s},
+          {"compute_bound_s", c.bound.compute_s},
+          {"bound_s", c.bound.seconds()},
+          {"limiter", c.bound.limiter()},
+          {"times_bound", c.seconds / c.bound.seconds()},
+          {"backend_gemm_flop_per_s", c.own_gemm},
+          {"share_of_backend_gemm", c.own_gemm > 0 ? c.flops / c.seconds / c.own_gemm : 0.0},
+          {"peak_resident_bytes", c.peak}};
+}
+
+const char* kCellColumns = "     s/call  GFLOP/s  % GEMM     bound  limit  x bound  peak MiB\n";
+
+// Resets the peak resident size so that the next reading is the cell's own; the first failure is reported once.
+void cell_peak_start(bool& peak_reset_failed) {
+  if (!roofline::reset_peak_resident()) peak_reset_failed = true;
+}
+
 // The prefix cache's next(): B candidate tokens after a prefix of r.cache_prefix tokens, forward only, for every
-// backend whose GPT-2 models offer the capability (f32, head none).
-void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double gemm, std::ostream& out) {
+// backend whose decoder models offer the capability (f32, head none).
+void bench_prefix_cache(const BenchRequest& r, const Registry& registry, const Machine& machine, std::ostream& out,
+                        bool& below_bound, bool& peak_reset_failed) {
   out << "\nprefix cache: next() for B candidates after " << r.cache_prefix << " tokens (f32, head none)\n"
       << std::left << std::setw(11) << "backend" << std::setw(17) << "model" << std::right << std::setw(6) << "B"
-      << std::setw(11) << "s/call" << std::setw(13) << "tokens/s" << std::setw(10) << "GFLOP/s" << std::setw(9)
-      << "% GEMM" << "\n";
+      << kCellColumns;
   std::map<std::string, std::shared_ptr<const WeightSet>> weights_by_shape;
   for (const std::string& backend_name : r.backends) {
     if (!registry.find(PluginKind::backend, backend_name)) continue;
@@ -167,6 +319,7 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double 
       if (!supports(info, spec)) continue;
       std::shared_ptr<const WeightSet>& weights = weights_by_shape[mc.shape];
       if (!weights) weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
+      cell_peak_start(peak_reset_failed);
       auto model = keep_alive(backend->create_model(spec, weights), backend);
       PrefixCache* cache = prefix_cache_of(*model);
       if (!cache) {
@@ -181,27 +334,27 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, double 
       for (std::int64_t batch : r.cache_batches) {
         Tensor candidates(DType::f32, {batch, spec.n_embd});
         fill_normal(candidates, rng, 0.0, 0.02);
+        cell_peak_start(peak_reset_failed);
         const double seconds = best_time(r.repeat, [&] { (void)cache->next(candidates); });
-        // Each candidate multiplies every used weight once (attention over the prefix is not counted).
-        const double flops = 2.0 * parameters_used(spec) * static_cast<double>(batch);
+        // Each candidate multiplies every used weight once (attention over the prefix is not counted); the
+        // weights are read once per call.
+        const double params = parameters_used(spec);
+        const Cell c = make_cell(machine, backend_name, DType::f32, seconds, 2.0 * params * static_cast<double>(batch),
+                                 params * 4.0, roofline::peak_resident_bytes());
         out << std::left << std::setw(11) << backend_name << std::setw(17) << model_name << std::right << std::setw(6)
-            << batch << std::setw(11) << std::setprecision(4) << seconds << std::setw(13) << std::setprecision(0)
-            << static_cast<double>(batch) / seconds << std::setw(10) << std::setprecision(1) << flops / seconds / 1e9
-            << std::setw(9) << (gemm > 0 ? 100.0 * flops / seconds / gemm : NAN) << "\n"
-            << std::flush;
-        if (!r.out_file.empty())
-          append_json_line(r.out_file, {{"kind", "prefix_cache"},
-                                        {"backend", backend_name},
-                                        {"model", model_name},
-                                        {"batch", batch},
-                                        {"prefix", r.cache_prefix},
-                                        {"seconds_per_call", seconds},
-                                        {"flops_per_call", flops},
-                                        {"share_of_gemm_rate", gemm > 0 ? flops / seconds / gemm : 0.0}});
+            << batch;
+        print_cell(out, c, below_bound);
+        if (!r.out_file.empty()) {
+          nlohmann::json j = {{"kind", "prefix_cache"}, {"backend", backend_name}, {"model", model_name},
+                              {"batch", batch},         {"prefix", r.cache_prefix}, {"seconds_per_call", seconds}};
+          j.update(cell_json(c));
+          append_json_line(r.out_file, j);
+        }
       }
     }
   }
-  out << "GFLOP/s counts 2 x (parameters used) x B per call (one token per candidate).\n";
+  out << "GFLOP/s counts 2 x (parameters used) x B per call (one token per candidate); the memory bound reads the "
+         "weights once.\n";
 }
 
 }  // namespace
@@ -210,19 +363,11 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   out << "lminv bench: GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V " << r.vocab << "), " << r.tokens
       << " tokens, one step = loss_and_grad (l2), best of " << r.repeat << "\n"
       << std::flush;
-  const double copy = copy_bandwidth();
-  const double gemm = gemm_rate();
-  out << "machine: copy " << std::fixed << std::setprecision(1) << copy / 1e9 << " GB/s (memcpy of 512 MiB), f32 GEMM "
-      << (gemm > 0 ? std::to_string(static_cast<int>(gemm / 1e9)) + " GFLOP/s (oneDNN sgemm 2048^3)"
-                   : std::string("not measured (lminv built without oneDNN)"))
-      << "\n\n";
-  const nlohmann::json machine = {{"kind", "machine"}, {"time", utc_timestamp()}, {"copy_bytes_per_s", copy},
-                                  {"gemm_f32_flop_per_s", gemm}};
-  if (!r.out_file.empty()) append_json_line(r.out_file, machine);
+  const Machine machine = measure_machine(r, registry, out);
+  bool below_bound = false, peak_reset_failed = false;
 
   out << std::left << std::setw(11) << "backend" << std::setw(6) << "dtype" << std::setw(17) << "model" << std::right
-      << std::setw(4) << "B" << std::setw(11) << "s/step" << std::setw(10) << "GFLOP/s" << std::setw(9) << "% GEMM"
-      << std::setw(11) << "bw bound" << std::setw(10) << "x bound" << "\n";
+      << std::setw(4) << "B" << kCellColumns;
 
   for (const std::string& dtype_text : r.dtypes) {
     const std::optional<DType> dtype = parse_dtype(dtype_text);
@@ -252,43 +397,47 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
         }
         std::shared_ptr<const WeightSet>& weights = weights_by_shape[mc.shape];
         if (!weights) weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
+        cell_peak_start(peak_reset_failed);
         auto model = keep_alive(backend->create_model(spec, weights), backend);
         for (std::int64_t batch : r.batches) {
           Tensor input(spec.dtype, input_shape(spec, batch));
           Rng rng(batch);
           fill_normal(input, rng, 0.0, 0.02);
           const Tensor target = model->forward(input.slice0(0, 1));
+          if (batch != r.batches.front()) cell_peak_start(peak_reset_failed);
           const double seconds = best_time(r.repeat, [&] { (void)model->loss_and_grad(input, target, Metric::l2); });
-          // Forward and input-gradient backward each multiply every used weight with B T vectors.
-          const double flops = 4.0 * parameters_used(spec) * static_cast<double>(r.tokens * batch);
-          const double weight_bytes = 2.0 * parameters_used(spec) * static_cast<double>(dtype_size(spec.dtype));
-          const double bw_bound = weight_bytes / copy;
+          // Forward and input-gradient backward each multiply every used weight with B T vectors, and each reads
+          // every used weight once.
+          const double params = parameters_used(spec);
+          const Cell c = make_cell(machine, backend_name, *dtype, seconds,
+                                   4.0 * params * static_cast<double>(r.tokens * batch),
+                                   2.0 * params * static_cast<double>(dtype_size(spec.dtype)),
+                                   roofline::peak_resident_bytes());
           out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << std::setw(17) << model_name
-              << std::right << std::setw(4) << batch << std::setw(11) << std::setprecision(4) << seconds
-              << std::setw(10) << std::setprecision(1) << flops / seconds / 1e9 << std::setw(9)
-              << (gemm > 0 ? 100.0 * flops / seconds / gemm : NAN) << std::setw(11) << std::setprecision(4)
-              << bw_bound << std::setw(10) << std::setprecision(2) << seconds / bw_bound << "\n"
-              << std::flush;
-          if (!r.out_file.empty())
-            append_json_line(r.out_file, {{"kind", "step"},
-                                          {"backend", backend_name},
-                                          {"dtype", dtype_text},
-                                          {"model", model_name},
-                                          {"batch", batch},
-                                          {"tokens", r.tokens},
-                                          {"seconds_per_step", seconds},
-                                          {"flops_per_step", flops},
-                                          {"weight_bytes_per_step", weight_bytes},
-                                          {"bandwidth_bound_s", bw_bound},
-                                          {"times_bandwidth_bound", seconds / bw_bound},
-                                          {"share_of_gemm_rate", gemm > 0 ? flops / seconds / gemm : 0.0}});
+              << std::right << std::setw(4) << batch;
+          print_cell(out, c, below_bound);
+          if (!r.out_file.empty()) {
+            nlohmann::json j = {{"kind", "step"},  {"backend", backend_name}, {"dtype", dtype_text},
+                                {"model", model_name}, {"batch", batch},     {"tokens", r.tokens},
+                                {"seconds_per_step", seconds}, {"flops_per_step", c.flops}};
+            j.update(cell_json(c));
+            append_json_line(r.out_file, j);
+          }
         }
       }
     }
   }
-  out << "\nGFLOP/s counts 4 x (parameters used) x B x T per step (forward + input-gradient backward); "
-         "bw bound = the weights read twice at the copy rate; x bound = s/step over it.\n";
-  if (!r.cache_batches.empty()) bench_prefix_cache(r, registry, gemm, out);
+  out << "\nGFLOP/s counts 4 x (parameters used) x B x T per step (forward + input-gradient backward); % GEMM is of the "
+         "backend's own GEMM rate in that dtype;\nbound = max(weights read twice / read bandwidth, FLOPs / the "
+         "dtype's fastest GEMM rate), limit = the larger term; x bound = s/step over the bound.\n";
+  if (!r.cache_batches.empty()) bench_prefix_cache(r, registry, machine, out, below_bound, peak_reset_failed);
+  out << "peak MiB: the process's peak resident memory during the cell (the model, the shared random weights, the "
+         "work space)"
+      << (peak_reset_failed ? "; this kernel does not reset the peak, so it is the process's since it started" : "")
+      << ".\n";
+  if (below_bound)
+    out << "! below its bound: a limit of this machine was measured too low (a noisy probe?); rerun on a quiet "
+           "machine.\n";
 }
 
 }  // namespace lminv

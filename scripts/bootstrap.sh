@@ -3,17 +3,21 @@
 #   bash scripts/bootstrap.sh run    runs the quickstart experiment (configs/quickstart.ini)
 #   bash scripts/bootstrap.sh test   runs every test (ctest)
 #   bash scripts/bootstrap.sh build  only sets up and builds
+#   bash scripts/bootstrap.sh bench  also installs what the benchmarks' peers need (Debian's python3-torch for
+#                                    bench/peer_pytorch.py; the product never uses it), then runs scripts/bench-peer.sh
 # Safe to run again: each step does only what is not done yet.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 action=${1:-build}
-case "$action" in run | test | build) ;; *) echo "usage: $0 run|test|build" >&2; exit 2 ;; esac
+case "$action" in run | test | build | bench) ;; *) echo "usage: $0 run|test|build|bench" >&2; exit 2 ;; esac
 
 # --- Debian packages ----------------------------------------------------------------------------
 packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev libgtest-dev libeigen3-dev
   nlohmann-json3-dev libopenblas0-pthread ocl-icd-opencl-dev libdnnl-dev libtorch-dev libpcre2-dev libutf8proc-dev
   libzip-dev)
+# The benchmarks only: the plain PyTorch peer (bench/peer_pytorch.py, Debian's Python LibTorch 1.13).
+[[ $action == bench ]] && packages+=(python3-torch python3-numpy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -45,4 +49,5 @@ case "$action" in
   run) ./build/bin/lminv run configs/quickstart.ini ;;
   test) ctest --test-dir build --output-on-failure -j "$jobs" ;;
   build) ;;
+  bench) bash scripts/bench-peer.sh ;;
 esac

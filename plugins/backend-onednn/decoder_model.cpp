@@ -36,16 +36,24 @@
 // Plans: one per input shape (B, T), built on first use and kept (least recently used dropped beyond kMaxPlans or
 // kPlanBytes): the primitives (oneDNN's depend on the shapes; one of each kind, shared by all blocks), the buffers of
 // the activations, and the steps. The weights and their blocked copies are made once, in the constructor.
+//
+// The prefix cache (capability "prefix_cache", class Cache): each block's keys and values of the prefix, and the
+// candidates run as N single positions through the same layers, on copies of the four block weights with padded rows
+// (WeightStore::padded: oneDNN's gemm reads GPT-2's [768, 3072] at half speed for few rows otherwise), GELU fused into
+// mlp.c_fc as a post-op; the attention over the kept positions is two matmuls per block, batched over the kv heads.
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "lminv/prefix_cache.hpp"
 #include "onednn_backend.hpp"
 #include "onednn_common.hpp"
 
@@ -236,6 +244,7 @@ struct BlockWeights {
   NormParams ln_1, ln_2;
   Matrix c_attn, c_attn_t, a_proj, a_proj_t, c_fc, c_fc_t, m_proj, m_proj_t;
   memory c_attn_b, a_proj_b, c_fc_b, m_proj_b;
+  Matrix c_attn_p, a_proj_p, c_fc_p, m_proj_p;  // WeightStore::padded copies, made for the prefix cache
 };
 
 class DecoderModel final : public Model {
@@ -375,6 +384,13 @@ class DecoderModel final : public Model {
     });
   }
 
+  // "prefix_cache" (class Cache below), made on the first request.
+  void* capability(std::string_view name) override {
+    if (name != kPrefixCache) return nullptr;
+    if (!cache_) cache_ = std::make_unique<Cache>(*this);
+    return static_cast<PrefixCache*>(cache_.get());
+  }
+
  private:
   // Everything one input shape (B, T) needs: buffers, the primitives and their arguments, as steps.
   struct Plan {
@@ -448,6 +464,29 @@ class DecoderModel final : public Model {
   }
 
   // ---- building a plan --------------------------------------------------------------------------------------------
+
+  // A matmul of the blocks' copies of one weight (`which`, with its bias when the architecture has one) for a source
+  // of `src`'s shape: every block's copy must have the layout of block 0's, so that one primitive serves them all.
+  WeightMatmul block_matmul(const std::string& what, const memory::desc& src, Matrix BlockWeights::*which,
+                            const memory BlockWeights::*bias, const memory::desc& dst,
+                            const dnnl::primitive_attr& attr = dnnl::primitive_attr()) const {
+    const BlockWeights& w0 = blocks_.front();
+    const memory::desc b = bias && w0.*bias ? (w0.*bias).get_desc() : memory::desc();
+    WeightMatmul mm = weight_matmul(what, ctx_, src, w0.*which, bias && w0.*bias ? &b : nullptr, dst, attr);
+    for (const BlockWeights& w : blocks_)
+      if (mm.pick(w.*which).get_desc() != mm.pick(w0.*which).get_desc())
+        throw Error(std::string(kWho) + ": the blocks' " + what + " weights differ in layout");
+    return mm;
+  }
+
+  // The step running `mm` on one block's weight `w`: dst = src @ w (+ bias) (+ *added).
+  static Step block_step(const WeightMatmul& mm, const memory& src, const Matrix& w, const memory& bias,
+                         const memory& dst, const memory* added = nullptr) {
+    Step s{mm.primitive, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, mm.pick(w)}, {DNNL_ARG_DST, dst}}};
+    if (bias) s.args[DNNL_ARG_BIAS] = bias;
+    if (added) s.args[kPostOpSrc1] = *added;
+    return s;
+  }
 
   std::unique_ptr<Plan> build(Index B, Index T) {
     auto plan = std::make_unique<Plan>();
@@ -524,27 +563,6 @@ class DecoderModel final : public Model {
     const bool small_att = B * nh * T * T * hd < kSmallWork;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
     auto loop = [](bool single, std::function<void()> f) { return Step(std::move(f), single); };
-    auto bias_md = [](const memory& b) { return b ? b.get_desc() : memory::desc(); };
-    // A block matmul: every block's copy of the weight must have the layout of block 0's.
-    auto block_matmul = [&](const std::string& what, const memory::desc& src, Matrix BlockWeights::*which,
-                            const memory BlockWeights::*bias, const memory::desc& dst,
-                            const dnnl::primitive_attr& attr = dnnl::primitive_attr()) {
-      const BlockWeights& w0 = blocks_.front();
-      const memory::desc b = bias ? bias_md(w0.*bias) : memory::desc();
-      WeightMatmul mm = weight_matmul(what, ctx_, src, w0.*which, bias && w0.*bias ? &b : nullptr, dst, attr);
-      for (const BlockWeights& w : blocks_)
-        if (mm.pick(w.*which).get_desc() != mm.pick(w0.*which).get_desc())
-          throw Error(std::string(kWho) + ": the blocks' " + what + " weights differ in layout");
-      return mm;
-    };
-    auto block_step = [&](const WeightMatmul& mm, const memory& src, const Matrix& w, const memory& bias,
-                          const memory& dst, const memory* added = nullptr) {
-      Step s{mm.primitive, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, mm.pick(w)}, {DNNL_ARG_DST, dst}}};
-      if (bias) s.args[DNNL_ARG_BIAS] = bias;
-      if (added) s.args[kPostOpSrc1] = *added;
-      return s;
-    };
-
     WeightMatmul mm_qkv, mm_a_proj, mm_fc, mm_m_proj, mm_m_proj_bwd, mm_fc_bwd, mm_a_proj_bwd, mm_qkv_bwd;
     dnnl::matmul mm_scores, mm_av, mm_datt, mm_dv, mm_dq, mm_dk;
     dnnl::softmax_forward softmax_fwd;
@@ -930,6 +948,474 @@ class DecoderModel final : public Model {
     return dtype == DType::f32 ? grad : grad.to(dtype);
   }
 
+  // ---- the prefix cache -------------------------------------------------------------------------------------------
+
+  // The "prefix_cache" capability (lminv/prefix_cache.hpp): per block, the prefix's keys (rotated at their positions)
+  // and values, one row [k | v] of 2 kvw floats per position, as the qkv buffer holds them after the queries. A call
+  // runs N rows through the blocks, each row as one position (so every matrix product is [N, in] x [in, out], the
+  // weights read once for all rows):
+  //   next      N = B candidates, all at position t = length(): each attends to the t kept positions and to itself;
+  //   append    N = n rows at positions t .. t + n - 1: each block first writes the rows' keys and values after the
+  //             kept ones, then row i attends to positions 0 .. t + i (causal).
+  // Per kv head, the attention over the S = t (next) or t + n (append) kept positions is two oneDNN matmuls, all the
+  // kv head's G N query rows at once: scores = q K^T / sqrt(hd) [G N, S] and y = p V; the candidate's own key and
+  // value (next), the causal limit (append) and the softmax are loops. next() keeps the candidates' keys and values
+  // (each block's qkv buffer of its plan) until the next append or reset, for append_from_last_next.
+  //
+  // The weight matmuls read WeightStore::padded copies of the block weights (made when the cache is first asked
+  // for, shared by the models on the same weights); with GELU, it is mlp.c_fc's post-op. Plans per row count N (one
+  // map for next, one for append, each least recently used first out beyond kMaxPlans): the weight matmuls, the
+  // buffers, and per S the whole pass as steps (the attention matmuls depend on S; a pass is rebuilt when the kept
+  // rows move to a larger buffer, or its scores buffer grows). Once its plan and pass exist, a call allocates nothing
+  // but its output rows (and an f32 copy of rows given in another dtype).
+  class Cache final : public PrefixCache {
+   public:
+    explicit Cache(DecoderModel& model)
+        : m_(model),
+          limit_(model.spec_.any_length() ? model.spec_.n_positions : model.spec_.seq_len),
+          limit_name_(model.spec_.any_length() ? "n_positions" : "seq_len"),
+          kv_(static_cast<std::size_t>(model.L_)) {
+      guarded("copying the weights for the prefix cache", [&] {
+        for (Index l = 0; l < model.L_; ++l) {
+          const std::string h = "h." + std::to_string(l) + ".";
+          BlockWeights& w = model.blocks_[l];
+          w.c_attn_p = model.store_->padded(h + "attn.c_attn.weight", w.c_attn);
+          w.a_proj_p = model.store_->padded(h + "attn.c_proj.weight", w.a_proj);
+          w.c_fc_p = model.store_->padded(h + "mlp.c_fc.weight", w.c_fc);
+          w.m_proj_p = model.store_->padded(h + "mlp.c_proj.weight", w.m_proj);
+        }
+      });
+    }
+
+    void reset() override {
+      length_ = 0;
+      last_count_ = 0;
+    }
+    std::int64_t length() const override { return length_; }
+
+    void append(const Tensor& rows) override {
+      check_rows(rows, "append");
+      const Index n = rows.dim(0);
+      if (length_ + n > limit_)
+        throw Error(std::string(kWho) + ": prefix cache: appending " + std::to_string(n) +
+                    " positions to a prefix of " + std::to_string(length_) + " exceeds " + limit_name_ + " " +
+                    std::to_string(limit_));
+      last_count_ = 0;
+      if (n == 0) return;
+      ThreadScope scope(m_.ctx_.threads);
+      guarded("appending to the prefix cache", [&] {
+        reserve(length_ + n);
+        // The rows' keys and values go to positions length_ .. length_ + n - 1, which count once the pass is done.
+        if (m_.L_ > 0) run(plan(n, true), length_ + n, true, rows, nullptr);
+      });
+      length_ += n;
+    }
+
+    Tensor next(const Tensor& candidates) override {
+      check_rows(candidates, "next");
+      if (length_ >= limit_)
+        throw Error(std::string(kWho) + ": prefix cache: the prefix already has all " + std::to_string(limit_) +
+                    " positions (" + limit_name_ + " " + std::to_string(limit_) + "): no position is left for next()");
+      last_count_ = 0;
+      const Index B = candidates.dim(0);
+      Tensor out(DType::f32, {B, m_.out_width_});
+      if (B == 0) return out;
+      ThreadScope scope(m_.ctx_.threads);
+      guarded("running next() on the prefix cache", [&] {
+        RowPlan& p = plan(B, false);
+        run(p, length_, false, candidates, out.data<float>());
+        last_ = &p;
+      });
+      last_count_ = B;
+      return out;
+    }
+
+    // The candidate's keys and values as next() computed them: one row of a product of B rows where append() runs
+    // one, so they may differ from append()'s in the last bits.
+    bool append_from_last_next(std::int64_t b) override {
+      if (last_count_ == 0) return false;
+      if (b < 0 || b >= last_count_)
+        throw Error(std::string(kWho) + ": prefix cache: append_from_last_next(" + std::to_string(b) +
+                    "): the last next() had " + std::to_string(last_count_) + " candidates");
+      guarded("appending to the prefix cache", [&] { reserve(length_ + 1); });
+      const Index KV = 2 * m_.kvw_;
+      for (Index l = 0; l < m_.L_; ++l)
+        std::memcpy(kv_[l].data() + length_ * KV, last_->qkv[l].data() + b * m_.W_ + m_.qw_,
+                    static_cast<std::size_t>(KV) * sizeof(float));
+      ++length_;
+      last_count_ = 0;
+      return true;
+    }
+
+   private:
+    struct Pass {
+      std::vector<Step> steps;
+      std::uint64_t generation = 0;  // of the kept rows' buffers it reads and writes
+    };
+    // What N rows need. The buffers are the plan's; mean and rstd are scratch (nothing runs backward).
+    struct RowPlan {
+      Index N = 0;
+      std::vector<Buffer> h;    // h_0 .. h_L, [N, d]
+      std::vector<Buffer> qkv;  // per block [N, W]: the rows' q, k, v (rotated); next() keeps k and v here
+      Buffer ln_out, mean, rstd, a, y, qh, yh, fc, fc_act, scores, own, lnf_out, main;
+      WeightMatmul mm_wte, mm_qkv, mm_a_proj, mm_fc, mm_m_proj, mm_head;
+      memory in, out_main;  // the caller's rows and output rows (out_main: when layers is empty), bound per call
+      std::map<Index, Pass> passes;  // by S
+      std::uint64_t used = 0;
+      Index floats = 0;  // in the buffers, scores at its current size
+    };
+    using Plans = std::map<Index, std::unique_ptr<RowPlan>>;
+
+    void check_rows(const Tensor& rows, const char* call) const {
+      const bool embedding = m_.spec_.input == InputSpace::embedding;
+      const Index width = m_.width();
+      if (rows.rank() != 2 || rows.dim(1) != width)
+        throw Error(std::string(kWho) + ": prefix cache: " + call + " takes rows [n, " + std::to_string(width) +
+                    "] (input = " + input_space_name(m_.spec_.input) + ", " + (embedding ? "n_embd " : "vocab_size ") +
+                    std::to_string(width) + "), got " + shape_string(rows.shape()));
+    }
+
+    // Room for `positions` kept rows per block: the buffers grow geometrically (up to the limit), keeping the rows.
+    void reserve(Index positions) {
+      if (positions <= capacity_) return;
+      const Index capacity = std::min(limit_, std::max({positions, 2 * capacity_, Index{64}}));
+      const Index KV = 2 * m_.kvw_;
+      for (Buffer& b : kv_) {
+        Buffer grown(capacity * KV);
+        if (length_ > 0) std::memcpy(grown.data(), b.data(), static_cast<std::size_t>(length_ * KV) * sizeof(float));
+        b = std::move(grown);
+      }
+      capacity_ = capacity;
+      ++generation_;  // the passes built on the old buffers are stale
+    }
+
+    // The plan for N rows (next: append = false), made on first use.
+    RowPlan& plan(Index N, bool append) {
+      Plans& plans = plans_[append ? 1 : 0];
+      auto it = plans.find(N);
+      if (it == plans.end()) {
+        while (plans.size() >= kMaxPlans) drop_oldest(plans, plans.end());
+        it = plans.emplace(N, make_plan(N, append)).first;
+        auto floats = [&] {
+          Index n = 0;
+          for (const Plans& ps : plans_)
+            for (const auto& [rows, p] : ps) n += p->floats;
+          return n;
+        };
+        while (plans.size() > 1 && floats() * static_cast<Index>(sizeof(float)) > kPlanBytes) drop_oldest(plans, it);
+      }
+      it->second->used = ++clock_;
+      return *it->second;
+    }
+    void drop_oldest(Plans& plans, Plans::iterator keep) {
+      auto oldest = plans.end();
+      for (auto i = plans.begin(); i != plans.end(); ++i)
+        if (i != keep && (oldest == plans.end() || i->second->used < oldest->second->used)) oldest = i;
+      if (oldest == plans.end()) return;
+      if (oldest->second.get() == last_) last_count_ = 0;  // its keys and values go with it
+      plans.erase(oldest);
+    }
+
+    std::unique_ptr<RowPlan> make_plan(Index N, bool append) {
+      DecoderModel& m = m_;
+      auto plan = std::make_unique<RowPlan>();
+      RowPlan& p = *plan;
+      p.N = N;
+      auto buffer = [&](Index n) {
+        p.floats += n;
+        return Buffer(n);
+      };
+      const Index d = m.d_, L = m.L_;
+      const bool layers = !m.spec_.layers.empty();
+      p.h.resize(static_cast<std::size_t>(L + 1));
+      for (Buffer& b : p.h) b = buffer(N * d);
+      p.qkv.resize(static_cast<std::size_t>(L));
+      for (Buffer& b : p.qkv) b = buffer(N * m.W_);
+      p.ln_out = buffer(N * d);
+      p.mean = buffer(N);
+      p.rstd = buffer(N);
+      p.a = buffer(N * d);
+      p.y = buffer(N * m.qw_);
+      if (m.G_ > 1) {
+        p.qh = buffer(N * m.qw_);
+        p.yh = buffer(N * m.qw_);
+      }
+      if (m.spec_.arch.mlp == Mlp::swiglu) p.fc = buffer(N * m.fcw_);  // else GELU is c_fc's post-op, into fc_act
+      p.fc_act = buffer(N * m.inner_);
+      p.own = buffer(N * m.nh_);
+      if (!append && m.spec_.head == Head::lm_head) p.lnf_out = buffer(N * d);
+      if (!append && layers) p.main = buffer(N * m.main_width_);
+
+      const memory::desc nd = plain({N, d}), nW = plain({N, m.W_}), nq = plain({N, m.qw_});
+      const memory::desc nfc = plain({N, m.fcw_}), ni = plain({N, m.inner_}), main_md = plain({N, m.main_width_});
+      const bool vocab = m.spec_.input == InputSpace::vocab;
+      p.in = external(m.ctx_, vocab ? plain({N, m.V_}) : nd);
+      if (vocab) p.mm_wte = weight_matmul("vocabulary embedding matmul", m.ctx_, plain({N, m.V_}), m.wte_, nullptr, nd);
+      if (L > 0) {
+        p.mm_qkv = m.block_matmul("attn.c_attn matmul", nd, &BlockWeights::c_attn_p, &BlockWeights::c_attn_b, nW);
+        p.mm_a_proj = m.block_matmul("attn.c_proj matmul", nq, &BlockWeights::a_proj_p, &BlockWeights::a_proj_b, nd,
+                                     matmul_attr(1.f, &nd));
+        // GELU as the matmul's post-op (on each tile of the output while it is in cache: no pass of its own)
+        dnnl::primitive_attr fc_attr;
+        if (m.spec_.arch.mlp != Mlp::swiglu) {
+          dnnl::post_ops ops;
+          ops.append_eltwise(1.f,
+                             m.spec_.arch.mlp == Mlp::gelu_tanh ? dnnl::algorithm::eltwise_gelu_tanh
+                                                                : dnnl::algorithm::eltwise_gelu_erf,
+                             0.f, 0.f);
+          fc_attr.set_post_ops(ops);
+        }
+        p.mm_fc = m.block_matmul("mlp.c_fc matmul", nd, &BlockWeights::c_fc_p, &BlockWeights::c_fc_b, nfc, fc_attr);
+        p.mm_m_proj = m.block_matmul("mlp.c_proj matmul", ni, &BlockWeights::m_proj_p, &BlockWeights::m_proj_b, nd,
+                                     matmul_attr(1.f, &nd));
+      }
+      if (!append) {
+        p.out_main = layers ? p.main.view(m.ctx_, main_md) : external(m.ctx_, main_md);
+        if (m.spec_.head == Head::lm_head)
+          p.mm_head = weight_matmul("lm_head matmul", m.ctx_, nd, m.head_t_, nullptr, main_md);
+      }
+      return plan;
+    }
+
+    // The pass of `p` over S kept positions, built on first use (or again, when stale).
+    Pass& pass(RowPlan& p, Index S, bool append) {
+      auto it = p.passes.find(S);
+      if (it != p.passes.end() && it->second.generation == generation_) return it->second;
+      // The scores [nkv, G N, S]: the buffer grows geometrically; the passes built on the old one are dropped.
+      const Index scores = m_.nh_ * p.N * S;
+      if (p.scores.size() < scores) {
+        p.floats += std::max(scores, 2 * p.scores.size()) - p.scores.size();
+        p.scores = Buffer(std::max(scores, 2 * p.scores.size()));
+        p.passes.clear();
+      }
+      if (p.passes.size() >= kMaxPasses) p.passes.clear();  // a long prefix: keep the memory bounded
+      Pass& made = p.passes[S];
+      made.steps = build_pass(p, S, append);
+      made.generation = generation_;
+      return made;
+    }
+
+    std::vector<Step> build_pass(RowPlan& p, Index S, bool append) {
+      DecoderModel& m = m_;
+      const Context& ctx = m.ctx_;
+      const Architecture& arch = m.spec_.arch;
+      const Index N = p.N, t = append ? S - N : S;  // the rows' first position
+      const Index d = m.d_, nh = m.nh_, nkv = m.nkv_, G = m.G_, hd = m.hd_, qw = m.qw_, kvw = m.kvw_, W = m.W_;
+      const Index R = G * N;     // query rows per kv head: (g, row) at g N + row
+      const Index KV = 2 * kvw;  // a kept position's floats
+      const bool grouped = G > 1, rotary = arch.positions == Positions::rotary, swiglu = arch.mlp == Mlp::swiglu;
+      const bool sequential = arch.residual == Residual::sequential, vocab = m.spec_.input == InputSpace::vocab;
+      const bool small_rows = N * d < kSmallWork, small_fc = N * m.fcw_ < kSmallWork, small_qkv = N * W < kSmallWork;
+      const bool small_att = nkv * R * (S + 1) * hd < kSmallWork;
+      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+      std::vector<Step> steps;
+      auto loop = [&](bool single, std::function<void()> f) { steps.push_back(Step(std::move(f), single)); };
+      auto view = [&](Buffer& b, const memory::desc& md) { return b.view(ctx, md); };
+      const memory::desc nd = plain({N, d}), nW = plain({N, W}), nq = plain({N, qw});
+      const memory::desc nfc = plain({N, m.fcw_}), ni = plain({N, m.inner_});
+
+      // h_0 = x (+ wpe at the rows' positions: t for every candidate, t + i for appended row i)
+      {
+        memory in = p.in;
+        float* h0 = p.h[0].data();
+        const float* wpe = m.wpe_ ? m.wpe_ + t * d : nullptr;
+        const Index advance = append ? d : 0;
+        if (vocab) steps.push_back(block_step(p.mm_wte, in, m.wte_, memory(), view(p.h[0], nd)));
+        if (!vocab || wpe)
+          loop(small_rows, [=] {
+            const float* x = vocab ? h0 : ptr(in);
+            if (!wpe) return add_rows(x, nullptr, h0, N, d, !small_rows);
+            for_rows(N, !small_rows, [&](Index n) {
+              const float* pos = wpe + n * advance;
+              for (Index i = 0; i < d; ++i) h0[n * d + i] = x[n * d + i] + pos[i];
+            });
+          });
+      }
+
+      // The attention's layouts. Queries and outputs: strided views into qkv [N, W] and y [N, qw] with one query
+      // head per kv head; with G > 1, head-major copies [nh, N, hd], so a kv head's G query heads are G N rows.
+      const memory::desc q_md = grouped ? plain({nkv, R, hd}) : strided({nkv, N, hd}, {hd, W, 1});
+      const memory::desc y_md = grouped ? plain({nkv, R, hd}) : strided({nkv, N, hd}, {hd, qw, 1});
+      const memory::desc scores_md = plain({nkv, R, S});
+      const memory::desc keys_md = strided({nkv, hd, S}, {hd, 1, KV}), values_md = strided({nkv, S, hd}, {hd, KV, 1});
+      const Index q_head = grouped ? R * hd : hd, q_row = grouped ? hd : W;  // row r of kv head c: c q_head + r q_row
+      const Index y_head = grouped ? R * hd : hd, y_row = grouped ? hd : qw;
+      dnnl::matmul mm_scores, mm_av;
+      if (S > 0 && m.L_ > 0)
+        made_with(small_att, [&] {
+          mm_scores = matmul("prefix cache attention scores matmul", ctx, q_md, keys_md, nullptr, scores_md,
+                             matmul_attr(scale, nullptr));
+          mm_av = matmul("prefix cache attention output matmul", ctx, scores_md, values_md, nullptr, y_md);
+        });
+
+      memory ln_out = view(p.ln_out, nd), a = view(p.a, nd), y = view(p.y, nq), fc_act = view(p.fc_act, ni);
+      memory fc = swiglu ? view(p.fc, nfc) : memory();  // with GELU, c_fc writes fc_act
+      memory scores = S > 0 ? view(p.scores, scores_md) : memory();
+      for (Index l = 0; l < m.L_; ++l) {
+        const BlockWeights& w = m.blocks_[l];
+        memory h = view(p.h[l], nd), h_next = view(p.h[l + 1], nd);
+        float* qkv = p.qkv[l].data();
+        float* kept = kv_[l].data();  // [capacity, 2 kvw]: keys, then values
+        {
+          const NormParams n1 = w.ln_1;
+          float *x = p.h[l].data(), *out = p.ln_out.data(), *mean = p.mean.data(), *rstd = p.rstd.data();
+          loop(small_rows, [=] { norm_forward(n1, x, out, mean, rstd, N, !small_rows); });
+        }
+        steps.push_back(block_step(p.mm_qkv, ln_out, w.c_attn_p, w.c_attn_b, view(p.qkv[l], nW)));
+        if (rotary) {  // row n at position t (next) or t + n (append)
+          Rotary rot = m.rot_;
+          rot.cos += t * (rot.r / 2);
+          rot.sin += t * (rot.r / 2);
+          const Index T = append ? N : 1;
+          loop(small_qkv, [=] { rotate(rot, qkv, N, T, W, 0, nh + nkv, hd, false, !small_qkv); });
+        }
+        if (append) {
+          loop(small_qkv, [=] {
+            for (Index n = 0; n < N; ++n)
+              std::memcpy(kept + (t + n) * KV, qkv + n * W + qw, static_cast<std::size_t>(KV) * sizeof(float));
+          });
+          if (l + 1 == m.L_) break;  // the last block's keys and values are all a later position reads of it
+        }
+        // y = attention over the kept positions (and, in next, the row's own key and value)
+        const float* q = qkv;
+        float* yb = p.y.data();
+        memory q_mem = view(p.qkv[l], q_md), y_mem = y;
+        if (grouped) {
+          float* qh = p.qh.data();
+          loop(small_qkv, [=] { gather_heads(qkv, W, 0, nh, hd, 1, N, qh, !small_qkv); });
+          q = qh;
+          yb = p.yh.data();
+          q_mem = view(p.qh, q_md);
+          y_mem = view(p.yh, y_md);
+        }
+        if (S > 0)
+          steps.push_back(
+              {mm_scores,
+               {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, memory(keys_md, ctx.engine, kept)}, {DNNL_ARG_DST, scores}},
+               small_att});
+        {
+          float *sc = p.scores.data(), *own = p.own.data();
+          loop(small_att, [=] {
+            for_rows(nkv * R, !small_att, [&](Index row) {
+              const Index c = row / R, r = row % R, n = r % N;
+              float* s = sc + row * S;
+              const Index valid = append ? t + n + 1 : S;  // append: causal, up to the row's own position
+              float top = -std::numeric_limits<float>::infinity(), self = 0;
+              if (!append) {
+                const float* qr = q + c * q_head + r * q_row;
+                const float* kr = qkv + n * W + qw + c * hd;
+                float dot = 0;
+                for (Index i = 0; i < hd; ++i) dot += qr[i] * kr[i];
+                top = self = dot * scale;
+              }
+              for (Index j = 0; j < valid; ++j) top = std::max(top, s[j]);
+              float sum = 0;
+              for (Index j = 0; j < valid; ++j) sum += (s[j] = std::exp(s[j] - top));
+              for (Index j = valid; j < S; ++j) s[j] = 0;
+              if (!append) sum += (self = std::exp(self - top));
+              const float inv = 1.0f / sum;
+              for (Index j = 0; j < valid; ++j) s[j] *= inv;
+              if (!append) own[row] = self * inv;
+            });
+          });
+        }
+        if (S > 0)
+          steps.push_back({mm_av,
+                           {{DNNL_ARG_SRC, scores},
+                            {DNNL_ARG_WEIGHTS, memory(values_md, ctx.engine, kept + kvw)},
+                            {DNNL_ARG_DST, y_mem}},
+                           small_att});
+        if (!append) {  // + the row's own value, weighted
+          const float* own = p.own.data();
+          const bool small_y = N * qw < kSmallWork;
+          loop(small_y, [=] {
+            for_rows(nkv * R, !small_y, [&](Index row) {
+              const Index c = row / R, r = row % R, n = r % N;
+              float* yr = yb + c * y_head + r * y_row;
+              const float* vr = qkv + n * W + qw + kvw + c * hd;
+              const float pr = own[row];
+              if (S > 0)
+                for (Index i = 0; i < hd; ++i) yr[i] += pr * vr[i];
+              else
+                for (Index i = 0; i < hd; ++i) yr[i] = pr * vr[i];
+            });
+          });
+        }
+        if (grouped) {
+          float *yh = p.yh.data(), *yt = p.y.data();
+          loop(small_rows, [=] { scatter_heads(yh, nh, hd, 1, N, yt, qw, 0, !small_rows); });
+        }
+        steps.push_back(block_step(p.mm_a_proj, y, w.a_proj_p, w.a_proj_b, a, &h));
+        // h_next = a + mlp.c_proj(act(mlp.c_fc(n_2(a or h))))
+        {
+          const NormParams n2 = w.ln_2;
+          float *x = sequential ? p.a.data() : p.h[l].data(), *out = p.ln_out.data();
+          float *mean = p.mean.data(), *rstd = p.rstd.data();
+          loop(small_rows, [=] { norm_forward(n2, x, out, mean, rstd, N, !small_rows); });
+        }
+        steps.push_back(block_step(p.mm_fc, ln_out, w.c_fc_p, w.c_fc_b, swiglu ? fc : fc_act));  // GELU fused
+        if (swiglu) {
+          float *f = p.fc.data(), *act = p.fc_act.data();
+          const Index I = m.inner_;
+          loop(small_fc, [=] { swiglu_forward(f, act, N, I, !small_fc); });
+        }
+        steps.push_back(block_step(p.mm_m_proj, fc_act, w.m_proj_p, w.m_proj_b, h_next, &a));
+      }
+      if (append) return steps;
+
+      // the head, into out_main
+      memory out = p.out_main;
+      float* hk = p.h[m.k_].data();
+      if (m.spec_.head == Head::none) {
+        loop(small_rows, [=] { add_rows(hk, nullptr, ptr(out), N, d, !small_rows); });
+      } else {
+        const bool lm_head = m.spec_.head == Head::lm_head;
+        memory normed = lm_head ? view(p.lnf_out, nd) : out;
+        const NormParams nf = m.ln_f_;
+        float *mean = p.mean.data(), *rstd = p.rstd.data();
+        loop(small_rows, [=] { norm_forward(nf, hk, ptr(normed), mean, rstd, N, !small_rows); });
+        if (lm_head) steps.push_back(block_step(p.mm_head, normed, m.head_t_, memory(), out));
+      }
+      return steps;
+    }
+
+    // One pass of `p` over S kept positions on `rows` ([N, width], any dtype); next: the output rows into `out`.
+    void run(RowPlan& p, Index S, bool append, const Tensor& rows, float* out) {
+      Pass& ps = pass(p, S, append);
+      Tensor converted;
+      if (rows.dtype() != DType::f32) converted = rows.to(DType::f32);
+      bind(p.in, rows.dtype() == DType::f32 ? rows.data<float>() : converted.data<float>());
+      const bool layers = !m_.spec_.layers.empty();
+      if (!append && !layers) bind(p.out_main, out);
+      run_steps(m_.ctx_, ps.steps);
+      bind(p.in, nullptr);  // the caller's rows are not kept
+      if (!append && !layers) bind(p.out_main, nullptr);
+      if (append || !layers) return;
+      const Index N = p.N, d = m_.d_, main_width = m_.main_width_, out_width = m_.out_width_;
+      for (Index n = 0; n < N; ++n) {  // [ main | h_layers[0] | ... ] per row
+        float* row = out + n * out_width;
+        std::memcpy(row, p.main.data() + n * main_width, static_cast<std::size_t>(main_width) * sizeof(float));
+        for (std::size_t j = 0; j < m_.spec_.layers.size(); ++j)
+          std::memcpy(row + main_width + static_cast<Index>(j) * d, p.h[m_.spec_.layers[j]].data() + n * d,
+                      static_cast<std::size_t>(d) * sizeof(float));
+      }
+    }
+
+    static constexpr std::size_t kMaxPasses = 64;  // per plan
+
+    DecoderModel& m_;
+    const Index limit_;       // the longest prefix plus candidate
+    const char* limit_name_;  // n_positions or seq_len
+    Index length_ = 0;
+    std::vector<Buffer> kv_;  // per block [capacity_, 2 kvw]: the kept positions' [k | v]
+    Index capacity_ = 0;
+    std::uint64_t generation_ = 0;  // bumped when kv_ moves
+    Plans plans_[2];                // for next, for append
+    std::uint64_t clock_ = 0;
+    RowPlan* last_ = nullptr;  // the last next()'s plan, holding its candidates' keys and values ...
+    Index last_count_ = 0;     // ... for its last_count_ candidates; 0: none (an append or reset since)
+  };
+
   static constexpr std::size_t kMaxPlans = 8;
   static constexpr Index kPlanBytes = Index{4} << 30;  // the plans' buffers together, beyond the newest one
 
@@ -951,6 +1437,7 @@ class DecoderModel final : public Model {
   std::uint64_t clock_ = 0;
   Plan* saved_plan_ = nullptr;  // the plan holding the activations of the forward pass on saved_input_
   Tensor saved_input_;
+  std::unique_ptr<Cache> cache_;  // made on the first request for the capability
 };
 
 }  // namespace

@@ -104,15 +104,16 @@ const std::vector<ModelKind>& supported_kinds() {
 const std::vector<std::string>& supported_features() {
   namespace f = feature;
   static const std::vector<std::string> features{
-      f::layer_norm,     f::layer_norm_no_bias, f::rms_norm,    f::learned_positions, f::rotary,
-      f::partial_rotary, f::grouped_kv,         f::head_dim,    f::gelu_tanh,         f::gelu_erf,
-      f::swiglu,         f::parallel_residual,  f::untied_head, f::extra_layers,      f::vocab_input};
+      f::layer_norm,  f::layer_norm_no_bias, f::rms_norm,    f::learned_positions, f::rotary, f::partial_rotary,
+      f::grouped_kv,  f::head_dim,           f::gelu_tanh,   f::gelu_erf,          f::swiglu, f::parallel_residual,
+      f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache};
   return features;
 }
 
 BackendInfo OnednnBackend::info() const {
   // bf16 is not offered: oneDNN 2.6 computes bf16 matmuls only on CPUs with AVX-512 (avx512_core and up), and this
-  // backend has not been written or tested for it. No prefix_cache yet.
+  // backend has not been written or tested for it. prefix_cache: the decoder's (decoder_model.cpp, class Cache); the
+  // MLP kinds offer none (transformer_mlp's would be optional).
   return {supported_kinds(), supported_features(), {DType::f32}, {"cpu"}};
 }
 

@@ -31,6 +31,7 @@
 
 #include "decoder_layers.hpp"
 #include "lminv/prefix_cache.hpp"
+#include "matmul_probe.hpp"
 #include "lminv/schema.hpp"
 #include "reference_backend.hpp"
 #include "tensor_util.hpp"
@@ -155,6 +156,10 @@ class DecoderModel final : public Model {
   }
 
   void* capability(std::string_view name) override {
+    if (name == kMatmulProbe) {
+      if (!probe_) probe_ = std::make_unique<ReferenceMatmulProbe>(threads_);
+      return static_cast<MatmulProbe*>(probe_.get());
+    }
     if (name != kPrefixCache) return nullptr;
     if (!cache_) cache_ = std::make_unique<Cache>(*this);
     return static_cast<PrefixCache*>(cache_.get());
@@ -575,6 +580,7 @@ class DecoderModel final : public Model {
   std::vector<Real> ln_f_mean_, ln_f_rstd_;
 
   std::unique_ptr<Cache> cache_;  // made on the first request for the capability
+  std::unique_ptr<ReferenceMatmulProbe> probe_;  // likewise
 };
 
 }  // namespace

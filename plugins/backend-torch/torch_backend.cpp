@@ -4,11 +4,15 @@
 // and the "prefix_cache" capability of the decoder on top of the network's cached-prefix calls.
 #include "torch_backend.hpp"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Version.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/randn.h>
 #include <ATen/ops/ones.h>
 #include <dlfcn.h>
 #include <omp.h>
@@ -19,11 +23,13 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <utility>
 
+#include "lminv/matmul_probe.hpp"
 #include "lminv/prefix_cache.hpp"
 #include "torch_networks.hpp"
 
@@ -113,8 +119,11 @@ class ThreadScope {
       blas_before_ = blas.get();
       if (n != blas_before_) blas.set(n);
     }
+    kernels_before_ = kernel_threads();
+    set_kernel_threads(n);
   }
   ~ThreadScope() {
+    set_kernel_threads(kernels_before_);
     omp_set_num_threads(omp_before_);
     const OpenBlasThreads& blas = openblas_threads();
     if (blas.get && blas.get() != blas_before_) blas.set(blas_before_);
@@ -125,6 +134,7 @@ class ThreadScope {
  private:
   int omp_before_ = 1;
   int blas_before_ = 1;
+  int kernels_before_ = 0;
 };
 
 // ---- the prefix cache ---------------------------------------------------------------------------------------------
@@ -225,6 +235,41 @@ class TorchPrefixCache final : public PrefixCache {
   CandidateKeyValues kept_;  // the last next()'s, until an append or reset
 };
 
+// ---- the matmul probe ---------------------------------------------------------------------------------------------
+
+// "matmul_probe": at::mm on the model's device with the model's thread settings, which is how the networks'
+// matrix products run (through LibTorch's BLAS on the CPU).
+class TorchMatmulProbe final : public MatmulProbe {
+ public:
+  TorchMatmulProbe(at::TensorOptions options, ThreadSettings threads) : options_(std::move(options)), threads_(threads) {}
+
+  double matmul_seconds(DType dtype, std::int64_t m, std::int64_t n, std::int64_t k, int repeat) override {
+    return guarded("matmul_probe", [&] {
+      if (dtype != DType::f32 && dtype != DType::f64 && dtype != DType::bf16)
+        throw Error(std::string(kWho) + ": matmul_probe: no matrix product in " + dtype_name(dtype));
+      const ThreadScope threads(threads_);
+      at::NoGradGuard no_grad;
+      const at::TensorOptions o = options_.dtype(scalar_type(dtype));
+      const at::Tensor a = at::randn({m, k}, o), b = at::randn({k, n}, o);
+      at::Tensor c = at::mm(a, b);
+      const bool cuda = options_.device().is_cuda();
+      double best = INFINITY;
+      for (int r = 0; r < std::max(1, repeat); ++r) {
+        if (cuda) torch::cuda::synchronize();
+        const auto start = std::chrono::steady_clock::now();
+        c = at::mm(a, b);
+        if (cuda) torch::cuda::synchronize();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      return best;
+    });
+  }
+
+ private:
+  at::TensorOptions options_;
+  ThreadSettings threads_;
+};
+
 // ---- the model ----------------------------------------------------------------------------------------------------
 
 class TorchModel final : public Model {
@@ -276,12 +321,17 @@ class TorchModel final : public Model {
       const at::Tensor x = to_aten(input, options_).requires_grad_(true);
       const at::Tensor output = network_->forward(x);
       remember(input, output);
-      at::Tensor dout;
-      const at::Tensor loss = metric_and_output_grad(output, target, metric, dout);
-      const at::Tensor grad = torch::autograd::grad({output}, {x}, {dout.to(output.scalar_type())})[0];
       LossAndGrad result;
-      const at::Tensor loss_host = loss.to(at::kCPU).contiguous();
-      result.loss.assign(loss_host.data_ptr<double>(), loss_host.data_ptr<double>() + loss_host.numel());
+      at::Tensor dout;
+      if (output.device().is_cpu() && (output.scalar_type() == at::kFloat || output.scalar_type() == at::kDouble)) {
+        dout = cpu_metric_and_output_grad(output, target, metric, result.loss);
+      } else {
+        const at::Tensor loss = metric_and_output_grad(output, target, metric, dout);
+        dout = dout.to(output.scalar_type());
+        const at::Tensor loss_host = loss.to(at::kCPU).contiguous();
+        result.loss.assign(loss_host.data_ptr<double>(), loss_host.data_ptr<double>() + loss_host.numel());
+      }
+      const at::Tensor grad = torch::autograd::grad({output}, {x}, {dout})[0];
       result.grad = to_lminv(grad, input.dtype());
       return result;
     });
@@ -289,6 +339,10 @@ class TorchModel final : public Model {
 
   // "prefix_cache": a TorchPrefixCache, made on the first request, when the network has one (decoder); else nullptr.
   void* capability(std::string_view name) override {
+    if (name == kMatmulProbe) {
+      if (!matmul_probe_) matmul_probe_ = std::make_unique<TorchMatmulProbe>(options_, threads_);
+      return static_cast<MatmulProbe*>(matmul_probe_.get());
+    }
     if (name != kPrefixCache || !network_->has_prefix_cache()) return nullptr;
     if (!prefix_cache_) prefix_cache_ = std::make_unique<TorchPrefixCache>(spec_, *network_, options_, threads_);
     return static_cast<PrefixCache*>(prefix_cache_.get());
@@ -330,6 +384,90 @@ class TorchModel final : public Model {
     return target_device_;
   }
 
+  // On the CPU in f32 or f64: the losses of metric_and_output_grad (below) in `loss` and their output gradient in the
+  // output's dtype, returned, in one pass over each item to sum and one to write the gradient, with the items split
+  // among the threads. The arithmetic is metric_item's (lminv/model.hpp): each output element converted to f64, sums
+  // in f64 in element order, the gradient rounded to the output's dtype at the end. ATen's element-wise version
+  // (below, for the other devices and dtypes) makes six f64 temporaries of the output's size on one thread, which
+  // at batch 32 with the lm_head (8 M outputs) cost about a tenth of the step.
+  at::Tensor cpu_metric_and_output_grad(const at::Tensor& output, const Tensor& target, Metric metric,
+                                        std::vector<double>& loss) {
+    const std::int64_t B = output.size(0);
+    check_target_shape(output, target);
+    const at::Tensor t = device_target(target).contiguous();
+    const at::Tensor o = output.detach().contiguous();
+    const std::int64_t n = o.numel() / B;
+    const bool broadcast = target.dim(0) == 1;
+    at::Tensor dout = at::empty_like(o);
+    loss.assign(static_cast<std::size_t>(B), 0.0);
+    AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "metric", [&] {
+      metric_rows(o.data_ptr<scalar_t>(), t.data_ptr<double>(), B, n, broadcast, metric, loss.data(),
+                  dout.data_ptr<scalar_t>());
+    });
+    return dout;
+  }
+
+  template <class T>
+  static void metric_rows(const T* o, const double* t, std::int64_t B, std::int64_t n, bool broadcast, Metric metric,
+                          double* loss, T* g) {
+    const int team = static_cast<int>(std::min<std::int64_t>(B, std::max(1, kernel_threads())));
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
+    for (std::int64_t b = 0; b < B; ++b) loss[b] = metric_row(o + b * n, t + (broadcast ? 0 : b * n), n, metric, g + b * n);
+  }
+
+  template <class T>
+  static double metric_row(const T* o, const double* t, std::int64_t n, Metric metric, T* g) {
+    double loss = 0;
+    switch (metric) {
+      case Metric::l1:
+        for (std::int64_t i = 0; i < n; ++i) {
+          const double d = static_cast<double>(o[i]) - t[i];
+          loss += std::abs(d);
+          g[i] = static_cast<T>(d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0));
+        }
+        break;
+      case Metric::l2: {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const double d = static_cast<double>(o[i]) - t[i];
+          loss += d * d;
+        }
+        loss = std::sqrt(loss);
+        for (std::int64_t i = 0; i < n; ++i)
+          g[i] = static_cast<T>(loss > 0 ? (static_cast<double>(o[i]) - t[i]) / loss : 0.0);
+        break;
+      }
+      case Metric::cosine: {
+        double dot = 0, oo = 0, tt = 0;
+        for (std::int64_t i = 0; i < n; ++i) {
+          const double oi = static_cast<double>(o[i]);
+          dot += oi * t[i];
+          oo += oi * oi;
+          tt += t[i] * t[i];
+        }
+        const double no = std::sqrt(oo), nt = std::sqrt(tt);
+        if (no == 0 || nt == 0) {
+          for (std::int64_t i = 0; i < n; ++i) g[i] = T(0);
+          return 1.0;
+        }
+        const double cos = dot / (no * nt);
+        for (std::int64_t i = 0; i < n; ++i)
+          g[i] = static_cast<T>(-(t[i] / (no * nt) - cos * static_cast<double>(o[i]) / oo));
+        loss = 1 - cos;
+        break;
+      }
+    }
+    return loss;
+  }
+
+  void check_target_shape(const at::Tensor& output, const Tensor& target) const {
+    const std::int64_t B = output.size(0);
+    const bool trailing_equal = target.rank() == output.dim() && target.rank() > 0 &&
+                                std::equal(target.shape().begin() + 1, target.shape().end(), output.sizes().begin() + 1);
+    if (!trailing_equal || (target.dim(0) != 1 && target.dim(0) != B))
+      throw Error(std::string(kWho) + ": loss: target " + shape_string(target.shape()) + " does not match output " +
+                  shape_string(Shape(output.sizes().begin(), output.sizes().end())));
+  }
+
   // Per-item losses [B] (f64) of output [B, ...] against target [1 or B, ...], and in `dout` their gradient with
   // respect to the output (f64), exactly as lminv::detail::metric_item defines them:
   //   l1      sum |o - t|                gradient sign(o - t), 0 where o = t
@@ -337,11 +475,7 @@ class TorchModel final : public Model {
   //   cosine  1 - <o, t> / (|o| |t|)     gradient -(t / (|o| |t|) - cos o / |o|^2); loss 1, gradient 0 when |o| |t| = 0
   at::Tensor metric_and_output_grad(const at::Tensor& output, const Tensor& target, Metric metric, at::Tensor& dout) {
     const std::int64_t B = output.size(0);
-    const bool trailing_equal = target.rank() == output.dim() && target.rank() > 0 &&
-                                std::equal(target.shape().begin() + 1, target.shape().end(), output.sizes().begin() + 1);
-    if (!trailing_equal || (target.dim(0) != 1 && target.dim(0) != B))
-      throw Error(std::string(kWho) + ": loss: target " + shape_string(target.shape()) + " does not match output " +
-                  shape_string(Shape(output.sizes().begin(), output.sizes().end())));
+    check_target_shape(output, target);
     const at::Tensor o = output.detach().to(at::kDouble).reshape({B, -1});
     const at::Tensor t = device_target(target).reshape({target.dim(0), -1});  // broadcasts over B when it is [1, n]
     at::Tensor loss;
@@ -379,6 +513,7 @@ class TorchModel final : public Model {
   ThreadSettings threads_;
   // After network_, which it uses: destroyed before it.
   std::unique_ptr<PrefixCache> prefix_cache_;
+  std::unique_ptr<MatmulProbe> matmul_probe_;
   Tensor last_input_;        // the input of the last pass run with autograd ...
   at::Tensor last_output_;   // ... and its output (detached), for a forward on the same input
   Tensor target_host_;       // the last target ...

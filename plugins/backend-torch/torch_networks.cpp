@@ -28,6 +28,9 @@
 // after x = input or input @ wte (input = vocab). spec.blocks and spec.head are not used.
 #include "torch_networks.hpp"
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
 #include <ATen/ops/bmm.h>
@@ -50,7 +53,15 @@
 #include <utility>
 #include <vector>
 
+#include "skinny_matmul.hpp"
+
 namespace lminv::torch_backend {
+
+namespace {
+thread_local int current_kernel_threads = 0;
+}  // namespace
+int kernel_threads() { return current_kernel_threads; }
+void set_kernel_threads(int threads) { current_kernel_threads = threads; }
 
 c10::ScalarType scalar_type(DType dtype) {
   switch (dtype) {
@@ -163,18 +174,69 @@ at::Tensor Network::next_after_prefix(const at::Tensor& /*candidates*/, const Ke
 
 namespace {
 
+// A product with few rows (kernels::kSkinnyRows) through the streaming kernels of plugins/common/skinny_matmul.hpp,
+// as an autograd node: OpenBLAS 0.3.21 packs the whole weight for a GEMM even when it has five rows, which made a
+// batch-1 step of GPT-2 small read its weights at a third of the machine's bandwidth (bench/RESULTS.md). The weight
+// layout decides which kernel runs the product and which its transpose (the input gradient); weights and biases
+// never need gradients here (inversion differentiates with respect to the input only).
+enum class Layout { in_out, out_in };
+
+struct SkinnyAffine : public torch::autograd::Function<SkinnyAffine> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, std::int64_t layout) {
+    ctx->save_for_backward({weight});
+    ctx->saved_data["layout"] = layout;
+    const at::Tensor xc = x.contiguous();
+    const std::int64_t M = xc.size(0);
+    const bool in_out = static_cast<Layout>(layout) == Layout::in_out;
+    const std::int64_t N = in_out ? weight.size(1) : weight.size(0), K = xc.size(1);
+    at::Tensor y = at::empty({M, N}, xc.options());
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "skinny_affine", [&] {
+      const scalar_t* b = bias.numel() > 0 ? bias.data_ptr<scalar_t>() : nullptr;  // empty: no bias
+      if (in_out)
+        kernels::times(y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, M, K, N,
+                       kernel_threads());
+      else
+        kernels::times_transposed(y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, M,
+                                  N, K, kernel_threads());
+    });
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor weight = ctx->get_saved_variables()[0];
+    const bool in_out = static_cast<Layout>(ctx->saved_data["layout"].toInt()) == Layout::in_out;
+    const at::Tensor dy = grads[0].contiguous();
+    const std::int64_t M = dy.size(0);
+    const std::int64_t K = in_out ? weight.size(0) : weight.size(1), N = dy.size(1);  // dx [M, K]
+    at::Tensor dx = at::empty({M, K}, dy.options());
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "skinny_affine_backward", [&] {
+      if (in_out)  // dx = dy W^T, W [K, N]
+        kernels::times_transposed(dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                  static_cast<const scalar_t*>(nullptr), M, K, N, kernel_threads());
+      else  // dx = dy W, W [N, K]
+        kernels::times(dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                       static_cast<const scalar_t*>(nullptr), M, N, K, kernel_threads());
+    });
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // x [rows, in] times a weight, plus bias (when defined): x W + b for a weight stored [in, out] (Conv1D, the
 // canonical decoder layout, wte for a vocabulary-space input), x W^T + b for one stored [out, in] (nn.Linear, the
-// lm_head). A single row goes through a matrix-vector product: OpenBLAS 0.3.21 packs the whole weight for a GEMM
-// even when it has one row, which made fcnet's batch-1 steps 2.5 to 4 times slower (measured); from two rows on,
-// the GEMM is as fast as row-by-row products or faster.
-enum class Layout { in_out, out_in };
+// lm_head). Up to kSkinnyRows rows on the CPU in f32 or f64, the streaming kernels (SkinnyAffine); otherwise the
+// GEMM of LibTorch's BLAS.
 at::Tensor affine(const at::Tensor& x, const at::Tensor& weight, Layout layout, const at::Tensor& bias = {}) {
+  const bool skinny = x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() &&
+                      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                      weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
+                      (!bias.defined() || bias.is_contiguous());
+  // (An undefined tensor cannot cross Function::apply: no bias goes as an empty one.)
+  if (skinny)
+    return SkinnyAffine::apply(x, weight, bias.defined() ? bias : at::empty({0}, x.options()),
+                               static_cast<std::int64_t>(layout));
   const at::Tensor w = layout == Layout::in_out ? weight : weight.t();  // [in, out]
-  if (x.size(0) == 1) {
-    const at::Tensor v = x.reshape({x.size(1)});
-    return (bias.defined() ? at::addmv(bias, w.t(), v) : at::mv(w.t(), v)).unsqueeze(0);
-  }
   return bias.defined() ? at::addmm(bias, x, w) : at::mm(x, w);
 }
 

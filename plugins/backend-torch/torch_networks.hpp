@@ -116,6 +116,11 @@ std::unique_ptr<Network> make_mlp_network(const ModelSpec& spec, const std::shar
 
 c10::ScalarType scalar_type(DType dtype);
 
+// The threads of the streaming kernels (plugins/common/skinny_matmul.hpp) on the calling thread: set by the model
+// calls' thread scope (torch_backend.cpp) to the [backend] `threads` (0 = all cores) for their duration.
+int kernel_threads();
+void set_kernel_threads(int threads);
+
 // A copy of `t` as an ATen tensor with `options` (dtype and device); the lminv tensor is not referenced afterwards.
 at::Tensor to_aten(const Tensor& t, const at::TensorOptions& options);
 

@@ -1,0 +1,201 @@
+// Matrix products with few rows ("skinny": a batch of one prompt of a few tokens, a verifier's handful of
+// candidates), written to read each weight once, at the speed of memory.
+//
+// A GEMM library packs its right-hand matrix into blocks before multiplying, which pays off when many rows share
+// the packed copy; with 5 rows it reads and writes every weight once more than the product needs (OpenBLAS 0.3.21
+// and oneDNN 2.6's sgemm ran [5, 768] x [768, 2304] at a third to half of the machine's read bandwidth, measured
+// in bench/RESULTS.md). These two kernels stream the weight once, in memory order, split among the threads:
+//
+//   times_transposed   y = x W^T (+ b), W stored [N, K]: dot products of W's rows with x's rows;
+//   times              y = x W  (+ b), W stored [K, N]: W's rows scaled and summed into y's rows; the threads take
+//                      contiguous ranges of W's rows and sum their partial y at the end.
+//
+// Every weight layout a network keeps uses one of the two for a product and the other for its transpose (the input
+// gradient), so a layer's forward and backward both stream its weight once. The rounding differs from a GEMM's
+// (other summation orders, fused multiply-adds): these are for the fast backends, never for the reference's exact
+// kernels. Rows beyond kSkinnyRows are left to the GEMM library, which is faster there.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace lminv::kernels {
+
+using Index = std::int64_t;
+
+// Up to this many rows the kernels below beat the GEMM libraries on the machines measured (bench/RESULTS.md).
+inline constexpr Index kSkinnyRows = 16;
+
+namespace detail {
+
+// Threads for a product of `madds` multiply-adds: one below ~64 K (the team's start costs more than it saves).
+inline int team(int threads, Index madds) {
+  const int wanted = threads > 0 ? threads : omp_get_max_threads();
+  const Index useful = std::max<Index>(1, madds >> 16);
+  return static_cast<int>(std::min<Index>(wanted, useful));
+}
+
+// 32 bytes of T as one value (GCC/Clang vector extensions: an AVX register on x86-64, two SSE or NEON registers
+// elsewhere), loaded and stored unaligned.
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int lanes = 32 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof v); }
+  static type splat(T a) { return type{} + a; }
+  static T sum(type v) {
+    T s = 0;
+    for (int j = 0; j < lanes; ++j) s += v[j];
+    return s;
+  }
+};
+
+// y[m * ldy + r] = <W[r, :], x[m, :]> for R consecutive rows of W (row length K) and MB rows of x (row length K).
+// R MB accumulators and R + 1 loads in flight: with R MB <= 8 they all stay in the 16 vector registers of AVX2.
+template <class T, int R, int MB>
+inline void dots(T* __restrict__ y, Index ldy, const T* __restrict__ W, const T* __restrict__ x, Index K) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  typename V::type acc[R][MB] = {};
+  Index i = 0;
+  for (; i + L <= K; i += L) {
+    typename V::type w[R];
+    for (int r = 0; r < R; ++r) w[r] = V::load(W + r * K + i);
+    for (int m = 0; m < MB; ++m) {
+      const typename V::type xm = V::load(x + m * K + i);
+      for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xm;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      T s = V::sum(acc[r][m]);
+      for (Index t = i; t < K; ++t) s += W[r * K + t] * x[m * K + t];
+      y[m * ldy + r] = s;
+    }
+}
+
+// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows), in blocks of R rows of W by up to 4 rows of x.
+template <class T>
+inline void dots_range(T* y, const T* x, const T* W, Index M, Index N, Index K, Index n0, Index n1) {
+  constexpr int R = 2;
+  Index n = n0;
+  for (; n + R <= n1; n += R) {
+    Index m = 0;
+    for (; m + 4 <= M; m += 4) dots<T, R, 4>(y + m * N + n, N, W + n * K, x + m * K, K);
+    switch (M - m) {
+      case 3: dots<T, R, 3>(y + m * N + n, N, W + n * K, x + m * K, K); break;
+      case 2: dots<T, R, 2>(y + m * N + n, N, W + n * K, x + m * K, K); break;
+      case 1: dots<T, R, 1>(y + m * N + n, N, W + n * K, x + m * K, K); break;
+      default: break;
+    }
+  }
+  for (; n < n1; ++n) {
+    Index m = 0;
+    for (; m + 4 <= M; m += 4) dots<T, 1, 4>(y + m * N + n, N, W + n * K, x + m * K, K);
+    for (; m < M; ++m) dots<T, 1, 1>(y + m * N + n, N, W + n * K, x + m * K, K);
+  }
+}
+
+// y[m, :] += sum over rows k in [k0, k1) of x[m, k] W[k, :] (row length N), four rows of W per pass so that each
+// element of y is loaded and stored once per four of them.
+template <class T>
+inline void axpys_range(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ W, Index M, Index K,
+                        Index N, Index k0, Index k1) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  Index k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const T* w0 = W + k * N;
+    const T* w1 = w0 + N;
+    const T* w2 = w1 + N;
+    const T* w3 = w2 + N;
+    for (Index m = 0; m < M; ++m) {
+      const T a0 = x[m * K + k], a1 = x[m * K + k + 1], a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
+      const typename V::type v0 = V::splat(a0), v1 = V::splat(a1), v2 = V::splat(a2), v3 = V::splat(a3);
+      T* __restrict__ ym = y + m * N;
+      Index c = 0;
+      for (; c + L <= N; c += L)
+        V::store(ym + c, V::load(ym + c) + v0 * V::load(w0 + c) + v1 * V::load(w1 + c) + v2 * V::load(w2 + c) +
+                             v3 * V::load(w3 + c));
+      for (; c < N; ++c) ym[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c];
+    }
+  }
+  for (; k < k1; ++k) {
+    const T* w = W + k * N;
+    for (Index m = 0; m < M; ++m) {
+      const T a = x[m * K + k];
+      T* __restrict__ ym = y + m * N;
+      for (Index c = 0; c < N; ++c) ym[c] += a * w[c];
+    }
+  }
+}
+
+}  // namespace detail
+
+// y [M, N] = x [M, K] W^T (+ bias [N]) for W stored [N, K] row-major; y must not overlap x or W.
+template <class T>
+void times_transposed(T* y, const T* x, const T* W, const T* bias, Index M, Index N, Index K, int threads) {
+  const int team = detail::team(threads, M * N * K);
+#pragma omp parallel num_threads(team) if (team > 1)
+  {
+    const Index parts = omp_get_num_threads(), part = omp_get_thread_num();
+    // Contiguous, even ranges of W's rows (multiples of 2 but for the last), one per thread.
+    const Index per = ((N + parts - 1) / parts + 1) / 2 * 2;
+    const Index n0 = std::min(N, part * per), n1 = std::min(N, n0 + per);
+    detail::dots_range(y, x, W, M, N, K, n0, n1);
+    if (bias)
+      for (Index m = 0; m < M; ++m)
+        for (Index n = n0; n < n1; ++n) y[m * N + n] += bias[n];
+  }
+}
+
+// y [M, N] = x [M, K] W (+ bias [N]) for W stored [K, N] row-major; y must not overlap x or W. Each thread sums its
+// range of W's rows into a partial y of its own (M N values), then the partials are added in thread order.
+template <class T>
+void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index N, int threads) {
+  const int team = detail::team(threads, M * N * K);
+  if (team == 1) {
+    for (Index m = 0; m < M; ++m) {
+      if (bias)
+        std::memcpy(y + m * N, bias, static_cast<std::size_t>(N) * sizeof(T));
+      else
+        std::fill(y + m * N, y + (m + 1) * N, T(0));
+    }
+    detail::axpys_range(y, x, W, M, K, N, 0, K);
+    return;
+  }
+  thread_local std::vector<T> scratch;  // the partials of threads 1 .. team - 1, kept between calls
+  const std::size_t block = static_cast<std::size_t>(M * N);
+  if (scratch.size() < block * static_cast<std::size_t>(team - 1)) scratch.assign(block * static_cast<std::size_t>(team - 1), T(0));
+  T* partials = scratch.data();
+#pragma omp parallel num_threads(team)
+  {
+    const Index parts = omp_get_num_threads(), part = omp_get_thread_num();
+    const Index per = ((K + parts - 1) / parts + 3) / 4 * 4;  // multiples of 4 rows, but for the last range
+    const Index k0 = std::min(K, part * per), k1 = std::min(K, k0 + per);
+    T* mine = part == 0 ? y : partials + static_cast<std::size_t>(part - 1) * block;
+    std::fill(mine, mine + block, T(0));
+    detail::axpys_range(mine, x, W, M, K, N, k0, k1);
+#pragma omp barrier
+    // The sum of the partials, split by columns of y among the threads.
+    const Index cper = (N + parts - 1) / parts;
+    const Index c0 = std::min(N, part * cper), c1 = std::min(N, c0 + cper);
+    for (Index m = 0; m < M; ++m)
+      for (Index c = c0; c < c1; ++c) {
+        T s = y[m * N + c];
+        for (Index p = 1; p < parts; ++p) s += partials[static_cast<std::size_t>(p - 1) * block + m * N + c];
+        y[m * N + c] = bias ? s + bias[c] : s;
+      }
+  }
+}
+
+}  // namespace lminv::kernels
