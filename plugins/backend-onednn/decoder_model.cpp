@@ -54,6 +54,8 @@
 #include <vector>
 
 #include "lminv/prefix_cache.hpp"
+#include "matmul_probe.hpp"
+#include "skinny_matmul.hpp"
 #include "onednn_backend.hpp"
 #include "onednn_common.hpp"
 
@@ -386,6 +388,10 @@ class DecoderModel final : public Model {
 
   // "prefix_cache" (class Cache below), made on the first request.
   void* capability(std::string_view name) override {
+    if (name == kMatmulProbe) {
+      if (!probe_) probe_ = std::make_unique<OnednnMatmulProbe>(ctx_.threads);
+      return static_cast<MatmulProbe*>(probe_.get());
+    }
     if (name != kPrefixCache) return nullptr;
     if (!cache_) cache_ = std::make_unique<Cache>(*this);
     return static_cast<PrefixCache*>(cache_.get());
@@ -486,6 +492,51 @@ class DecoderModel final : public Model {
     if (bias) s.args[DNNL_ARG_BIAS] = bias;
     if (added) s.args[kPostOpSrc1] = *added;
     return s;
+  }
+
+  // The step of dst = src @ w (+ bias) (+ *added) for a plan's forward or backward pass: with few source rows
+  // (kernels::kSkinnyRows) the streaming kernels of plugins/common/skinny_matmul.hpp on w's stored bytes, which read
+  // the weight once where oneDNN's gemm-based matmul packs it first (at 5 rows it read GPT-2's weights at a third to
+  // half of the machine's bandwidth: bench/RESULTS.md); otherwise, or for layouts the kernels do not take, `mm`.
+  static Step matmul_step(const WeightMatmul& mm, const memory& src, const Matrix& w, const memory& bias,
+                          const memory& dst, const memory* added = nullptr) {
+    const memory::desc smd = src.get_desc(), wmd = w.stored.get_desc(), dmd = dst.get_desc();
+    const auto &sd = smd.data, &wd = wmd.data, &dd = dmd.data;
+    const bool plain2 = sd.ndims == 2 && wd.ndims == 2 && dd.ndims == 2 && is_plain_layout(smd) &&
+                        is_plain_layout(wmd) && is_plain_layout(dmd);
+    if (!plain2 || sd.dims[0] > kernels::kSkinnyRows) return block_step(mm, src, w, bias, dst, added);
+    const Index M = sd.dims[0], K = sd.dims[1], N = wd.dims[1];
+    const auto* ss = sd.format_desc.blocking.strides;
+    const auto* ws = wd.format_desc.blocking.strides;
+    const auto* ds = dd.format_desc.blocking.strides;
+    const bool rows_plain = ss[0] == K && ss[1] == 1 && ds[0] == N && ds[1] == 1;
+    const bool w_rows = ws[0] == N && ws[1] == 1;  // stored [K, N]: y = x W
+    const bool w_cols = ws[0] == 1 && ws[1] == K;  // stored [N, K], the transpose: y = x (W^T)^T
+    bool added_plain = true;
+    if (added) {
+      const memory::desc amd = added->get_desc();
+      added_plain = is_plain_layout(amd) && amd.data.ndims == 2 && amd.data.format_desc.blocking.strides[0] == N &&
+                    amd.data.format_desc.blocking.strides[1] == 1 &&
+                    added->get_data_handle() != dst.get_data_handle();  // the kernels overwrite dst first
+    }
+    if (!rows_plain || !(w_rows || w_cols) || !added_plain) return block_step(mm, src, w, bias, dst, added);
+    const memory x = src, weight = w.stored, b = bias, y = dst, add = added ? *added : memory();
+    return Step(
+        [=] {
+          const auto* xp = static_cast<const float*>(x.get_data_handle());
+          const auto* wp = static_cast<const float*>(weight.get_data_handle());
+          const auto* bp = b ? static_cast<const float*>(b.get_data_handle()) : nullptr;
+          auto* yp = static_cast<float*>(y.get_data_handle());
+          if (w_rows)
+            kernels::times(yp, xp, wp, bp, M, K, N, 0);
+          else
+            kernels::times_transposed(yp, xp, wp, bp, M, N, K, 0);
+          if (add) {  // the residual: the matmul's post-op sum
+            const auto* ap = static_cast<const float*>(add.get_data_handle());
+            for (Index i = 0; i < M * N; ++i) yp[i] += ap[i];
+          }
+        },
+        /*one_thread=*/false);
   }
 
   std::unique_ptr<Plan> build(Index B, Index T) {
@@ -640,10 +691,10 @@ class DecoderModel final : public Model {
         memory wpe = view(p.wpe, nd);
         const WeightMatmul mm = weight_matmul("vocabulary embedding matmul", ctx_, plain({N, V_}), wte_, nullptr, nd,
                                               matmul_attr(1.f, &nd));
-        p.forward.push_back(block_step(mm, in, wte_, memory(), h0, &wpe));
+        p.forward.push_back(matmul_step(mm, in, wte_, memory(), h0, &wpe));
       } else {
         const WeightMatmul mm = weight_matmul("vocabulary embedding matmul", ctx_, plain({N, V_}), wte_, nullptr, nd);
-        p.forward.push_back(block_step(mm, in, wte_, memory(), h0));
+        p.forward.push_back(matmul_step(mm, in, wte_, memory(), h0));
       }
     }
     memory ln_out = view(p.ln_out, nd), y = view(p.y, nq), fc_act = view(p.fc_act, ni);
@@ -659,7 +710,7 @@ class DecoderModel final : public Model {
         float *x = p.h[l].data(), *out = p.ln_out.data(), *mean = s.n1_mean.data(), *rstd = s.n1_rstd.data();
         p.forward.push_back(loop(small_rows, [=] { norm_forward(n1, x, out, mean, rstd, N, !small_rows); }));
       }
-      p.forward.push_back(block_step(mm_qkv, ln_out, w.c_attn, w.c_attn_b, qkv));
+      p.forward.push_back(matmul_step(mm_qkv, ln_out, w.c_attn, w.c_attn_b, qkv));
       if (rotary) {
         const Rotary rot = rot_;
         float* base = ptr(qkv);
@@ -701,7 +752,7 @@ class DecoderModel final : public Model {
         p.forward.push_back(
             {mm_av, {{DNNL_ARG_SRC, att}, {DNNL_ARG_WEIGHTS, v}, {DNNL_ARG_DST, view(p.y, y_md)}}, small_att});
       }
-      p.forward.push_back(block_step(mm_a_proj, y, w.a_proj, w.a_proj_b, a, &h));
+      p.forward.push_back(matmul_step(mm_a_proj, y, w.a_proj, w.a_proj_b, a, &h));
       // h_next = a + mlp.c_proj(act(mlp.c_fc(n_2(a or h))))
       {
         const NormParams n2 = w.ln_2;
@@ -709,7 +760,7 @@ class DecoderModel final : public Model {
         float *mean = s.n2_mean.data(), *rstd = s.n2_rstd.data();
         p.forward.push_back(loop(small_rows, [=] { norm_forward(n2, x, out, mean, rstd, N, !small_rows); }));
       }
-      p.forward.push_back(block_step(mm_fc, ln_out, w.c_fc, w.c_fc_b, fc));
+      p.forward.push_back(matmul_step(mm_fc, ln_out, w.c_fc, w.c_fc_b, fc));
       if (swiglu) {
         float *f = s.fc.data(), *act = p.fc_act.data();
         const Index I = inner_;
@@ -717,7 +768,7 @@ class DecoderModel final : public Model {
       } else {
         p.forward.push_back({gelu_fwd, {{DNNL_ARG_SRC, fc}, {DNNL_ARG_DST, fc_act}}, small_fc});
       }
-      p.forward.push_back(block_step(mm_m_proj, fc_act, w.m_proj, w.m_proj_b, h_next, &a));
+      p.forward.push_back(matmul_step(mm_m_proj, fc_act, w.m_proj, w.m_proj_b, h_next, &a));
     }
     // the head, into the output (layers empty: bound at every call) or into `main`
     if (layers) p.main = buffer(N * main_width_);
@@ -739,7 +790,7 @@ class DecoderModel final : public Model {
       p.forward.push_back(loop(small_rows, [=] { norm_forward(nf, x, ptr(normed), mean, rstd, N, !small_rows); }));
       if (spec_.head == Head::lm_head) {
         const WeightMatmul mm = weight_matmul("lm_head matmul", ctx_, nd, head_t_, nullptr, main_md);
-        p.forward.push_back(block_step(mm, normed, head_t_, memory(), p.out_main));
+        p.forward.push_back(matmul_step(mm, normed, head_t_, memory(), p.out_main));
       }
     }
 
@@ -776,7 +827,7 @@ class DecoderModel final : public Model {
         p.dlnf = buffer(N * d);
         dnormed = view(p.dlnf, nd);
         const WeightMatmul mm = weight_matmul("lm_head backward matmul", ctx_, main_md, head_, nullptr, nd);
-        p.backward.push_back(block_step(mm, p.grad_main, head_, memory(), dnormed));
+        p.backward.push_back(matmul_step(mm, p.grad_main, head_, memory(), dnormed));
       }
       const NormParams nf = ln_f_;
       float *x = p.h[k_].data(), *mean = p.lnf_mean.data(), *rstd = p.lnf_rstd.data(), *dx = p.dhk.data();
@@ -818,7 +869,7 @@ class DecoderModel final : public Model {
       memory fc = view(s.fc, nfc), att = view(s.att, scores);
       // h_next = a + mlp.c_proj(act(mlp.c_fc(n_2(x)))), x = a (sequential) or h (parallel): into da the gradient of
       // a plus, when x = a, the MLP's; for the parallel residual the MLP's gradient reaches h and da goes on with it.
-      p.backward.push_back(block_step(mm_m_proj_bwd, cur, w.m_proj_t, memory(), dfc_act));
+      p.backward.push_back(matmul_step(mm_m_proj_bwd, cur, w.m_proj_t, memory(), dfc_act));
       if (swiglu) {
         float *f = s.fc.data(), *dact = p.dfc_act.data(), *df = p.dfc.data();
         const Index I = inner_;
@@ -827,7 +878,7 @@ class DecoderModel final : public Model {
         p.backward.push_back(
             {gelu_bwd, {{DNNL_ARG_SRC, fc}, {DNNL_ARG_DIFF_DST, dfc_act}, {DNNL_ARG_DIFF_SRC, dfc}}, small_fc});
       }
-      p.backward.push_back(block_step(mm_fc_bwd, dfc, w.c_fc_t, memory(), dln));
+      p.backward.push_back(matmul_step(mm_fc_bwd, dfc, w.c_fc_t, memory(), dln));
       {
         const NormParams n2 = w.ln_2;
         float *x = sequential ? s.a.data() : p.h[b].data(), *mean = s.n2_mean.data(), *rstd = s.n2_rstd.data();
@@ -839,7 +890,7 @@ class DecoderModel final : public Model {
       // a = h + attn.c_proj(attention(...)): the attention branch's output gradient is a's (sequential: da; parallel:
       // h_next's, cur), and h gets da plus what comes through n_1.
       const memory& dattn_out = sequential ? da : cur;
-      p.backward.push_back(block_step(mm_a_proj_bwd, dattn_out, w.a_proj_t, memory(), dy));
+      p.backward.push_back(matmul_step(mm_a_proj_bwd, dattn_out, w.a_proj_t, memory(), dy));
       memory dy_h = view(p.dy, y_md), dq, dk, dv, q, k;
       if (grouped) {
         float *src = p.dy.data(), *dst = p.dyh.data();
@@ -879,7 +930,7 @@ class DecoderModel final : public Model {
         float* base = p.dqkv.data();
         p.backward.push_back(loop(small_qkv, [=] { rotate(rot, base, N, T, W, 0, nh + nkv, hd, true, !small_qkv); }));
       }
-      p.backward.push_back(block_step(mm_qkv_bwd, dqkv, w.c_attn_t, memory(), dln));
+      p.backward.push_back(matmul_step(mm_qkv_bwd, dqkv, w.c_attn_t, memory(), dln));
       {
         const NormParams n1 = w.ln_1;
         float *x = p.h[b].data(), *mean = s.n1_mean.data(), *rstd = s.n1_rstd.data(), *g = p.dln.data();
@@ -898,7 +949,7 @@ class DecoderModel final : public Model {
       p.grad_in = external(ctx_, plain({N, V_}));
       const WeightMatmul mm =
           weight_matmul("vocabulary embedding backward matmul", ctx_, nd, wte_t_, nullptr, plain({N, V_}));
-      p.backward.push_back(block_step(mm, cur, wte_t_, memory(), p.grad_in));
+      p.backward.push_back(matmul_step(mm, cur, wte_t_, memory(), p.grad_in));
     }
     return plan;
   }
@@ -1438,6 +1489,7 @@ class DecoderModel final : public Model {
   Plan* saved_plan_ = nullptr;  // the plan holding the activations of the forward pass on saved_input_
   Tensor saved_input_;
   std::unique_ptr<Cache> cache_;  // made on the first request for the capability
+  std::unique_ptr<OnednnMatmulProbe> probe_;  // likewise
 };
 
 }  // namespace

@@ -1,0 +1,72 @@
+// The streaming kernels for products of few rows (plugins/common/skinny_matmul.hpp) against a plain double loop, on
+// sizes that exercise every tail (rows, lanes, the 2-row and 4-row blocks, the threads' ranges), with and without a
+// bias, in f32 and f64, with one and with two threads.
+#include "skinny_matmul.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace lminv::kernels {
+namespace {
+
+template <class T>
+std::vector<T> values(Index n, double phase) {
+  std::vector<T> v(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = static_cast<T>(std::sin(0.37 * static_cast<double>(i) + phase));
+  return v;
+}
+
+// The largest |a - b| / (1 + |b|).
+template <class T>
+double worst(const std::vector<T>& a, const std::vector<double>& b) {
+  double w = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) w = std::max(w, std::abs(static_cast<double>(a[i]) - b[i]) / (1 + std::abs(b[i])));
+  return w;
+}
+
+template <class T>
+void check(Index M, Index K, Index N, bool with_bias, int threads, double tolerance) {
+  const std::vector<T> x = values<T>(M * K, 0.1), w = values<T>(K * N, 0.7), bias = values<T>(N, 1.3);
+  // y = x W with W [K, N]
+  std::vector<double> want(static_cast<std::size_t>(M * N));
+  for (Index m = 0; m < M; ++m)
+    for (Index n = 0; n < N; ++n) {
+      double s = with_bias ? bias[n] : 0.0;
+      for (Index k = 0; k < K; ++k) s += static_cast<double>(x[m * K + k]) * w[k * N + n];
+      want[m * N + n] = s;
+    }
+  std::vector<T> y(static_cast<std::size_t>(M * N), T(-7));
+  times(y.data(), x.data(), w.data(), with_bias ? bias.data() : nullptr, M, K, N, threads);
+  EXPECT_LT(worst(y, want), tolerance) << "times M " << M << " K " << K << " N " << N << " threads " << threads;
+  // y = x V^T with V [N, K]: V = W^T
+  std::vector<T> v(static_cast<std::size_t>(N * K));
+  for (Index k = 0; k < K; ++k)
+    for (Index n = 0; n < N; ++n) v[n * K + k] = w[k * N + n];
+  std::fill(y.begin(), y.end(), T(-7));
+  times_transposed(y.data(), x.data(), v.data(), with_bias ? bias.data() : nullptr, M, N, K, threads);
+  EXPECT_LT(worst(y, want), tolerance) << "times_transposed M " << M << " K " << K << " N " << N << " threads "
+                                       << threads;
+}
+
+TEST(SkinnyMatmul, MatchesADoubleLoopInF64) {
+  for (Index M : {1, 2, 3, 4, 5, 7, 16})
+    for (int threads : {1, 2}) {
+      check<double>(M, 1, 1, true, threads, 1e-14);
+      check<double>(M, 37, 29, M % 2 == 0, threads, 1e-13);
+      check<double>(M, 768, 515, true, threads, 1e-12);  // large enough for a team of two
+      check<double>(M, 2050, 66, false, threads, 1e-12);
+    }
+}
+
+TEST(SkinnyMatmul, MatchesADoubleLoopInF32) {
+  for (Index M : {1, 5, 9, 16})
+    for (int threads : {1, 2}) {
+      check<float>(M, 37, 29, true, threads, 1e-5);
+      check<float>(M, 768, 515, M % 2 == 1, threads, 1e-4);
+    }
+}
+
+}  // namespace
+}  // namespace lminv::kernels
