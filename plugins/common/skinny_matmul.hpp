@@ -60,7 +60,7 @@ struct Vec {
 };
 
 // y[m * ldy + r] = <W[r, :], x[m, :]> for R consecutive rows of W (row length K) and MB rows of x (row length K).
-// R MB accumulators and R + 1 loads in flight: with R MB <= 8 they all stay in the 16 vector registers of AVX2.
+// R MB accumulators and R + 1 loads in flight: with R (MB + 1) <= 15 they stay in the 16 vector registers of AVX2.
 template <class T, int R, int MB>
 inline void dots(T* __restrict__ y, Index ldy, const T* __restrict__ W, const T* __restrict__ x, Index K) {
   using V = Vec<T>;
@@ -83,20 +83,15 @@ inline void dots(T* __restrict__ y, Index ldy, const T* __restrict__ W, const T*
     }
 }
 
-// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows), in blocks of R rows of W by up to 4 rows of x.
+// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows), in blocks of 4 rows of W by 2 rows of x.
 template <class T>
 inline void dots_range(T* y, const T* x, const T* W, Index M, Index N, Index K, Index n0, Index n1) {
-  constexpr int R = 2;
+  constexpr int R = 4;  // four rows of W in flight (measured a little faster than two on AVX2: bench/RESULTS.md)
   Index n = n0;
   for (; n + R <= n1; n += R) {
     Index m = 0;
-    for (; m + 4 <= M; m += 4) dots<T, R, 4>(y + m * N + n, N, W + n * K, x + m * K, K);
-    switch (M - m) {
-      case 3: dots<T, R, 3>(y + m * N + n, N, W + n * K, x + m * K, K); break;
-      case 2: dots<T, R, 2>(y + m * N + n, N, W + n * K, x + m * K, K); break;
-      case 1: dots<T, R, 1>(y + m * N + n, N, W + n * K, x + m * K, K); break;
-      default: break;
-    }
+    for (; m + 2 <= M; m += 2) dots<T, R, 2>(y + m * N + n, N, W + n * K, x + m * K, K);
+    if (m < M) dots<T, R, 1>(y + m * N + n, N, W + n * K, x + m * K, K);
   }
   for (; n < n1; ++n) {
     Index m = 0;
@@ -148,8 +143,8 @@ void times_transposed(T* y, const T* x, const T* W, const T* bias, Index M, Inde
 #pragma omp parallel num_threads(team) if (team > 1)
   {
     const Index parts = omp_get_num_threads(), part = omp_get_thread_num();
-    // Contiguous, even ranges of W's rows (multiples of 2 but for the last), one per thread.
-    const Index per = ((N + parts - 1) / parts + 1) / 2 * 2;
+    // Contiguous ranges of W's rows (multiples of 4 but for the last), one per thread.
+    const Index per = ((N + parts - 1) / parts + 3) / 4 * 4;
     const Index n0 = std::min(N, part * per), n1 = std::min(N, n0 + per);
     detail::dots_range(y, x, W, M, N, K, n0, n1);
     if (bias)
