@@ -1,5 +1,6 @@
 // The oneDNN backend's "matmul_probe" (lminv/matmul_probe.hpp): C = A B as one oneDNN matmul primitive on plain
-// row-major f32 memory, made and run with the model's threads, the way the backend's large products run.
+// row-major f32 source, the weights reordered into oneDNN's preferred layout as the backend keeps its own (its
+// fast path), made and run with the model's threads.
 #pragma once
 
 #include <algorithm>
@@ -26,9 +27,16 @@ class OnednnMatmulProbe final : public MatmulProbe {
     std::vector<float> a(static_cast<std::size_t>(m * k)), b(static_cast<std::size_t>(k * n)), c(static_cast<std::size_t>(m * n));
     for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.001f * static_cast<float>(i % 997);
     for (std::size_t i = 0; i < b.size(); ++i) b[i] = 0.002f * static_cast<float>(i % 991);
+    // B in the layout oneDNN prefers for it (reordered before timing), as the backend keeps its weights.
     const memory::desc ad = plain({m, k}), bd = plain({k, n}), cd = plain({m, n});
-    const dnnl::matmul mm = matmul("matmul probe", ctx, ad, bd, nullptr, cd);
-    const memory am(ad, ctx.engine, a.data()), bm(bd, ctx.engine, b.data()), cm(cd, ctx.engine, c.data());
+    const memory::desc any(memory::dims{k, n}, memory::data_type::f32, memory::format_tag::any);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, any, cd), ctx.engine);
+    const dnnl::matmul mm(pd);
+    const memory::desc preferred = pd.weights_desc();
+    const memory am(ad, ctx.engine, a.data()), cm(cd, ctx.engine, c.data());
+    memory b_plain(bd, ctx.engine, b.data());
+    memory bm(preferred, ctx.engine);
+    dnnl::reorder(b_plain, bm).execute(ctx.stream, b_plain, bm);
     const std::unordered_map<int, memory> args{{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
     mm.execute(ctx.stream, args);
     ctx.stream.wait();

@@ -455,13 +455,21 @@ class DecoderNetwork final : public Network {
   // prefix's keys and values shared by the B sequences (prefix_keys, prefix_values [nkv, t, hd]; undefined when t is
   // 0) and, causally, among themselves -> [B n, nh hd] (heads merged). Per kv head, its g query heads' rows are one
   // matrix [g n, hd]; against the prefix, all B sequences' rows are one matrix [B g n, hd].
+  static constexpr std::int64_t kFewPositions = 8;
+
   at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_keys,
                        const at::Tensor& prefix_values, const Step& step) const {
     const std::int64_t B = step.B, n = step.n, t = prefix_keys.defined() ? prefix_keys.size(1) : 0;
     const std::int64_t rows = g_ * n;
     const at::Tensor queries = q.reshape({B, n, nkv_, g_, hd_}).permute({0, 2, 3, 1, 4}).reshape({B, nkv_, rows, hd_});
     const at::Tensor keys = k.permute({0, 2, 1, 3}), vals = v.permute({0, 2, 1, 3});  // [B, nkv, n, hd]
-    at::Tensor scores = at::matmul(queries, keys.transpose(-2, -1)).div(scale_);    // [B, nkv, g n, n]
+    // Among n <= kFewPositions positions the two products within the sequences are element-wise products and sums:
+    // as matmuls they are B nkv products of a few rows each, which ATen runs one BLAS call at a time (at batch 32,
+    // T = 5 and 12 blocks, tens of thousands of calls per step).
+    const bool few = n <= kFewPositions;
+    at::Tensor scores = (few ? queries.unsqueeze(-2).mul(keys.unsqueeze(-3)).sum(-1)
+                             : at::matmul(queries, keys.transpose(-2, -1)))
+                            .div(scale_);  // [B, nkv, g n, n]
     if (step.mask.defined()) scores = scores.masked_fill(step.mask, -std::numeric_limits<double>::infinity());
     if (t > 0) {
       const at::Tensor all_rows = queries.permute({1, 0, 2, 3}).reshape({nkv_, B * rows, hd_});
@@ -472,7 +480,8 @@ class DecoderNetwork final : public Network {
       scores = at::cat({prefix_scores, scores}, -1);                // [B, nkv, g n, t + n]
     }
     const at::Tensor att = at::softmax(scores, -1);  // subtracts each row's maximum first: stable
-    at::Tensor out = at::matmul(t > 0 ? att.narrow(-1, t, n) : att, vals);  // [B, nkv, g n, hd]
+    const at::Tensor own = t > 0 ? att.narrow(-1, t, n) : att;  // [B, nkv, g n, n]
+    at::Tensor out = few ? own.unsqueeze(-1).mul(vals.unsqueeze(-3)).sum(-2) : at::matmul(own, vals);  // [B, nkv, g n, hd]
     if (t > 0) {
       const at::Tensor weights = att.narrow(-1, 0, t).permute({1, 0, 2, 3}).reshape({nkv_, B * rows, t});
       out = out.add(at::bmm(weights, prefix_values).view({nkv_, B, rows, hd_}).permute({1, 0, 2, 3}));
