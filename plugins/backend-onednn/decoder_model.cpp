@@ -47,6 +47,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -500,11 +501,19 @@ class DecoderModel final : public Model {
   // half of the machine's bandwidth: bench/RESULTS.md); otherwise, or for layouts the kernels do not take, `mm`.
   static Step matmul_step(const WeightMatmul& mm, const memory& src, const Matrix& w, const memory& bias,
                           const memory& dst, const memory* added = nullptr) {
+    if (std::optional<Step> s = skinny_step(src, w, bias, dst, added)) return std::move(*s);
+    return block_step(mm, src, w, bias, dst, added);
+  }
+
+  // The streaming kernels' step for dst = src @ w (+ bias) (+ *added) on w's stored bytes, when the source has at
+  // most kernels::kSkinnyRows rows and every operand is a plain row-major matrix they take; otherwise nothing.
+  static std::optional<Step> skinny_step(const memory& src, const Matrix& w, const memory& bias, const memory& dst,
+                                         const memory* added = nullptr) {
     const memory::desc smd = src.get_desc(), wmd = w.stored.get_desc(), dmd = dst.get_desc();
     const auto &sd = smd.data, &wd = wmd.data, &dd = dmd.data;
     const bool plain2 = sd.ndims == 2 && wd.ndims == 2 && dd.ndims == 2 && is_plain_layout(smd) &&
                         is_plain_layout(wmd) && is_plain_layout(dmd);
-    if (!plain2 || sd.dims[0] > kernels::kSkinnyRows) return block_step(mm, src, w, bias, dst, added);
+    if (!plain2 || sd.dims[0] > kernels::kSkinnyRows) return std::nullopt;
     const Index M = sd.dims[0], K = sd.dims[1], N = wd.dims[1];
     const auto* ss = sd.format_desc.blocking.strides;
     const auto* ws = wd.format_desc.blocking.strides;
@@ -519,7 +528,7 @@ class DecoderModel final : public Model {
                     amd.data.format_desc.blocking.strides[1] == 1 &&
                     added->get_data_handle() != dst.get_data_handle();  // the kernels overwrite dst first
     }
-    if (!rows_plain || !(w_rows || w_cols) || !added_plain) return block_step(mm, src, w, bias, dst, added);
+    if (!rows_plain || !(w_rows || w_cols) || !added_plain) return std::nullopt;
     const memory x = src, weight = w.stored, b = bias, y = dst, add = added ? *added : memory();
     return Step(
         [=] {
@@ -1019,6 +1028,36 @@ class DecoderModel final : public Model {
   // buffers, and per S the whole pass as steps (the attention matmuls depend on S; a pass is rebuilt when the kept
   // rows move to a larger buffer, or its scores buffer grows). Once its plan and pass exist, a call allocates nothing
   // but its output rows (and an f32 copy of rows given in another dtype).
+  // A prefix-cache step dst = src @ w (+ bias) (+ *added), then GELU when `gelu` (the architecture) is given: with
+  // few rows the streaming kernels on the weight as stored and GELU by hand; otherwise oneDNN's matmul `mm`, made for
+  // the row-padded copy (with GELU as its post-op where asked).
+  static void cache_matmul(std::vector<Step>& steps, const WeightMatmul& mm, const memory& src, const Matrix& plain_w,
+                           const Matrix& padded_w, const memory& bias, const memory& dst,
+                           const memory* added = nullptr, const Architecture* gelu = nullptr) {
+    std::optional<Step> s = skinny_step(src, plain_w, bias, dst, added);
+    if (!s) {
+      steps.push_back(block_step(mm, src, padded_w, bias, dst, added));
+      return;
+    }
+    steps.push_back(std::move(*s));
+    if (!gelu) return;
+    const memory y = dst;
+    const Index n = static_cast<Index>(dst.get_desc().get_size() / sizeof(float));
+    const bool tanh_form = gelu->mlp == Mlp::gelu_tanh;
+    steps.push_back(Step(
+        [=] {
+          float* v = static_cast<float*>(y.get_data_handle());
+          constexpr float kTanhScale = 0.7978845608028654f;  // sqrt(2 / pi)
+          constexpr float kErfScale = 0.7071067811865476f;   // 1 / sqrt(2)
+          for (Index i = 0; i < n; ++i) {
+            const float x = v[i];
+            v[i] = tanh_form ? 0.5f * x * (1.f + std::tanh(kTanhScale * (x + 0.044715f * x * x * x)))
+                             : 0.5f * x * (1.f + std::erf(x * kErfScale));
+          }
+        },
+        /*one_thread=*/true));
+  }
+
   class Cache final : public PrefixCache {
    public:
     explicit Cache(DecoderModel& model)
@@ -1312,7 +1351,7 @@ class DecoderModel final : public Model {
           float *x = p.h[l].data(), *out = p.ln_out.data(), *mean = p.mean.data(), *rstd = p.rstd.data();
           loop(small_rows, [=] { norm_forward(n1, x, out, mean, rstd, N, !small_rows); });
         }
-        steps.push_back(block_step(p.mm_qkv, ln_out, w.c_attn_p, w.c_attn_b, view(p.qkv[l], nW)));
+        cache_matmul(steps, p.mm_qkv, ln_out, w.c_attn, w.c_attn_p, w.c_attn_b, view(p.qkv[l], nW));
         if (rotary) {  // row n at position t (next) or t + n (append)
           Rotary rot = m.rot_;
           rot.cos += t * (rot.r / 2);
@@ -1396,7 +1435,7 @@ class DecoderModel final : public Model {
           float *yh = p.yh.data(), *yt = p.y.data();
           loop(small_rows, [=] { scatter_heads(yh, nh, hd, 1, N, yt, qw, 0, !small_rows); });
         }
-        steps.push_back(block_step(p.mm_a_proj, y, w.a_proj_p, w.a_proj_b, a, &h));
+        cache_matmul(steps, p.mm_a_proj, y, w.a_proj, w.a_proj_p, w.a_proj_b, a, &h);
         // h_next = a + mlp.c_proj(act(mlp.c_fc(n_2(a or h))))
         {
           const NormParams n2 = w.ln_2;
@@ -1404,13 +1443,15 @@ class DecoderModel final : public Model {
           float *mean = p.mean.data(), *rstd = p.rstd.data();
           loop(small_rows, [=] { norm_forward(n2, x, out, mean, rstd, N, !small_rows); });
         }
-        steps.push_back(block_step(p.mm_fc, ln_out, w.c_fc_p, w.c_fc_b, swiglu ? fc : fc_act));  // GELU fused
+        // GELU fused into oneDNN's matmul, or after the streaming kernels
+        cache_matmul(steps, p.mm_fc, ln_out, w.c_fc, w.c_fc_p, w.c_fc_b, swiglu ? fc : fc_act, nullptr,
+                     swiglu ? nullptr : &m.spec_.arch);
         if (swiglu) {
           float *f = p.fc.data(), *act = p.fc_act.data();
           const Index I = m.inner_;
           loop(small_fc, [=] { swiglu_forward(f, act, N, I, !small_fc); });
         }
-        steps.push_back(block_step(p.mm_m_proj, fc_act, w.m_proj_p, w.m_proj_b, h_next, &a));
+        cache_matmul(steps, p.mm_m_proj, fc_act, w.m_proj, w.m_proj_p, w.m_proj_b, h_next, &a);
       }
       if (append) return steps;
 
