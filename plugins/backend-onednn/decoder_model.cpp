@@ -506,14 +506,17 @@ class DecoderModel final : public Model {
   }
 
   // The streaming kernels' step for dst = src @ w (+ bias) (+ *added) on w's stored bytes, when the source has at
-  // most kernels::kSkinnyRows rows and every operand is a plain row-major matrix they take; otherwise nothing.
+  // most 8 rows and every operand is a plain row-major matrix they take; otherwise nothing.
   static std::optional<Step> skinny_step(const memory& src, const Matrix& w, const memory& bias, const memory& dst,
                                          const memory* added = nullptr) {
     const memory::desc smd = src.get_desc(), wmd = w.stored.get_desc(), dmd = dst.get_desc();
     const auto &sd = smd.data, &wd = wmd.data, &dd = dmd.data;
     const bool plain2 = sd.ndims == 2 && wd.ndims == 2 && dd.ndims == 2 && is_plain_layout(smd) &&
                         is_plain_layout(wmd) && is_plain_layout(dmd);
-    if (!plain2 || sd.dims[0] > kernels::kSkinnyRows) return std::nullopt;
+    // oneDNN's own matmul (on prepacked or padded weights) catches up with the kernels at about 12 rows and is
+    // faster at 16 (bench/RESULTS.md): up to 8 rows here.
+    constexpr Index kRows = std::min<Index>(8, kernels::kSkinnyRows);
+    if (!plain2 || sd.dims[0] > kRows) return std::nullopt;
     const Index M = sd.dims[0], K = sd.dims[1], N = wd.dims[1];
     const auto* ss = sd.format_desc.blocking.strides;
     const auto* ws = wd.format_desc.blocking.strides;

@@ -27,7 +27,8 @@ namespace lminv::kernels {
 
 using Index = std::int64_t;
 
-// Up to this many rows the kernels below beat the GEMM libraries on the machines measured (bench/RESULTS.md).
+// Up to this many rows the kernels below beat OpenBLAS 0.3.21 or match it (bench/RESULTS.md); oneDNN's matmul on
+// prepacked weights catches up at about 12 rows, so the onednn backend uses them up to 8.
 inline constexpr Index kSkinnyRows = 16;
 
 namespace detail {
