@@ -6,6 +6,7 @@
 #include <cstring>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <sstream>
@@ -244,12 +245,12 @@ Machine best_of(const Machine& a, const Machine& b) {
   return m;
 }
 
-void write_machine(const BenchRequest& r, const Machine& m, const char* which) {
+void write_machine(RecordsFile& file, const Machine& m, const char* which) {
   nlohmann::json rates = nlohmann::json::array();
   for (const GemmRate& g : m.gemm)
     rates.push_back({{"library", g.library}, {"backend", g.backend}, {"dtype", dtype_name(g.dtype)},
                      {"shapes", g.backend.empty() ? "2048^3" : "2048^3, 512x768x3072"}, {"flop_per_s", g.flop_per_s}});
-  append_json_line(r.out_file, {{"kind", "machine"},
+  file.append({{"kind", "machine"},
                                 {"measured", which},
                                 {"time", utc_timestamp()},
                                 {"threads", m.threads},
@@ -393,6 +394,9 @@ void bench_prefix_cache(const BenchRequest& r, const Registry& registry, const M
 }  // namespace
 
 void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& out) {
+  // --out is opened (checked, locked) before anything is measured.
+  std::optional<RecordsFile> records;
+  if (!r.out_file.empty()) records.emplace(r.out_file, &out);
   out << "lminv bench: GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V " << r.vocab << "), " << r.tokens
       << " tokens, one step = loss_and_grad (l2), best of " << r.repeat << "\n"
       << std::flush;
@@ -491,14 +495,14 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
       if (!r.out_file.empty()) {
         nlohmann::json j = row.record;
         j.update(cell_json(c));
-        append_json_line(r.out_file, j);
+        records->append(j);
       }
     }
   }
   if (!r.out_file.empty()) {
-    write_machine(r, machine, "first");
-    write_machine(r, again, "again");
-    write_machine(r, best, "best");
+    write_machine(*records, machine, "first");
+    write_machine(*records, again, "again");
+    write_machine(*records, best, "best");
   }
   out << "peak MiB: the process's peak resident memory during the cell (the model, the shared random weights, the "
          "work space)"

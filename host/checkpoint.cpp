@@ -1,4 +1,5 @@
 #include "checkpoint.hpp"
+#include "files.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "families/family.hpp"
+#include "json_depth.hpp"
 #include "lminv/error.hpp"
 #include "lminv/schema.hpp"
 #include "safetensors.hpp"
@@ -45,13 +47,10 @@ bool is_digits(const std::string& s) {
 // ---- config.json -----------------------------------------------------------------------------------------------
 
 json read_json_file(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) bad(file, std::string("cannot open: ") + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
+  const std::string text = read_regular_file(file, "the JSON file", max_bytes::kJsonConfig);
   json j;
   try {
-    j = json::parse(text.str());
+    j = json::parse(text, json_depth_limit(file.string()));
   } catch (const json::exception& e) {
     bad(file, std::string("not valid JSON: ") + e.what());
   }

@@ -17,6 +17,7 @@
 #include "compare.hpp"
 #include "config.hpp"
 #include "experiment.hpp"
+#include "files.hpp"
 #include "families/family.hpp"
 #include "invert.hpp"
 #include "paths.hpp"
@@ -46,6 +47,18 @@ std::string checkpoint_families() {
 struct UsageError : Error {
   using Error::Error;
 };
+
+// An output the command would replace: refused unless --force, before any work (the old file or folder stays).
+void refuse_overwrite(const fs::path& out, bool force, const char* command) {
+  std::error_code ec;
+  if (force || !fs::exists(out, ec)) return;
+  if (fs::is_directory(out, ec)) {
+    if (fs::is_empty(out, ec)) return;
+    throw Error(std::string(command) + ": --out " + out.string() +
+                " is a folder that is not empty; lminv would replace what is there (add --force to do so)");
+  }
+  throw Error(std::string(command) + ": --out " + out.string() + " exists; add --force to replace it");
+}
 
 constexpr const char* kOverview =
     "lminv " LMINV_VERSION
@@ -192,6 +205,7 @@ int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::os
       "and of the forward + backward pass.\n\noptions");
   visible.add(common_options()).add(config_options());
   visible.add_options()("out", po::value<std::string>(), "the safetensors file to write")(
+      "force", "replace FILE when it exists")(
       "grad", po::value<std::string>(), "also the input gradient of METRIC (l1 | l2 | cosine) against a zero target")(
       "repeat", po::value<int>()->default_value(1), "time each pass N times; prints the best and the mean");
   po::positional_options_description positional;
@@ -201,6 +215,7 @@ int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::os
     return 0;
   }
   if (!vm.count("out")) throw UsageError("forward: missing --out FILE.safetensors");
+  refuse_overwrite(vm["out"].as<std::string>(), vm.count("force") != 0, "forward");
   const int repeat = vm["repeat"].as<int>();
   if (repeat < 1) throw UsageError("forward: --repeat must be at least 1");
   std::optional<Metric> metric;
@@ -253,6 +268,12 @@ int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::os
     out << "  forward + backward  best " << grad_best << " s, mean " << grad_mean << " s over " << repeat << "  ("
         << metric_name(*metric) << " loss " << lg.loss[0] << ")\n";
   }
+  for (const auto& [name, t] : tensors)
+    if (const std::int64_t at = first_non_finite(t); at >= 0)
+      throw Error("forward: '" + name + "' " + shape_string(t.shape()) + " holds " +
+                  (std::isnan(t.get(at)) ? "NaN" : "an infinity") + " at element " + std::to_string(at) +
+                  " (past the range of " + dtype_name(e.spec.dtype) + "); " + vm["out"].as<std::string>() +
+                  " was not written");
   write_safetensors(vm["out"].as<std::string>(), tensors, metadata);
   out << "  wrote     " << vm["out"].as<std::string>() << "\n";
   return 0;
@@ -264,7 +285,8 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
       "the checkpoint it names) as a Hugging Face folder of its family: model.safetensors, config.json, and the "
       "tokenizer's files (tokenizer.json, or vocab.json and merges.txt).\n\noptions");
   visible.add(common_options()).add(config_options());
-  visible.add_options()("out", po::value<std::string>(), "the folder to write");
+  visible.add_options()("out", po::value<std::string>(), "the folder to write (new or empty)")(
+      "force", "write into DIR even when it holds files (those of the same names are replaced)");
   po::positional_options_description positional;
   const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
   if (vm.count("help")) {
@@ -272,6 +294,7 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
     return 0;
   }
   if (!vm.count("out")) throw UsageError("init: missing --out DIR");
+  refuse_overwrite(vm["out"].as<std::string>(), vm.count("force") != 0, "init");
   const ExperimentConfig config = config_from(vm, "init");
   if (!family(config.spec.family).has_checkpoints())
     throw Error(config.source + ": [model] family = " + config.spec.family +
@@ -297,11 +320,7 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
     files.push_back({hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"});
   }
   for (const auto& [from, to] : files) {
-    std::ifstream in(tokenizer_dir / from, std::ios::binary);
-    if (!in) throw Error((tokenizer_dir / from).string() + ": cannot read the tokenizer file");
-    std::stringstream bytes;
-    bytes << in.rdbuf();
-    write_file_atomically(dir / to, bytes.str());
+    write_file_atomically(dir / to, read_regular_file(tokenizer_dir / from, "the tokenizer file", max_bytes::kTokenizer));
   }
   out << "lminv init " << config.source << "\n  wrote " << dir.string() << ": " << spec.family
       << " n_layer=" << spec.n_layer
@@ -550,6 +569,7 @@ int cmd_prompts(const std::vector<std::string>& args, std::ostream& out, std::os
       "/usr/share/common-licenses, the license texts of Debian's base-files package (on every Debian system).\n\n"
       "options");
   visible.add_options()("help,h", "show this help")("out", po::value<std::string>(), "the JSON Lines file to write")(
+      "force", "replace FILE when it exists")(
       "corpus", po::value<std::vector<std::string>>()->composing(),
       "a text file, or a folder of them (repeatable; default /usr/share/common-licenses)")(
       "count", po::value<std::int64_t>()->default_value(100), "prompts in all")(
@@ -563,6 +583,7 @@ int cmd_prompts(const std::vector<std::string>& args, std::ostream& out, std::os
     return 0;
   }
   if (!vm.count("out")) throw UsageError("prompts: missing --out FILE");
+  refuse_overwrite(vm["out"].as<std::string>(), vm.count("force") != 0, "prompts");
   MakePromptsRequest r;
   r.out = vm["out"].as<std::string>();
   if (vm.count("corpus"))
@@ -615,8 +636,15 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   } catch (const UsageError& e) {
     err << "lminv: " << e.what() << "\n\n" << kOverview;
     return 2;
+  } catch (const std::bad_alloc&) {
+    err << "lminv: error: out of memory (a size in the config, the checkpoint or an input file is too large for "
+           "this machine)\n";
+    return 1;
   } catch (const std::exception& e) {
     err << "lminv: error: " << e.what() << "\n";
+    return 1;
+  } catch (...) {
+    err << "lminv: error: an exception that is not a std::exception (thrown by a plugin?)\n";
     return 1;
   }
 }

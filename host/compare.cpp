@@ -77,13 +77,19 @@ void run_compare(const CompareRequest& request, const Registry& registry, std::o
   };
   std::vector<Row> rows;
   Probe baseline;
+  // The table's file is opened (checked, locked) before the first run: a file that cannot take it fails now.
   fs::path table = request.table_file;
+  if (table.empty()) {
+    std::vector<std::string> overrides = request.overrides;
+    overrides.push_back(request.key + "=" + request.values.front());
+    table = fs::path(parse_experiment(read_config(request.config_file, overrides)).output_dir) / "compare.jsonl";
+  }
+  RecordsFile table_file(table, &out);
 
   for (const std::string& value : request.values) {
     std::vector<std::string> overrides = request.overrides;
     overrides.push_back(request.key + "=" + value);
     const ExperimentConfig config = parse_experiment(read_config(request.config_file, overrides));
-    if (table.empty()) table = fs::path(config.output_dir) / "compare.jsonl";
 
     out << "== " << request.key << " = " << value << "\n" << std::flush;
     Row row{value, {}, {}, 0, {}, false, 0};
@@ -117,7 +123,7 @@ void run_compare(const CompareRequest& request, const Registry& registry, std::o
         << std::setw(12) << r.grad.normalised << std::setw(13) << r.final_loss << std::fixed << std::setprecision(2)
         << std::setw(9) << r.seconds << "  " << text.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
         << (r.exact ? " (exact)" : "") << std::defaultfloat << "\n";
-    append_json_line(table, {{"time", utc_timestamp()},
+    table_file.append({{"time", utc_timestamp()},
                              {"config_file", request.config_file},
                              {"key", request.key},
                              {"value", r.value},

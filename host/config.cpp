@@ -1,4 +1,5 @@
 #include "config.hpp"
+#include "files.hpp"
 
 #include "families/family.hpp"
 
@@ -63,6 +64,10 @@ RawConfig parse_config_text(const std::string& text, const std::string& source,
   po::parsed_options parsed(nullptr);
   try {
     parsed = po::parse_config_file(in, po::options_description(), /*allow_unregistered=*/true);
+  } catch (const po::invalid_config_file_syntax& e) {
+    // Not e.what(): Boost substitutes the line into its message in a loop that never ends when the line itself
+    // holds "%invalid_line%" (found by fuzz/config_fuzz). The same words, built here.
+    throw Error(source + ": the options configuration file contains an invalid line '" + e.tokens() + "'");
   } catch (const po::error& e) {
     throw Error(source + ": " + e.what());
   }
@@ -79,11 +84,7 @@ RawConfig parse_config_text(const std::string& text, const std::string& source,
 }
 
 RawConfig read_config(const std::filesystem::path& file, const std::vector<std::string>& overrides) {
-  std::ifstream in(file);
-  if (!in) throw Error(file.string() + ": cannot open the config file");
-  std::stringstream text;
-  text << in.rdbuf();
-  return parse_config_text(text.str(), file.string(), overrides);
+  return parse_config_text(read_regular_file(file, "the config file", max_bytes::kConfig), file.string(), overrides);
 }
 
 void check_all_read(const Options& options) {
@@ -116,19 +117,24 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   const std::int64_t seed = model.get_int("seed", 0);
   if (seed < 0) model.fail("seed", "must be >= 0");
   c.seed = static_cast<std::uint64_t>(seed);
-  auto positive = [&](const char* key, std::int64_t fallback) {
+  // Each size has a ceiling far above any real model's (GPT-2 xl: 48 layers, d 1600; Llama 3 405B: 126 layers,
+  // d 16384, vocabulary 128256), so that a typing slip is an error naming the key, not a failed allocation later.
+  auto positive = [&](const char* key, std::int64_t fallback, std::int64_t most) {
     const std::int64_t v = model.get_int(key, fallback);
     if (v <= 0) model.fail(key, "must be positive");
+    if (v > most) model.fail(key, std::to_string(v) + " is beyond lminv's limit of " + std::to_string(most));
     return v;
   };
-  s.n_layer = positive("n_layer", s.n_layer);
-  s.n_embd = positive("n_embd", s.n_embd);
-  s.n_head = positive("n_head", s.n_head);
+  s.n_layer = positive("n_layer", s.n_layer, kMaxLayers);
+  s.n_embd = positive("n_embd", s.n_embd, kMaxWidth);
+  s.n_head = positive("n_head", s.n_head, kMaxHeads);
   s.n_inner = model.get_int("n_inner", s.n_inner);
   if (s.n_inner < 0) model.fail("n_inner", "must be >= 0 (0: 4 * n_embd)");
+  if (s.n_inner > kMaxInner) model.fail("n_inner", std::to_string(s.n_inner) + " is beyond lminv's limit of " +
+                                                      std::to_string(kMaxInner));
   c.vocab_size_explicit = model.has("vocab_size");
-  s.vocab_size = positive("vocab_size", s.vocab_size);
-  s.n_positions = positive("n_positions", s.n_positions);
+  s.vocab_size = positive("vocab_size", s.vocab_size, kMaxVocab);
+  s.n_positions = positive("n_positions", s.n_positions, kMaxPositions);
 
   // Architecture fields (docs/families.md): for models made here; a checkpoint's config.json sets its own.
   Architecture& a = s.arch;
@@ -156,6 +162,7 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
     model.fail("n_kv_head", "must divide n_head (" + std::to_string(s.n_head) + "), or be 0 for n_head");
   a.head_dim = model.get_int("head_dim", a.head_dim);
   if (a.head_dim < 0) model.fail("head_dim", "must be >= 0 (0: n_embd / n_head)");
+  if (a.head_dim > kMaxWidth) model.fail("head_dim", "beyond lminv's limit of " + std::to_string(kMaxWidth));
   a.qkv_bias = model.get_bool("qkv_bias", a.qkv_bias);
   a.attn_out_bias = model.get_bool("attn_out_bias", a.attn_out_bias);
   a.mlp = *parse_mlp(model.get_choice("mlp", mlp_name(a.mlp), {"gelu_tanh", "gelu_erf", "swiglu"}));

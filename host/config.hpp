@@ -29,6 +29,14 @@ RawConfig read_config(const std::filesystem::path& file, const std::vector<std::
 RawConfig parse_config_text(const std::string& text, const std::string& source,
                             const std::vector<std::string>& overrides = {});
 
+// Ceilings of the [model] sizes (errors name the key): far above any real model, far below an overflow.
+inline constexpr std::int64_t kMaxLayers = 4096;
+inline constexpr std::int64_t kMaxWidth = std::int64_t{1} << 17;      // n_embd, head_dim
+inline constexpr std::int64_t kMaxHeads = 4096;
+inline constexpr std::int64_t kMaxInner = std::int64_t{1} << 20;
+inline constexpr std::int64_t kMaxVocab = std::int64_t{1} << 24;      // also the largest token id + 1 of a tokenizer
+inline constexpr std::int64_t kMaxPositions = std::int64_t{1} << 24;
+
 // One experiment, with every host-level key checked. Plugin sections keep their own keys as Options
 // for the plugin to read; the host checks afterwards that nothing unknown was left unread.
 struct ExperimentConfig {

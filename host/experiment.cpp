@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iomanip>
+#include <sstream>
+#include <unistd.h>
+#include <cmath>
 
 #include "checkpoint.hpp"
 #include "weights_init.hpp"
@@ -44,6 +48,48 @@ bool is_checkpoint(const ExperimentConfig& config) {
   return config.weights != "random";
 }
 
+// Random weights of sizes this machine cannot hold are refused before the allocation, naming the sizes (the product
+// is taken in long double: no overflow however absurd the sizes).
+void check_weights_fit(const ExperimentConfig& config, const ModelSpec& spec) {
+  long double bytes = 0;
+  for (const TensorSpec& t : weight_schema(spec)) {
+    long double n = 1;
+    for (std::int64_t d : t.shape) n *= static_cast<long double>(d);
+    bytes += n * static_cast<long double>(dtype_size(spec.dtype));
+  }
+  const long double memory = static_cast<long double>(::sysconf(_SC_PHYS_PAGES)) * ::sysconf(_SC_PAGESIZE);
+  if (memory > 0 && bytes > memory) {
+    std::ostringstream msg;
+    msg << config.source << ": [model] n_layer = " << spec.n_layer << ", n_embd = " << spec.n_embd
+        << ", n_inner = " << spec.inner() << ", vocab_size = " << spec.vocab_size << ", n_positions = "
+        << spec.n_positions;
+    if (spec.kind != ModelKind::decoder) msg << ", " << spec.seq_len << " tokens";
+    msg << " in " << dtype_name(spec.dtype) << " make " << std::setprecision(3) << bytes / 1073741824.0L
+        << " GiB of weights, more than this machine's " << memory / 1073741824.0L << " GiB of memory";
+    throw Error(msg.str());
+  }
+}
+
+// A NaN or an infinity in the weights makes every output NaN: refused before any run, naming the tensor. So are
+// f64 weights beyond the range of the model's f32 or bf16 (they would become infinities in the backend).
+void check_finite_weights(const WeightSet& weights, const std::string& origin, DType model_dtype) {
+  for (const auto& [name, t] : weights.tensors()) {
+    const std::int64_t at = first_non_finite(t);
+    if (at >= 0)
+      throw Error(origin + ": tensor '" + name + "' " + shape_string(t.shape()) + " holds " +
+                  (std::isnan(t.get(at)) ? "NaN" : "an infinity") + " at element " + std::to_string(at) +
+                  "; lminv does not run a model whose weights are not all finite");
+    if (t.dtype() != DType::f64 || model_dtype == DType::f64) continue;
+    const double most = 3.3895313892515355e38;  // FLT_MAX and bf16's largest finite value, both about 3.39e38
+    const double* v = t.data<double>();
+    for (std::int64_t i = 0; i < t.numel(); ++i)
+      if (std::abs(v[i]) > most)
+        throw Error(origin + ": tensor '" + name + "' " + shape_string(t.shape()) + " holds " + std::to_string(v[i]) +
+                    " at element " + std::to_string(i) + ", beyond the range of " + dtype_name(model_dtype) +
+                    " (the backend's dtype): it would become an infinity; use dtype = f64");
+  }
+}
+
 }  // namespace
 
 fs::path tokenizer_folder(const ExperimentConfig& config) {
@@ -57,7 +103,12 @@ fs::path tokenizer_folder(const ExperimentConfig& config) {
 }
 
 std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec) {
-  if (!is_checkpoint(config)) return std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
+  if (!is_checkpoint(config)) {
+    check_weights_fit(config, spec);
+    auto weights = std::make_shared<const WeightSet>(init_random_weights(spec, config.seed));
+    check_finite_weights(*weights, config.source + ": the random weights of [model]", spec.dtype);
+    return weights;
+  }
 
   Checkpoint checkpoint = load_checkpoint(config.weights);
   const ModelSpec& c = checkpoint.spec;
@@ -81,6 +132,7 @@ std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, Mo
     if (l > spec.n_layer)
       throw Error(config.source + ": [model] layers: " + std::to_string(l) + " is past the checkpoint's " +
                   std::to_string(spec.n_layer) + " blocks");
+  check_finite_weights(checkpoint.weights, config.weights, spec.dtype);
   return std::make_shared<const WeightSet>(std::move(checkpoint.weights));
 }
 

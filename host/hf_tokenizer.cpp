@@ -7,6 +7,8 @@
 // Decoding runs the decoders of tokenizer.json over the token strings. What the post-processor or
 // tokenizer_config.json adds around a sequence is only reported (special_prefix), never put into encode().
 #include "hf_tokenizer.hpp"
+#include "files.hpp"
+#include "json_depth.hpp"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -236,20 +238,12 @@ struct Source {
 };
 
 std::string read_text(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    throw Error("tokenizer file '" + path.string() + "' does not exist or is not a file");
-  }
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream content;
-  content << in.rdbuf();
-  if (!in) throw Error("cannot read tokenizer file '" + path.string() + "'");
-  return std::move(content).str();
+  return read_regular_file(path, "the tokenizer file", max_bytes::kTokenizer);
 }
 
 Json parse_json(const std::filesystem::path& path) {
   try {
-    return Json::parse(read_text(path));
+    return Json::parse(read_text(path), json_depth_limit("tokenizer '" + path.string() + "'"));
   } catch (const Json::exception& e) {
     throw Error("tokenizer '" + path.string() + "' is not valid JSON: " + e.what());
   }
@@ -1193,8 +1187,9 @@ std::shared_ptr<const HfTokenizer> HfTokenizer::load(const std::filesystem::path
   std::int64_t max_id = -1;
   impl->vocab.reserve(vocab.size());
   for (const auto& [token, value] : vocab.items()) {
-    if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() > INT32_MAX) {
-      src.fail("model.vocab", "the id of " + Json(token).dump() + " is not a non-negative 32-bit integer");
+    // Tables are indexed by id: an id far past any real vocabulary (2^24 and up) is refused, not allocated for.
+    if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() >= (1 << 24)) {
+      src.fail("model.vocab", "the id of " + Json(token).dump() + " is not an integer in [0, 16777215]");
     }
     impl->vocab.emplace(token, static_cast<std::int32_t>(value.get<std::int64_t>()));
     max_id = std::max(max_id, value.get<std::int64_t>());
@@ -1268,8 +1263,8 @@ std::shared_ptr<const HfTokenizer> HfTokenizer::load(const std::filesystem::path
       const std::string where = "added_tokens[" + std::to_string(i) + "]";
       const Json& t = list[i];
       const Json& id = src.require(t, where, "id");
-      if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() > INT32_MAX) {
-        src.fail(where + ".id", "expected a non-negative 32-bit integer");
+      if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() >= (1 << 24)) {
+        src.fail(where + ".id", "expected an integer in [0, 16777215]");
       }
       Impl::AddedToken a{static_cast<std::int32_t>(id.get<std::int64_t>()),
                          src.string_at(t, where, "content"),

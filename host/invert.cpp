@@ -55,9 +55,10 @@ CapturedTarget captured_target(const CapturedStates& states, ExperimentSession& 
 RunSummary run_invert(const InvertRequest& request, const Registry& registry, std::ostream& out) {
   const CapturedStates states = read_states(request.states, request.tensor);
   const ExperimentConfig config = invert_config(request.config_file, states, request.overrides);
+  // The records file before the search: one that cannot take records fails now, not after it.
+  RecordsFile records(request.records.empty() ? fs::path(config.output_dir) / "records.jsonl" : request.records, &out);
   ExperimentSession session(config, registry);
   const CapturedTarget target = captured_target(states, session, config);
-  const fs::path records = request.records.empty() ? fs::path(config.output_dir) / "records.jsonl" : request.records;
   return session.invert(target, out, /*quiet=*/false, records);
 }
 

@@ -1,4 +1,5 @@
 #include "npy.hpp"
+#include "files.hpp"
 
 #include <zip.h>
 
@@ -461,18 +462,7 @@ NpyArray parse_npy(std::string_view bytes, const std::string& where) {
 namespace {
 
 std::string read_file(const fs::path& file) {
-  std::error_code ec;
-  if (!fs::exists(file, ec)) throw Error(file.string() + ": no such file");
-  if (!fs::is_regular_file(file, ec)) throw Error(file.string() + ": not a regular file");
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw Error(file.string() + ": cannot open: " + std::strerror(errno));
-  std::string bytes;
-  in.seekg(0, std::ios::end);
-  bytes.resize(static_cast<std::size_t>(in.tellg()));
-  in.seekg(0);
-  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  if (!in) throw Error(file.string() + ": cannot read");
-  return bytes;
+  return read_regular_file(file, "the states file", max_bytes::kStates);
 }
 
 std::string first_bytes(const fs::path& file, std::size_t n) {

@@ -1,4 +1,6 @@
 #include "prompts.hpp"
+#include "files.hpp"
+#include "json_depth.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -63,7 +65,7 @@ PromptEntry parse_json_line(const std::string& line, const std::string& at, cons
                             std::int64_t vocab_size) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(line);
+    j = nlohmann::json::parse(line, json_depth_limit(at.substr(0, at.size() - 2)));
   } catch (const nlohmann::json::exception& e) {
     throw Error(at + "invalid JSON: " + e.what());
   }
@@ -126,11 +128,7 @@ std::vector<CorpusFile> corpus_files(const std::vector<fs::path>& corpus) {
 }
 
 std::string read_whole(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  std::ostringstream bytes;
-  if (in) bytes << in.rdbuf();
-  if (!in) throw Error("corpus file " + file.string() + ": cannot read it");
-  return bytes.str();
+  return read_regular_file(file, "the corpus file", max_bytes::kPrompts);
 }
 
 // Paragraphs (split at blank lines), each with its whitespace runs collapsed to one space and trimmed.
@@ -203,8 +201,7 @@ std::vector<PromptEntry> read_prompt_file(const fs::path& file, const Tokenizer&
                                           const std::vector<std::int64_t>& ids_prefix) {
   if (vocab_size <= 0)
     throw Error(file.string() + ": vocabulary size " + std::to_string(vocab_size) + " is not positive");
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw Error(file.string() + ": cannot read the prompt file (missing or unreadable)");
+  std::istringstream in(read_regular_file(file, "the prompt file", max_bytes::kPrompts));
   std::vector<PromptEntry> entries;
   std::int64_t number = 0;
   for (std::string line; std::getline(in, line);) {

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <boost/dll/shared_library.hpp>
+#include <dlfcn.h>
+#include <map>
 #include <mutex>
 #include <set>
 #include <system_error>
@@ -28,7 +30,50 @@ void keep_loaded(std::shared_ptr<boost::dll::shared_library> library) {
   libraries->push_back(std::move(library));
 }
 
+// The dynamic loader's own reason (a missing dependency, an undefined symbol, a wrong ELF class): Boost.DLL reports
+// only an errno-style message, so the file is opened once more with dlopen to read dlerror().
+std::string loader_message(const fs::path& file, const std::string& fallback) {
+  ::dlerror();
+  if (void* handle = ::dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+    ::dlclose(handle);
+    return fallback;
+  }
+  const char* why = ::dlerror();
+  return why ? std::string(why) : fallback;
+}
+
+std::map<std::string, std::string> tag_words(const std::string& tag) {
+  std::map<std::string, std::string> words;
+  std::size_t start = 0;
+  while (start < tag.size()) {
+    std::size_t end = tag.find(' ', start);
+    if (end == std::string::npos) end = tag.size();
+    const std::string word = tag.substr(start, end - start);
+    const std::size_t eq = word.find('=');
+    if (eq != std::string::npos) words[word.substr(0, eq)] = word.substr(eq + 1);
+    start = end + 1;
+  }
+  return words;
+}
+
 }  // namespace
+
+std::string build_tag_difference(const std::string& plugin_tag) {
+  const std::map<std::string, std::string> plugin = tag_words(plugin_tag), host = tag_words(kBuildTag);
+  std::string diff;
+  for (const char* key : kBuildTagCompared) {
+    const auto p = plugin.find(key), h = host.find(key);
+    const std::string pv = p == plugin.end() ? "(not given)" : p->second;
+    const std::string hv = h == host.end() ? "(not given)" : h->second;
+    if (pv != hv) diff += (diff.empty() ? "" : ", ") + std::string(key) + " " + pv + " in the plugin, " + hv + " here";
+  }
+  if (!diff.empty()) {
+    const auto pc = plugin.find("compiler"), hc = host.find("compiler");
+    diff += " (plugin compiler " + (pc == plugin.end() ? std::string("unknown") : pc->second) + ", lminv's " +
+            (hc == host.end() ? std::string("unknown") : hc->second) + ")";
+  }
+  return diff;
+}
 
 Registry::Registry(const std::vector<fs::path>& search_dirs) {
   std::set<fs::path> seen;
@@ -51,7 +96,7 @@ void Registry::load(const fs::path& file) {
   boost::dll::fs::error_code ec;
   library->load(file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local, ec);
   if (ec) {
-    rejected_.push_back({file, "cannot be loaded as a shared library: " + ec.message()});
+    rejected_.push_back({file, "cannot be loaded as a shared library: " + loader_message(file, ec.message())});
     return;
   }
   keep_loaded(library);
@@ -59,16 +104,39 @@ void Registry::load(const fs::path& file) {
     rejected_.push_back({file, std::string("not an lminv plugin: it exports no '") + kPluginEntry + "' entry"});
     return;
   }
-  const PluginDescriptor* descriptor = library->get<const PluginDescriptor*()>(kPluginEntry)();
+  const PluginDescriptor* descriptor = nullptr;
+  try {
+    descriptor = library->get<const PluginDescriptor*()>(kPluginEntry)();
+  } catch (const std::exception& e) {
+    rejected_.push_back({file, std::string("its lminv_plugin entry threw: ") + e.what()});
+    return;
+  } catch (...) {
+    rejected_.push_back({file, "its lminv_plugin entry threw an exception that is not a std::exception"});
+    return;
+  }
   if (!descriptor) {
     rejected_.push_back({file, "its lminv_plugin entry returned no descriptor"});
     return;
   }
-  // abi_version is the one field read before the versions are known to agree.
+  // abi_version is the one field read before the versions are known to agree; from ABI 5 on, descriptor_size the
+  // second.
   if (descriptor->abi_version != kAbiVersion) {
     rejected_.push_back({file, "built for plugin ABI version " + std::to_string(descriptor->abi_version) +
                                    ", this lminv has ABI version " + std::to_string(kAbiVersion) +
                                    ": rebuild the plugin against this lminv's SDK"});
+    return;
+  }
+  if (descriptor->descriptor_size != sizeof(PluginDescriptor)) {
+    rejected_.push_back({file, "its plugin descriptor is " + std::to_string(descriptor->descriptor_size) +
+                                   " bytes, this lminv's is " + std::to_string(sizeof(PluginDescriptor)) +
+                                   " (same ABI number, another layout: an SDK header edited or a compiler packing "
+                                   "differently); rebuild the plugin against this lminv's SDK"});
+    return;
+  }
+  if (const std::string diff = build_tag_difference(descriptor->build_tag ? descriptor->build_tag : "");
+      !diff.empty()) {
+    rejected_.push_back({file, "built with other C++ library settings than this lminv: " + diff +
+                                   "; rebuild the plugin with the host's compiler settings"});
     return;
   }
   const PluginKind kind = descriptor->kind;
@@ -114,7 +182,16 @@ template <class T>
 std::shared_ptr<T> Registry::create(PluginKind kind, const std::string& name) const {
   const Entry& e = entry(kind, name);
   // The descriptor's factory returns the object already converted to T's interface (see plugin.hpp).
-  T* object = static_cast<T*>(e.descriptor->create());
+  T* object = nullptr;
+  try {
+    object = static_cast<T*>(e.descriptor->create());
+  } catch (const std::exception& x) {
+    throw Error(std::string(plugin_kind_name(kind)) + " plugin '" + name + "' (" + e.info.file.string() +
+                ") failed to make its object: " + x.what());
+  } catch (...) {
+    throw Error(std::string(plugin_kind_name(kind)) + " plugin '" + name + "' (" + e.info.file.string() +
+                ") failed to make its object (an exception that is not a std::exception)");
+  }
   if (!object)
     throw Error(std::string(plugin_kind_name(kind)) + " plugin '" + name + "' (" + e.info.file.string() +
                 ") made no object");

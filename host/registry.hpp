@@ -28,9 +28,14 @@ struct RejectedPlugin {
   std::string reason;
 };
 
+// What differs between a plugin's build tag and this lminv's (kBuildTag, plugin.hpp) in the words that must agree,
+// as "cxx11-abi 0 in the plugin, 1 here (plugin compiler gcc-12, lminv's gcc-12)"; empty when they agree.
+std::string build_tag_difference(const std::string& plugin_tag);
+
 // Scans folders for files named lminv-plugin-*.so and loads each one. A plugin is refused, with a
-// reason naming its file, when it does not load, lacks the lminv_plugin entry, was built for another
-// ABI version, or repeats the kind and name of one found earlier in the search order.
+// reason naming its file, when it does not load (the dynamic loader's message is given), lacks the lminv_plugin
+// entry or its entry throws, was built for another ABI version, with another descriptor size or other C++ library
+// settings (the build tag), or repeats the kind and name of one found earlier in the search order.
 // Loaded libraries are never unloaded; every object made here keeps its library referenced too.
 class Registry {
  public:

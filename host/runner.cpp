@@ -42,6 +42,14 @@ class HostObserver final : public Observer {
   void on_step(const Step& step) override {
     last_loss_ = step.loss.empty() ? NAN : step.loss[best_item(step)];
     steps_ = step.index;
+    if (diverged_at_ == 0)
+      for (std::size_t b = 0; b < step.loss.size(); ++b)
+        if (!std::isfinite(step.loss[b])) {
+          diverged_at_ = step.index;
+          diverged_item_ = static_cast<std::int64_t>(b);
+          diverged_loss_ = step.loss[b];
+          break;
+        }
     if (std::find(snapshots_.begin(), snapshots_.end(), step.index) != snapshots_.end()) snapshot(step);
     if (progress_) show_progress(step);
   }
@@ -52,25 +60,39 @@ class HostObserver final : public Observer {
 
   nlohmann::json trajectory() const { return trajectory_; }
   std::int64_t steps() const { return steps_; }
+  // The first step whose loss (of any start) was NaN or infinite, 0 if none: the optimization diverged there.
+  std::int64_t diverged_at() const { return diverged_at_; }
+  std::int64_t diverged_item() const { return diverged_item_; }
+  double diverged_loss() const { return diverged_loss_; }
 
  private:
-  // With several starts in a batch, the one with the lowest loss this step is shown.
+  // With several starts in a batch, the one with the lowest finite loss this step is shown (the first if none is).
   static std::int64_t best_item(const Step& step) {
-    return std::min_element(step.loss.begin(), step.loss.end()) - step.loss.begin();
+    std::int64_t best = 0;
+    for (std::size_t b = 0; b < step.loss.size(); ++b)
+      if (std::isfinite(step.loss[b]) && !(std::isfinite(step.loss[best]) && step.loss[best] <= step.loss[b]))
+        best = static_cast<std::int64_t>(b);
+    return best;
   }
 
   void snapshot(const Step& step) {
     const std::int64_t b = best_item(step);
+    const double loss = step.loss.empty() ? NAN : step.loss[static_cast<std::size_t>(b)];
+    // A method may report a step without its inputs (the SDK allows a null input): the loss alone is kept.
+    if (!step.input || step.input->rank() != 3 || b >= step.input->dim(0)) {
+      trajectory_.push_back({{"step", step.index}, {"loss", loss}, {"item", b}});
+      return;
+    }
     Tensor item = step.input->slice0(b, b + 1);
     item = std::move(item).reshape({item.dim(1), item.dim(2)});
     const Decoded d = decoder_.decode(item);
     const std::vector<std::int64_t> ids = d.best();
     const std::string text = display_text(tokenizer_, ids);
     if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
-    out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << step.loss[b]
+    out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << loss
          << std::defaultfloat << "  " << quoted(text) << "\n"
          << std::flush;
-    nlohmann::json entry = {{"step", step.index}, {"loss", step.loss[b]}, {"item", b}, {"ids", ids}, {"text", text}};
+    nlohmann::json entry = {{"step", step.index}, {"loss", loss}, {"item", b}, {"ids", ids}, {"text", text}};
     if (d.k > 1) {  // the decoder's top-k per position, best first
       nlohmann::json topk = nlohmann::json::array();
       for (std::int64_t t = 0; t < d.positions; ++t)
@@ -105,6 +127,8 @@ class HostObserver final : public Observer {
   Clock::time_point last_draw_ = start_;
   double last_loss_ = NAN;
   std::int64_t steps_ = 0;
+  std::int64_t diverged_at_ = 0, diverged_item_ = 0;
+  double diverged_loss_ = NAN;
   nlohmann::json trajectory_ = nlohmann::json::array();
 };
 
@@ -158,19 +182,25 @@ std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment
     const Tensor logits = model->forward(true_input_for(ids, full, *e.weights));  // (1, T, V)
     const std::int64_t V = logits.dim(-1), last = (logits.dim(1) - 1) * V;
     std::int64_t best = 0;
-    for (std::int64_t v = 1; v < V; ++v)
+    for (std::int64_t v = 0; v < V; ++v) {
+      if (!std::isfinite(logits.get(last + v))) return std::int64_t{-1};  // no argmax of NaN: no answer
       if (logits.get(last + v) > logits.get(last + best)) best = v;
+    }
     return best;
   };
-  return NextToken{argmax_last(e.prompt_ids), argmax_last(recovered)};
+  const NextToken next{argmax_last(e.prompt_ids), argmax_last(recovered)};
+  if (next.original < 0 || next.recovered < 0) return std::nullopt;  // the full model overflows: nothing to compare
+  return next;
 }
 
 }  // namespace
 
 RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out) {
+  // The records file first: a folder that cannot be made or a file that cannot take records fails before the run.
+  RecordsFile records(fs::path(config.output_dir) / "records.jsonl", &out);
   ExperimentSession session(config, registry);
   const std::vector<std::int64_t> ids = config_prompt_ids(config, session.tokenizer());
-  return session.run(ids, out, /*quiet=*/false, fs::path(config.output_dir) / "records.jsonl");
+  return session.run(ids, out, /*quiet=*/false, records);
 }
 
 ExperimentSession::ExperimentSession(const ExperimentConfig& config, const Registry& registry) : config_(config) {
@@ -191,7 +221,7 @@ const Tokenizer& ExperimentSession::tokenizer() const { return factory_->tokeniz
 std::int64_t ExperimentSession::vocab_size() const { return factory_->vocab_size(); }
 
 RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ostream& shown, bool quiet,
-                                  const fs::path& records, const nlohmann::json& extra) {
+                                  RecordsFile& records, const nlohmann::json& extra) {
   const auto run_start = Clock::now();
   const ExperimentConfig& config = config_;
   Backend* backend = backend_.get();
@@ -238,6 +268,11 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   const double prepare_seconds = prepare_seconds_;
 
   const Tensor target = model->forward(true_input);
+  if (const std::int64_t at = first_non_finite(target); at >= 0)
+    throw Error(config.source + ": the model's output for the prompt holds " +
+                (std::isnan(target.get(at)) ? "NaN" : "an infinity") + " at position " +
+                std::to_string(at / target.dim(-1)) + " (element " + std::to_string(at % target.dim(-1)) +
+                "): the model overflows in " + dtype_name(spec.dtype) + "; there is nothing finite to invert");
 
   Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem"), {}, 0};
   const std::size_t known = known_prefix_length(config, tokenizer, summary.prompt_ids);
@@ -299,7 +334,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       << "  recovered " << (summary.exact_match ? "yes, exactly" : "no") << "  (token accuracy " << std::setprecision(3)
       << summary.token_accuracy * 100 << "%)\n"
       << std::scientific << std::setprecision(4) << "  loss      " << result.loss << " (" << metric_name(result.metric)
-      << ", best of " << result.steps << " steps)\n"
+      << (result.last_step ? ", at the last of " : ", best of ") << result.steps << " steps)\n"
       << "  output distance  L1 " << out_l1 << "   control m (sigma " << std::defaultfloat << config.control_sigma
       << std::scientific << ") L1 " << m_l1 << (out_l1 < m_l1 ? "   below m" : "   NOT below m") << "\n"
       << "  input distance   L2 " << in_l2 << "   ratio r = input/output (L2) "
@@ -310,6 +345,17 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
         << (next->original == next->recovered ? " (agree)" : " (differ)") << "\n";
   const std::optional<Certificate> certificate = certificate_of(result);
   if (certificate) print_certificate(out, *certificate, tokenizer);
+  const bool diverged = observer.diverged_at() > 0 || !std::isfinite(result.loss);
+  if (diverged) {
+    out << "  DIVERGED  ";
+    if (observer.diverged_at() > 0)
+      out << "the loss became " << observer.diverged_loss() << " at step " << observer.diverged_at()
+          << (observer.steps() > 0 && observer.diverged_item() > 0 ? " (start " + std::to_string(observer.diverged_item()) + ")" : "");
+    else
+      out << "the final loss is " << result.loss;
+    out << ": the optimization left the finite numbers (a step size too large for " << dtype_name(spec.dtype)
+        << "?); the result is not an inversion\n";
+  }
   out << std::defaultfloat << std::setprecision(3) << "  time      " << seconds_since(run_start) << " s ("
       << steps_per_second << " steps/s; weights " << init_seconds << " s, decoder " << prepare_seconds << " s)\n";
 
@@ -332,6 +378,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"decoder", config.decoder},
       {"metric", metric_name(result.metric)},
       {"steps", result.steps},
+      {"result_step", result.last_step ? "last" : "best"},
       {"final_loss", result.loss},
       {"output_distance", {{"l1", out_l1}, {"l2", out_l2}, {"metric", out_metric}}},
       {"control", {{"sigma", config.control_sigma}, {"l1", m_l1}, {"metric", m_metric}}},
@@ -360,10 +407,14 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
         {"prepare", prepare_seconds},
         {"optimize", optimize_seconds}}},
       {"steps_per_s", steps_per_second},
+      {"diverged", diverged ? nlohmann::json{{"step", observer.diverged_at() > 0 ? nlohmann::json(observer.diverged_at())
+                                                                                : nlohmann::json(nullptr)},
+                                             {"item", observer.diverged_item()}}
+                            : nlohmann::json(nullptr)},
   };
   for (const auto& [key, value] : extra.items()) summary.record[key] = value;
-  append_json_line(records, summary.record);
-  out << "  record    " << records.string() << "\n";
+  records.append(summary.record);
+  out << "  record    " << records.path().string() << "\n";
   return summary;
 }
 
@@ -377,7 +428,7 @@ std::int64_t ExperimentSession::output_width() {
 std::int64_t ExperimentSession::max_positions() { return factory_->build_unknown(1).spec.n_positions; }
 
 RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostream& shown, bool quiet,
-                                     const fs::path& records, const nlohmann::json& extra) {
+                                     RecordsFile& records, const nlohmann::json& extra) {
   const auto run_start = Clock::now();
   const ExperimentConfig& config = config_;
   std::ostringstream silent;
@@ -502,8 +553,8 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
       {"time_s", {{"total", seconds_since(run_start)}, {"optimize", optimize_seconds}}},
   };
   for (const auto& [key, value] : extra.items()) summary.record[key] = value;
-  append_json_line(records, summary.record);
-  out << "  record    " << records.string() << "\n";
+  records.append(summary.record);
+  out << "  record    " << records.path().string() << "\n";
   return summary;
 }
 

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "json_depth.hpp"
 #include "lminv/error.hpp"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian; so must the host be");
@@ -91,7 +92,7 @@ std::optional<std::uint64_t> as_count(const json& v) {
 // ---- reading ---------------------------------------------------------------------------------------------------
 
 SafetensorsFile::SafetensorsFile(const fs::path& file) : path_(file) {
-  fd_ = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  fd_ = ::open(file.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO would block; refused below
   if (fd_ < 0) sys_fail(file, "cannot open");
   try {
     struct stat st {};
@@ -124,6 +125,8 @@ SafetensorsFile::SafetensorsFile(const fs::path& file) : path_(file) {
     json header;
     try {
       header = json::parse(text, text + header_size, [&](int depth, json::parse_event_t event, json& parsed) {
+        if (depth > kMaxJsonDepth)  // dump() in the messages below recurses per level (json_depth.hpp)
+          bad(file, "header is JSON nested more than " + std::to_string(kMaxJsonDepth) + " levels deep");
         if (depth == 1 && event == json::parse_event_t::key && !seen.insert(parsed.get<std::string>()).second)
           repeated.push_back(parsed.get<std::string>());
         return true;

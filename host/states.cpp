@@ -1,9 +1,12 @@
 #include "states.hpp"
+#include "files.hpp"
+#include "json_depth.hpp"
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <fstream>
+#include <sstream>
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -35,6 +38,8 @@ enum class Format { safetensors, npy, npz };
 
 // By the extension; another extension by the file's first bytes (safetensors has no magic: it is what is left).
 Format format_of(const fs::path& file) {
+  // Before any byte is read (sniffing a FIFO's content would wait for a writer, a device's never end).
+  require_regular_file(file, "the states file", max_bytes::kStates);
   const std::string ext = lower_extension(file);
   if (ext == ".safetensors") return Format::safetensors;
   if (ext == ".npy") return Format::npy;
@@ -62,8 +67,6 @@ struct RawTensor {
 class StatesFile {
  public:
   explicit StatesFile(const fs::path& file) : file_(file), format_(format_of(file)) {
-    std::error_code ec;
-    if (!fs::exists(file, ec)) throw Error(file.string() + ": no such states file");
     switch (format_) {
       case Format::safetensors:
         st_ = std::make_unique<SafetensorsFile>(file);
@@ -160,7 +163,7 @@ std::vector<std::int64_t> id_list(const json& v, const std::string& what) {
 
 json parse_json_metadata(const fs::path& file, const std::string& key, const std::string& text) {
   try {
-    return json::parse(text);
+    return json::parse(text, json_depth_limit(file.string() + ": metadata " + in_quotes(key)));
   } catch (const json::exception&) {
     throw Error(file.string() + ": metadata " + in_quotes(key) + " = " + in_quotes(text) + " is not valid JSON");
   }
@@ -297,10 +300,7 @@ void check_set(std::vector<CapturedStates>& set) {
 }
 
 std::vector<CapturedStates> read_manifest(const fs::path& manifest) {
-  std::ifstream in(manifest);
-  std::error_code ec;
-  if (!fs::exists(manifest, ec)) throw Error(manifest.string() + ": no such states manifest");
-  if (!in) throw Error(manifest.string() + ": cannot open the states manifest");
+  std::istringstream in(read_regular_file(manifest, "the states manifest", max_bytes::kPrompts));
   std::vector<CapturedStates> set;
   std::string line;
   int number = 0;
@@ -310,7 +310,7 @@ std::vector<CapturedStates> read_manifest(const fs::path& manifest) {
     if (std::all_of(line.begin(), line.end(), [](unsigned char c) { return std::isspace(c); })) continue;
     json entry;
     try {
-      entry = json::parse(line);
+      entry = json::parse(line, json_depth_limit(at));
     } catch (const json::exception&) {
       throw Error(at + ": not a JSON object");
     }

@@ -91,26 +91,11 @@ std::string run_key(const std::string& config_print, std::size_t prompt_index, c
   return key;
 }
 
-// The records already in the file, by run key. A last line without its newline (the process stopped while writing
-// it) is cut off, so that the next record starts on a line of its own; its run is redone.
-std::map<std::string, nlohmann::json> read_records(const fs::path& file, std::ostream& out) {
+// The records already in the file, by run key (RecordsFile has cut off a last line left unfinished).
+std::map<std::string, nlohmann::json> read_records(const RecordsFile& records) {
+  const fs::path& file = records.path();
   std::map<std::string, nlohmann::json> done;
-  if (!fs::exists(file)) return done;
-  std::string content;
-  {
-    std::ifstream in(file, std::ios::binary);
-    if (!in) throw Error(file.string() + ": cannot read the sweep's records");
-    std::ostringstream s;
-    s << in.rdbuf();
-    content = s.str();
-  }
-  if (!content.empty() && content.back() != '\n') {
-    const std::size_t keep = content.rfind('\n') == std::string::npos ? 0 : content.rfind('\n') + 1;
-    out << "  " << file.string() << ": its last line was cut short (" << content.size() - keep
-        << " bytes, an interrupted write): dropped, its run is redone\n";
-    fs::resize_file(file, keep);
-    content.resize(keep);
-  }
+  const std::string content = records.read_all();
   std::istringstream lines(content);
   std::size_t number = 0;
   for (std::string line; std::getline(lines, line);) {
@@ -213,8 +198,10 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       configs.push_back(parse_experiment(raws.back()));
     }
   }
-  const fs::path records =
-      request.records.empty() ? fs::path(configs.front().output_dir) / "sweep.jsonl" : request.records;
+  // The records file before any run: one that cannot take records, or that another sweep is writing, fails now.
+  RecordsFile records(request.records.empty() ? fs::path(configs.front().output_dir) / "sweep.jsonl"
+                                              : fs::path(request.records),
+                      &out);
 
   // The prompts, tokenized with the first point's tokenizer; or one entry per captured states tensor.
   std::unique_ptr<ExperimentSession> session = std::make_unique<ExperimentSession>(configs.front(), registry);
@@ -240,7 +227,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     if (inverting) targets.resize(prompts.size());
   }
 
-  std::map<std::string, nlohmann::json> done = read_records(records, out);
+  std::map<std::string, nlohmann::json> done = read_records(records);
   std::vector<std::vector<std::string>> keys(points.size());
   std::size_t todo = 0;
   for (std::size_t g = 0; g < points.size(); ++g) {
@@ -262,7 +249,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       << " (" << prompts.size() << ")\n"
       << "  grid      " << points.size() << " point" << (points.size() == 1 ? "" : "s") << ": ";
   for (std::size_t g = 0; g < points.size(); ++g) out << (g ? "; " : "") << points[g].label();
-  out << "\n  records   " << records.string() << "\n";
+  out << "\n  records   " << records.path().string() << "\n";
   if (todo < total) out << "  resuming: " << total - todo << " of " << total << " runs already recorded\n";
   out << std::flush;
 
@@ -339,7 +326,8 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       }
       if (r.contains("certificate") && r["certificate"].is_object()) {
         ++certified;
-        unique += r["certificate"].value("verdict", "") == "unique" ? 1 : 0;
+        // Not value("verdict", ""): it throws json's type_error for a record read back with a verdict of another type.
+        unique += r["certificate"].contains("verdict") && r["certificate"]["verdict"] == "unique" ? 1 : 0;
       }
       times.push_back(number_at(r, {"time_s", "optimize"}));
       per_position.push_back(number_at(r, {"values", "candidates_per_position"}));
@@ -370,7 +358,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   }
   out << "  (time: the inversion itself per prompt, " << "time_s.optimize in the records)\n";
 
-  std::string stem = records.string();
+  std::string stem = records.path().string();
   if (stem.size() > 6 && stem.compare(stem.size() - 6, 6, ".jsonl") == 0) stem.resize(stem.size() - 6);
   const nlohmann::json summary = {{"lminv_version", LMINV_VERSION},
                                   {"time", utc_timestamp()},
@@ -378,7 +366,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
                                   {"overrides", request.overrides},
                                   {"prompts_file", (inverting ? request.states : request.prompts).string()},
                                   {"prompts", prompts.size()},
-                                  {"records", records.string()},
+                                  {"records", records.path().string()},
                                   {"table", table}};
   write_file_atomically(stem + "-summary.json", summary.dump(2) + "\n");
   write_file_atomically(stem + "-summary.md", "# lminv sweep " + config_list + "\n\nPrompts: " +

@@ -7,6 +7,8 @@
 //   3. apply BPE: repeatedly merge every occurrence of the adjacent pair with the lowest merge rank.
 // Internally the pieces stay raw bytes and BPE runs on token ids; the byte-unicode form only appears in the files.
 #include "tokenizer.hpp"
+#include "files.hpp"
+#include "json_depth.hpp"
 
 #include <algorithm>
 #include <array>
@@ -190,15 +192,7 @@ std::string bytes_of_entry(std::string_view entry) {
 // ---- Files --------------------------------------------------------------------------------------------------------
 
 std::string read_file(const std::filesystem::path& path, const char* what) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    throw Error(std::string("tokenizer ") + what + " '" + path.string() + "' does not exist or is not a file");
-  }
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream content;
-  content << in.rdbuf();
-  if (!in) throw Error(std::string("cannot read tokenizer ") + what + " '" + path.string() + "'");
-  return std::move(content).str();
+  return read_regular_file(path, std::string("the tokenizer's ") + what + " table", max_bytes::kTokenizer);
 }
 
 std::uint64_t pair_key(std::int32_t left, std::int32_t right) {
@@ -241,7 +235,7 @@ void Tokenizer::Impl::load_vocab(const std::filesystem::path& path) {
   const std::string where = "tokenizer vocabulary '" + path.string() + "'";
   nlohmann::json json;
   try {
-    json = nlohmann::json::parse(text);
+    json = nlohmann::json::parse(text, json_depth_limit(where));
   } catch (const nlohmann::json::exception& e) {
     throw Error(where + " is not valid JSON: " + e.what());
   }
@@ -250,8 +244,9 @@ void Tokenizer::Impl::load_vocab(const std::filesystem::path& path) {
   std::int64_t max_id = -1;
   id_of_entry.reserve(json.size());
   for (const auto& [entry, value] : json.items()) {
-    if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() > INT32_MAX) {
-      throw Error(where + ": the id of \"" + entry + "\" is not a non-negative 32-bit integer: " + value.dump());
+    // Tables are indexed by id: an id far past any real vocabulary (2^24 and up) is refused, not allocated for.
+    if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() >= (1 << 24)) {
+      throw Error(where + ": the id of \"" + entry + "\" is not an integer in [0, 16777215]: " + value.dump());
     }
     const auto id = value.get<std::int64_t>();
     id_of_entry.emplace(entry, static_cast<std::int32_t>(id));

@@ -41,7 +41,7 @@ if [[ ! -f $out/sets/lminv-torch-bf16.jsonl ]]; then
   i=0
   while read -r line; do
     ids=$($py -c 'import json,sys; print(",".join(map(str, json.loads(sys.argv[1])["ids"])))' "$line")
-    lminv forward $config --out $out/sets/lminv-torch-bf16/$i.safetensors --set prompt.text= --set prompt.ids=$ids \
+    lminv forward $config --force --out $out/sets/lminv-torch-bf16/$i.safetensors --set prompt.text= --set prompt.ids=$ids \
       --set backend.dtype=bf16 --set output.dir=$out/forward > /dev/null
     echo "{\"states\": \"lminv-torch-bf16/$i.safetensors\"}" >> $out/sets/lminv-torch-bf16.jsonl.tmp
     i=$((i + 1))

@@ -459,6 +459,10 @@ TEST(Checkpoint, BadConfigValuesNameTheField) {
       {"scale_attn_weights", false, "scale_attn_weights is false"},
       {"scale_attn_by_inverse_layer_idx", true, "scale_attn_by_inverse_layer_idx is true"},
       {"tie_word_embeddings", "yes", "tie_word_embeddings is \"yes\", not true or false"},
+      // Sizes past lminv's ceilings: 4 * n_embd overflowed (a UBSan report), a huge n_layer hung building the names.
+      {"n_embd", std::int64_t{1} << 62, "n_embd is 4611686018427387904, beyond lminv's limit of 131072"},
+      {"n_layer", 100000000, "n_layer is 100000000, beyond lminv's limit of 4096"},
+      {"vocab_size", std::int64_t{1} << 40, "vocab_size is 1099511627776, beyond lminv's limit of 16777216"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.message);
@@ -476,6 +480,15 @@ TEST(Checkpoint, BadJsonInConfigIsNamed) {
   expect_error([&] { f.load(); }, {f.config.string(), "not valid JSON"});
   spit(f.config, "[2, 8]");
   expect_error([&] { f.load(); }, {f.config.string(), "a JSON array, not an object"});
+}
+
+// A value nested 200000 levels deep overflowed the stack while the message quoting it was built (host/json_depth.hpp):
+// refused when it is parsed instead.
+TEST(Checkpoint, DeeplyNestedConfigIsRefused) {
+  Folder f;
+  const std::size_t depth = 200000;
+  spit(f.config, "{\"model_type\": \"gpt2\", \"n_layer\": " + std::string(depth, '[') + std::string(depth, ']') + "}");
+  expect_error([&] { f.load(); }, {f.config.string(), "nested more than 64 levels deep"});
 }
 
 TEST(Checkpoint, MissingFilesAreNamed) {

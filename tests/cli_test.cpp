@@ -1,7 +1,10 @@
 // The lminv program end to end: commands, exit codes, error messages, records, and the quickstart.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <array>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -117,7 +120,7 @@ TEST_F(Cli, BadConfigsNameTheFileKeyAndValue) {
     bool names_config = true;  // errors about the config's own values name its file
   };
   for (const Case& c : std::vector<Case>{
-           {"run /no/such.ini", "/no/such.ini: cannot open the config file", false},
+           {"run /no/such.ini", "/no/such.ini: the config file does not exist", false},
            {"run " + tiny_ + " --set model.n_embd=wide", "[model] n_embd = 'wide': 'wide' is not an integer"},
            {"run " + tiny_ + " --set optimizer.stpes=3", "unknown key in [optimizer]: stpes = '3'"},
            {"run " + tiny_ + " --set decoder.top_k=0", "[decoder] top_k = '0'"},
@@ -299,31 +302,35 @@ TEST_F(Cli, SweepRunsPromptsTimesGridAndResumes) {
   EXPECT_EQ(lines_of(file).size(), 12u);
 }
 
-// The process killed at an arbitrary moment (SIGKILL after 3 s: the random policy's runs take seconds each, the
-// whole sweep several times that), possibly in the middle of appending a record, then the same command again: every
-// run ends up recorded exactly once, and the records written before the kill are kept.
+// The process killed by SIGKILL in the middle of writing its 4th record (the test hook LMINV_TEST_KILL_IN_RECORD
+// writes half the line, then kills the process: the same point on every machine), then the same command again: the
+// cut line is dropped, every run ends up recorded exactly once, and the 3 records written before the kill are kept.
 TEST_F(Cli, InterruptedSweepLosesAndRepeatsNothing) {
   const std::string args = "sweep " + std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-sequential.ini --prompts " +
                            std::string(LMINV_TEST_DATA_DIR) +
                            "/prompts-tiny.txt --limit 3 --grid optimizer.policy=linearized,random" + isolated();
-  const std::string killed = "timeout -s KILL 3 " + std::string(LMINV_BINARY) + " " + args + " > /dev/null 2>&1";
-  (void)std::system(killed.c_str());
+  const std::string killed =
+      "LMINV_TEST_KILL_IN_RECORD=4 " + std::string(LMINV_BINARY) + " " + args + " > /dev/null 2>&1";
+  const int status = std::system(killed.c_str());
+  EXPECT_TRUE(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGKILL)) << status;
   const fs::path file = dir_ / "out" / "sweep.jsonl";
-  std::vector<std::string> before = fs::exists(file) ? lines_of(file) : std::vector<std::string>{};
   std::ifstream raw(file, std::ios::binary);
   const std::string bytes((std::istreambuf_iterator<char>(raw)), std::istreambuf_iterator<char>());
-  if (!bytes.empty() && bytes.back() != '\n') before.pop_back();  // a record cut short: dropped and redone
+  ASSERT_FALSE(bytes.empty());
+  ASSERT_NE(bytes.back(), '\n') << "the 4th record was not cut";
+  std::vector<std::string> before = lines_of(file);
+  ASSERT_EQ(before.size(), 4u);  // 3 whole records and half of the 4th
+  before.pop_back();
+  for (const std::string& line : before) EXPECT_TRUE(nlohmann::json::accept(line));
+
   const Outcome resumed = lminv(args);
   ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("its last line was cut short"), std::string::npos) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming: 3 of 6"), std::string::npos) << resumed.output;
   const std::vector<std::string> after = lines_of(file);
-  EXPECT_LT(before.size(), 6u) << "the sweep finished before it was killed: nothing was interrupted";
   ASSERT_EQ(after.size(), 6u) << resumed.output;
   EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin()));
   EXPECT_EQ(sweep_keys(file).size(), 6u);
-  if (!before.empty()) {
-    EXPECT_NE(resumed.output.find("resuming: " + std::to_string(before.size()) + " of 6"), std::string::npos)
-        << resumed.output;
-  }
 }
 
 TEST_F(Cli, SweepErrorsNameTheProblem) {

@@ -64,7 +64,7 @@ class Invert : public ::testing::Test {
 
   // `lminv forward CONFIG` with `sets` into FILE; the prompt ids it used.
   std::vector<std::int64_t> forward(const fs::path& file, const std::string& sets = "") {
-    const Outcome o = run_lminv("forward " + tiny_ + " --out " + file.string() + isolated() + sets);
+    const Outcome o = run_lminv("forward " + tiny_ + " --force --out " + file.string() + isolated() + sets);
     EXPECT_EQ(o.status, 0) << o.output;
     std::map<std::string, std::string> metadata;
     lminv::read_safetensors(file, &metadata);
@@ -139,7 +139,7 @@ TEST_F(Invert, RepeatedTokensAndASinglePosition) {
     const fs::path config = dir_ / "tiny-ids.ini";
     std::ofstream(config) << body;
     const fs::path states = dir_ / "states.safetensors";
-    const Outcome f = run_lminv("forward " + config.string() + " --out " + states.string() + isolated());
+    const Outcome f = run_lminv("forward " + config.string() + " --force --out " + states.string() + isolated());
     ASSERT_EQ(f.status, 0) << f.output;
     const Outcome inv = run_lminv("invert " + config.string() + " --states " + states.string() + isolated());
     ASSERT_EQ(inv.status, 0) << inv.output;

@@ -149,7 +149,8 @@ TEST_F(PromptFile, ChecksTextTokensAgainstASmallerVocabulary) {
 
 TEST_F(PromptFile, MissingOrEmptyFilesAreErrors) {
   const fs::path missing = dir_.path() / "missing.txt";
-  EXPECT_NE(error_of([&] { read_prompt_file(missing, gpt2(), kVocab); }).find(missing.string() + ": cannot read"),
+  EXPECT_NE(error_of([&] { read_prompt_file(missing, gpt2(), kVocab); })
+                .find(missing.string() + ": the prompt file does not exist"),
             std::string::npos);
   EXPECT_NE(error("").find(file() + ": no prompts"), std::string::npos);
   EXPECT_NE(error("# only a comment\n\n  \n").find(file() + ": no prompts"), std::string::npos);

@@ -42,6 +42,49 @@ TEST(Registry, RefusesAPluginOfAnotherAbiVersionNamingTheFile) {
   EXPECT_TRUE(rejected_with(r, "lminv-plugin-abi-mismatch", "ABI version " + std::to_string(kAbiVersion + 1)));
 }
 
+TEST(Registry, RefusesADescriptorOfAnotherSizeNamingBothSizes) {
+  Registry r({kTestPlugins / "bad1"});
+  EXPECT_TRUE(r.plugins().empty());
+  EXPECT_TRUE(rejected_with(r, "lminv-plugin-bad-descriptor-1",
+                            "descriptor is " + std::to_string(sizeof(PluginDescriptor) + 8) + " bytes, this lminv's is " +
+                                std::to_string(sizeof(PluginDescriptor))));
+}
+
+TEST(Registry, RefusesAnotherStringAbiNamingTheDifference) {
+  Registry r({kTestPlugins / "bad2"});
+  EXPECT_TRUE(r.plugins().empty());
+  ASSERT_EQ(r.rejected().size(), 1u);
+  const std::string why = r.rejected()[0].reason;
+  EXPECT_NE(why.find("cxx11-abi 0 in the plugin, 1 here"), std::string::npos) << why;
+  EXPECT_NE(why.find("plugin compiler gcc-4"), std::string::npos) << why;
+  EXPECT_EQ(why.find("stdlib "), std::string::npos) << why;  // the words that agree are not listed
+}
+
+TEST(Registry, BuildTagDifferenceIsEmptyForItsOwnTagAndNamesEachWordThatDiffers) {
+  EXPECT_EQ(build_tag_difference(kBuildTag), "");
+  const std::string d = build_tag_difference("stdlib=libc++ debug-containers=1 pointer-bytes=4");
+  for (const char* part : {"stdlib libc++ in the plugin", "cxx11-abi (not given) in the plugin",
+                           "debug-containers 1 in the plugin", "pointer-bytes 4 in the plugin"})
+    EXPECT_NE(d.find(part), std::string::npos) << part << " in: " << d;
+}
+
+TEST(Registry, AThrowingEntryIsRefusedLikeAnyBrokenPluginAndTheOthersStillLoad) {
+  Registry r({kBuiltins, kTestPlugins / "bad3"});
+  EXPECT_TRUE(rejected_with(r, "lminv-plugin-bad-descriptor-3", "entry threw: the plugin's configuration file is missing"));
+  EXPECT_NE(r.find(PluginKind::optimizer, "descent"), nullptr);
+}
+
+TEST(Registry, ALoadFailureGivesTheLoadersOwnMessage) {
+  Registry r({kTestPlugins / "missingdep"});
+  EXPECT_TRUE(r.plugins().empty());
+  // The loader names the library it could not find; Boost.DLL alone would say "Bad file descriptor".
+  EXPECT_TRUE(rejected_with(r, "lminv-plugin-missing-dep", "liblminv-test-dependency.so")) << [&] {
+    std::string all;
+    for (const RejectedPlugin& p : r.rejected()) all += p.file.string() + ": " + p.reason + "\n";
+    return all;
+  }();
+}
+
 TEST(Registry, RefusesALibraryWithoutTheEntry) {
   Registry r({kTestPlugins / "noentry"});
   EXPECT_TRUE(r.plugins().empty());

@@ -517,3 +517,45 @@ TEST(Sequential, Errors) {
     EXPECT_NE(std::string(e.what()).find("causal"), std::string::npos) << e.what();
   }
 }
+
+// NaN where the search looks: a target that holds one is refused at once; a candidate whose output is NaN (its
+// embedding row spoilt) stops the search with an Error naming it, in every policy. Before, NaN distances never
+// verified and the linearized policy read row -1 of the embeddings (a crash).
+TEST(Sequential, NanTargetsAndNanOutputsAreErrorsNotCrashes) {
+  const ModelSpec spec = small_gpt2(DType::f64, 23, 3);
+  WeightSet spoilt = *weights_for(spec);
+  Tensor wte = spoilt.get("wte.weight");
+  for (std::int64_t j = 0; j < spec.n_embd; ++j) wte.set(5 * spec.n_embd + j, NAN);
+  spoilt.set("wte.weight", std::move(wte));
+  const auto w = std::make_shared<const WeightSet>(std::move(spoilt));
+  for (const char* policy : {"linearized", "gradient", "random"}) {
+    SCOPED_TRACE(policy);
+    sequential::SequentialOptimizer opt;
+    try {
+      invert("reference", spec, {1, 2, 3}, opt, {{"policy", policy}}, 0, {}, w);
+      ADD_FAILURE() << "a search through a NaN output succeeded";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_TRUE(msg.find("not finite") != std::string::npos || msg.find("NaN") != std::string::npos) << msg;
+    }
+  }
+  // The target itself.
+  ModelSpec s = spec;
+  s.seq_len = 2;
+  const auto good = weights_for(spec);
+  std::unique_ptr<Model> model = backend("reference")->create_model(s, good);
+  const Tensor x = embed({1, 2}, s, *good);
+  Tensor target = model->forward(x);
+  target.set(target.numel() - 1, NAN);
+  NoDecoder decoder;
+  Quiet observer;
+  Problem problem{*model, target, x, {1, 2}, decoder, good, Rng(1), {}, 0};
+  sequential::SequentialOptimizer opt;
+  opt.configure(Options("optimizer", "test.ini", {}));
+  try {
+    opt.run(problem, observer);
+    ADD_FAILURE() << "a NaN target was searched";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("the target holds NaN at position 1"), std::string::npos) << e.what();
+  }
+}

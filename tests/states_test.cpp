@@ -293,7 +293,7 @@ TEST(Npy, FilesNamedInErrors) {
   const std::string good = slurp(kData / "v1-f4.npy");
   spit(dir / "cut.npy", good.substr(0, good.size() - 3));
   expect_error([&] { read_npy(dir / "cut.npy"); }, {(dir / "cut.npy").string(), "data shorter than the shape says"});
-  expect_error([&] { read_npy(dir / "missing.npy"); }, {(dir / "missing.npy").string(), "no such file"});
+  expect_error([&] { read_npy(dir / "missing.npy"); }, {(dir / "missing.npy").string(), "does not exist"});
 }
 
 // ---- .npz ---------------------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ TEST(States, FormatFromTheFirstBytesUnderAnotherExtension) {
   expect_fixture_values(read_states(dir / "a.states").states);
   EXPECT_EQ(read_states(dir / "b.bin").name, "states");
   EXPECT_EQ(read_states(dir / "c").stored_dtype, "F64");
-  expect_error([&] { read_states(dir / "none.safetensors"); }, {(dir / "none.safetensors").string(), "no such"});
+  expect_error([&] { read_states(dir / "none.safetensors"); }, {(dir / "none.safetensors").string(), "does not exist"});
 }
 
 TEST(States, BadTensors) {
@@ -620,7 +620,7 @@ TEST(StatesSet, BadSets) {
   expect_error([&] { read_states_set(manifest("{\"state\": \"f32.safetensors\"}\n")); },
                {m + ":1", "unknown key 'state'"});
   expect_error([&] { read_states_set(manifest("{\"name\": \"output\"}\n")); }, {m + ":1", "no \"states\""});
-  expect_error([&] { read_states_set(manifest("{\"states\": \"gone.npy\"}\n")); }, {m + ":1", "gone.npy", "no such"});
+  expect_error([&] { read_states_set(manifest("{\"states\": \"gone.npy\"}\n")); }, {m + ":1", "gone.npy", "does not exist"});
   expect_error([&] { read_states_set(manifest("{\"states\": \"f32.safetensors\", \"ids\": [1, 2, 3]}\n")); },
                {m + ":1", "disagree", "[464,6766,318]"});
   expect_error([&] { read_states_set(manifest("{\"states\": \"f32.safetensors\", \"name\": \"x\"}\n")); },

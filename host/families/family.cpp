@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "config.hpp"  // the size ceilings
 #include "lminv/error.hpp"
 
 namespace lminv {
@@ -11,18 +12,24 @@ using json = nlohmann::json;
 
 void ConfigFields::fail(const std::string& what) const { throw Error(file_.string() + ": " + what); }
 
-std::int64_t ConfigFields::positive_int(const char* key, std::int64_t fallback) const {
+std::int64_t ConfigFields::positive_int(const char* key, std::int64_t fallback, std::int64_t max) const {
   if (!j_.contains(key)) return fallback;
   const json& v = j_[key];
-  if ((v.is_number_unsigned() || v.is_number_integer()) && v.get<std::int64_t>() > 0) return v.get<std::int64_t>();
-  fail(std::string(key) + " is " + v.dump() + ", not a positive integer");
+  if (!(v.is_number_unsigned() || v.is_number_integer()) || v.get<std::int64_t>() <= 0)
+    fail(std::string(key) + " is " + v.dump() + ", not a positive integer");
+  if (v.get<std::int64_t>() > max)
+    fail(std::string(key) + " is " + v.dump() + ", beyond lminv's limit of " + std::to_string(max));
+  return v.get<std::int64_t>();
 }
 
-std::int64_t ConfigFields::count(const char* key, std::int64_t fallback) const {
+std::int64_t ConfigFields::count(const char* key, std::int64_t fallback, std::int64_t max) const {
   if (!j_.contains(key)) return fallback;
   const json& v = j_[key];
-  if ((v.is_number_unsigned() || v.is_number_integer()) && v.get<std::int64_t>() >= 0) return v.get<std::int64_t>();
-  fail(std::string(key) + " is " + v.dump() + ", not a non-negative integer");
+  if (!(v.is_number_unsigned() || v.is_number_integer()) || v.get<std::int64_t>() < 0)
+    fail(std::string(key) + " is " + v.dump() + ", not a non-negative integer");
+  if (v.get<std::int64_t>() > max)
+    fail(std::string(key) + " is " + v.dump() + ", beyond lminv's limit of " + std::to_string(max));
+  return v.get<std::int64_t>();
 }
 
 double ConfigFields::positive_number(const char* key, double fallback) const {
@@ -138,12 +145,12 @@ std::vector<TensorRule> llama_style_rules(const ModelSpec& s) {
 
 void read_llama_style_config(const ConfigFields& c, ModelSpec& s, bool tie_default) {
   s.kind = ModelKind::decoder;
-  s.n_embd = c.positive_int("hidden_size", 4096);
-  s.n_inner = c.positive_int("intermediate_size", 11008);
-  s.n_layer = c.count("num_hidden_layers", 32);
-  s.n_head = c.positive_int("num_attention_heads", 32);
-  s.vocab_size = c.positive_int("vocab_size", 32000);
-  s.n_positions = c.positive_int("max_position_embeddings", 2048);
+  s.n_embd = c.positive_int("hidden_size", 4096, kMaxWidth);
+  s.n_inner = c.positive_int("intermediate_size", 11008, kMaxInner);
+  s.n_layer = c.count("num_hidden_layers", 32, kMaxLayers);
+  s.n_head = c.positive_int("num_attention_heads", 32, kMaxHeads);
+  s.vocab_size = c.positive_int("vocab_size", 32000, kMaxVocab);
+  s.n_positions = c.positive_int("max_position_embeddings", 2048, kMaxPositions);
   Architecture& a = s.arch;
   a = Architecture{};
   a.norm = Norm::rms_norm;
@@ -152,11 +159,11 @@ void read_llama_style_config(const ConfigFields& c, ModelSpec& s, bool tie_defau
   a.positions = Positions::rotary;
   a.rope_theta = c.positive_number("rope_theta", 10000.0);
   a.rotary_fraction = c.fraction("partial_rotary_factor", 1.0);
-  a.n_kv_head = c.positive_int("num_key_value_heads", s.n_head);
+  a.n_kv_head = c.positive_int("num_key_value_heads", s.n_head, kMaxHeads);
   if (s.n_head % a.n_kv_head != 0)
     c.fail("num_attention_heads = " + std::to_string(s.n_head) + " is not a multiple of num_key_value_heads = " +
            std::to_string(a.n_kv_head));
-  a.head_dim = c.positive_int("head_dim", s.n_embd / s.n_head);
+  a.head_dim = c.positive_int("head_dim", s.n_embd / s.n_head, kMaxWidth);
   if (a.head_dim * s.n_head == s.n_embd) a.head_dim = 0;  // the default: say so in the spec
   else if (!c.has("head_dim"))
     c.fail("hidden_size = " + std::to_string(s.n_embd) + " is not a multiple of num_attention_heads = " +

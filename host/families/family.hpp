@@ -24,8 +24,10 @@ class ConfigFields {
 
   const std::filesystem::path& file() const { return file_; }
   bool has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
-  std::int64_t positive_int(const char* key, std::int64_t fallback) const;
-  std::int64_t count(const char* key, std::int64_t fallback) const;  // >= 0
+  // Sizes: an integer > 0 (count: >= 0) and at most `max` (lminv's ceilings, config.hpp: beyond them sizes overflow
+  // or tables fill memory before any tensor is checked).
+  std::int64_t positive_int(const char* key, std::int64_t fallback, std::int64_t max = INT64_MAX) const;
+  std::int64_t count(const char* key, std::int64_t fallback, std::int64_t max = INT64_MAX) const;
   double positive_number(const char* key, double fallback) const;
   double fraction(const char* key, double fallback) const;  // in (0, 1]
   bool boolean(const char* key, bool fallback) const;

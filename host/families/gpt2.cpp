@@ -3,6 +3,7 @@
 // under "transformer." + the canonical name.
 #include <cmath>
 
+#include "config.hpp"  // the size ceilings
 #include "family.hpp"
 #include "lminv/schema.hpp"
 
@@ -24,12 +25,12 @@ class Gpt2Family final : public FamilyAdapter {
 
   void read_config(const ConfigFields& f, ModelSpec& s) const override {
     s.kind = ModelKind::decoder;
-    s.n_layer = f.count("n_layer", 12);  // 0 blocks is a model of embeddings and ln_f
-    s.n_embd = f.positive_int("n_embd", 768);
-    s.n_head = f.positive_int("n_head", 12);
-    s.n_inner = f.has("n_inner") ? f.positive_int("n_inner", 0) : 0;
-    s.vocab_size = f.positive_int("vocab_size", 50257);
-    s.n_positions = f.positive_int("n_positions", 1024);
+    s.n_layer = f.count("n_layer", 12, kMaxLayers);  // 0 blocks is a model of embeddings and ln_f
+    s.n_embd = f.positive_int("n_embd", 768, kMaxWidth);
+    s.n_head = f.positive_int("n_head", 12, kMaxHeads);
+    s.n_inner = f.has("n_inner") ? f.positive_int("n_inner", 0, kMaxInner) : 0;
+    s.vocab_size = f.positive_int("vocab_size", 50257, kMaxVocab);
+    s.n_positions = f.positive_int("n_positions", 1024, kMaxPositions);
     s.arch = Architecture{};
     s.arch.norm_eps = f.positive_number("layer_norm_epsilon", 1e-5);
     if (s.n_embd % s.n_head != 0)

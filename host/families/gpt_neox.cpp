@@ -2,6 +2,7 @@
 // each head (rotary_pct, 0.25 in Pythia), the parallel residual (use_parallel_residual), GELU (erf), biases
 // everywhere, an untied output projection "embed_out". Its fused query_key_value weight [3 d, d] is laid out head by
 // head ([q k v] of head 0, then of head 1, ...); the canonical c_attn puts all q heads first, then k, then v.
+#include "config.hpp"  // the size ceilings
 #include "family.hpp"
 
 namespace lminv {
@@ -26,12 +27,12 @@ class GptNeoxFamily final : public FamilyAdapter {
 
   void read_config(const ConfigFields& f, ModelSpec& s) const override {
     s.kind = ModelKind::decoder;
-    s.n_embd = f.positive_int("hidden_size", 6144);
-    s.n_layer = f.count("num_hidden_layers", 44);
-    s.n_head = f.positive_int("num_attention_heads", 64);
-    s.n_inner = f.positive_int("intermediate_size", 24576);
-    s.vocab_size = f.positive_int("vocab_size", 50432);
-    s.n_positions = f.positive_int("max_position_embeddings", 2048);
+    s.n_embd = f.positive_int("hidden_size", 6144, kMaxWidth);
+    s.n_layer = f.count("num_hidden_layers", 44, kMaxLayers);
+    s.n_head = f.positive_int("num_attention_heads", 64, kMaxHeads);
+    s.n_inner = f.positive_int("intermediate_size", 24576, kMaxInner);
+    s.vocab_size = f.positive_int("vocab_size", 50432, kMaxVocab);
+    s.n_positions = f.positive_int("max_position_embeddings", 2048, kMaxPositions);
     if (s.n_embd % s.n_head != 0)
       f.fail("num_attention_heads = " + std::to_string(s.n_head) + " does not divide hidden_size = " +
              std::to_string(s.n_embd));

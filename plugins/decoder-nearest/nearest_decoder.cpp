@@ -115,7 +115,9 @@ Tensor NearestDecoder::as_matrix(const Tensor& input, std::int64_t cols, const c
   return input.rank() == 2 ? m : std::move(m).reshape({input.dim(1), cols});
 }
 
-std::vector<double> NearestDecoder::scores(const Tensor& input) const {
+std::vector<double> NearestDecoder::scores(const Tensor& input) const { return scores(input, nullptr); }
+
+std::vector<double> NearestDecoder::scores(const Tensor& input, std::vector<double>* squared_norms) const {
   if (!prepared_ || space_ != InputSpace::embedding)
     throw Error("nearest decoder: scores needs prepare() with input = embedding");
   const Tensor x = as_matrix(input, dim_, "d");
@@ -128,7 +130,12 @@ std::vector<double> NearestDecoder::scores(const Tensor& input) const {
     const double xx = xt.col(t).squaredNorm();
     const double xn = std::sqrt(xx);
     double* row = out.data() + t * vocab_;
-    if (distance_ == Distance::l2) {
+    if (distance_ == Distance::l2 && squared_norms) {
+      // For ranking: |x - w|^2 - |x|^2 = |w|^2 - 2 <w, x>, without the |x|^2 that is the same for every token. For a
+      // large x, |x|^2 would swamp the differences between tokens in double and every token would tie.
+      squared_norms->push_back(xx);
+      for (std::int64_t v = 0; v < vocab_; ++v) row[v] = 2.0 * row[v] - row_norms_[v] * row_norms_[v];
+    } else if (distance_ == Distance::l2) {
       for (std::int64_t v = 0; v < vocab_; ++v) {
         const double wn = row_norms_[v];
         row[v] = -std::sqrt(std::max(0.0, xx - 2.0 * row[v] + wn * wn));
@@ -149,8 +156,20 @@ Decoded NearestDecoder::decode(const Tensor& input) {
     const Tensor x = as_matrix(input, vocab_, "V");
     return pinv::top_k_rows(x.data<double>(), x.dim(0), vocab_, top_k_, allowed_);
   }
-  const std::vector<double> s = scores(input);
-  return pinv::top_k_rows(s.data(), static_cast<std::int64_t>(s.size()) / vocab_, vocab_, top_k_, allowed_);
+  if (distance_ == Distance::cosine) {
+    const std::vector<double> s = scores(input);
+    return pinv::top_k_rows(s.data(), static_cast<std::int64_t>(s.size()) / vocab_, vocab_, top_k_, allowed_);
+  }
+  // Ranked by |w|^2 - 2 <w, x> (precise for any |x|), reported as minus the distance.
+  std::vector<double> xx;
+  const std::vector<double> keys = scores(input, &xx);
+  Decoded d = pinv::top_k_rows(keys.data(), static_cast<std::int64_t>(keys.size()) / vocab_, vocab_, top_k_, allowed_);
+  for (std::int64_t t = 0; t < d.positions; ++t)
+    for (std::int64_t r = 0; r < d.k; ++r) {
+      double& s = d.scores[static_cast<std::size_t>(t * d.k + r)];
+      s = -std::sqrt(std::max(0.0, xx[static_cast<std::size_t>(t)] - s));
+    }
+  return d;
 }
 
 }  // namespace lminv

@@ -40,6 +40,12 @@ class NearestDecoder : public Decoder {
   std::vector<double> scores(const Tensor& input) const;
 
   Distance distance() const { return distance_; }
+
+ private:
+  // With `squared_norms` (l2 only): the ranking keys 2 <w, x> - |w|^2 instead, and each row's |x|^2 appended.
+  std::vector<double> scores(const Tensor& input, std::vector<double>* squared_norms) const;
+
+ public:
   std::int64_t top_k() const { return top_k_; }
   const std::vector<std::uint8_t>& allowed() const { return allowed_; }
   const std::vector<double>& row_norms() const { return row_norms_; }

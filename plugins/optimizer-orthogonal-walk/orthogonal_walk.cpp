@@ -185,6 +185,7 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
   result.input = std::move(a);
   result.loss = loss;
   result.steps = cfg.steps;
+  result.last_step = true;  // the walk's end point
   result.metric = cfg.metric;
   result.values["input_distance"] = in_l2;
   result.values["output_distance"] = l1;

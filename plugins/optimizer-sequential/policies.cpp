@@ -352,10 +352,11 @@ class Linearized final : public CandidateSource {
       if (jacobians_here_ == 0) {
         linearize(v, stats_->mean);  // the reused J failed: a fresh one at the mean embedding
       } else {
-        Index best = -1;  // the closest token verified so far
+        Index best = -1;  // the closest token verified so far (none when every distance so far was NaN)
         for (Index id = 0; id < v.vocab(); ++id)
           if (v.verified(id) && (best < 0 || v.distance(id) < v.distance(best))) best = id;
-        linearize(v, embeddings().row(best).transpose());
+        if (best < 0) linearize(v, stats_->mean);
+        else linearize(v, embeddings().row(best).transpose());
       }
     }
     return take(v, n);

@@ -107,6 +107,11 @@ Verifier::Verifier(Problem& problem, const SearchOptions& options) : problem_(pr
   width_ = spec_.input == InputSpace::embedding ? spec_.n_embd : V_;
   if (T_ != spec_.seq_len)
     throw Error("the target has " + std::to_string(T_) + " positions, the model " + std::to_string(spec_.seq_len));
+  for (Index i = 0; i < target.numel(); ++i)
+    if (!std::isfinite(target.get(i)))
+      throw Error("the target holds " + std::string(std::isnan(target.get(i)) ? "NaN" : "an infinity") +
+                  " at position " + std::to_string(i / D_) + ", element " + std::to_string(i % D_) +
+                  ": a search cannot match it (NaN or Inf in the weights or the states?)");
   if (spec_.input == InputSpace::embedding) {
     if (!problem.weights || !problem.weights->contains("wte.weight"))
       throw Error("needs the token embeddings (weight 'wte.weight' [V, d]) to make candidate inputs");
@@ -212,6 +217,11 @@ std::vector<double> Verifier::verify(const std::vector<Index>& ids) {
   std::vector<double> d(ids.size());
   for (std::size_t i = 0; i < ids.size(); ++i) {
     d[i] = relative_distance(out, static_cast<Index>(i));
+    // NaN never compares, so it would never verify nor be rejected: the search would run through the vocabulary.
+    if (!std::isfinite(d[i]))
+      throw Error("the model's output for token " + std::to_string(ids[i]) + " at position " + std::to_string(t_) +
+                  " is not finite (NaN or Inf): the model overflows in " + dtype_name(spec_.dtype) +
+                  " or its weights hold NaN/Inf");
     if (distance_[ids[i]] < 0) ++verified_count_;
     distance_[ids[i]] = d[i];
   }

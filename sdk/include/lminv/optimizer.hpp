@@ -60,6 +60,8 @@ struct Result {
   Tensor input;           // [1, T, d or V]: the best input found
   double loss = 0;        // its loss in the optimizer's metric
   std::int64_t steps = 0;
+  // Whether `input` is the last step's (a walk's end point) rather than the best of all steps (descent).
+  bool last_step = false;
   Metric metric = Metric::l1;
   std::map<std::string, double> values;  // method-specific summary figures
   // Methods that search over tokens directly (sequential, brute_force) give the tokens they found; the host then

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <optional>
@@ -122,7 +123,7 @@ class Tensor {
     Tensor t(dtype_of<T>::value, std::move(shape));
     if (static_cast<std::size_t>(t.numel()) != values.size())
       throw Error("Tensor::from: " + std::to_string(values.size()) + " values for shape " + shape_string(t.shape_));
-    std::memcpy(t.raw(), values.data(), t.nbytes());
+    if (t.nbytes()) std::memcpy(t.raw(), values.data(), t.nbytes());  // memcpy's pointers must not be null, even for 0
     return t;
   }
 
@@ -131,7 +132,8 @@ class Tensor {
   int rank() const { return static_cast<int>(shape_.size()); }
   // Size of dimension i; negative i counts from the end.
   std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? rank() + i : i)); }
-  std::int64_t numel() const { return shape_numel(shape_); }
+  // Elements: the product of the shape; 1 for a scalar (rank 0, made with a dtype), 0 for a default Tensor().
+  std::int64_t numel() const { return shape_.empty() && bytes_.empty() ? 0 : shape_numel(shape_); }
   std::size_t nbytes() const { return bytes_.size(); }
   bool empty() const { return shape_.empty(); }
 
@@ -196,13 +198,14 @@ class Tensor {
     shape[0] = end - begin;
     Tensor out(dtype_, shape);
     const std::size_t row = nbytes() / static_cast<std::size_t>(shape_[0] ? shape_[0] : 1);
-    std::memcpy(out.raw(), bytes_.data() + static_cast<std::size_t>(begin) * row, out.nbytes());
+    if (out.nbytes()) std::memcpy(out.raw(), bytes_.data() + static_cast<std::size_t>(begin) * row, out.nbytes());
     return out;
   }
 
   // Tensors of equal dtype and trailing shape joined along the first dimension.
   static Tensor concat0(const std::vector<Tensor>& parts) {
     if (parts.empty()) throw Error("Tensor::concat0: nothing to join");
+    if (parts[0].rank() == 0) throw Error("Tensor::concat0: a scalar (rank 0) has no first dimension to join along");
     Shape shape = parts[0].shape_;
     shape[0] = 0;
     for (const Tensor& p : parts) {
@@ -214,17 +217,23 @@ class Tensor {
     Tensor out(parts[0].dtype_, shape);
     std::size_t offset = 0;
     for (const Tensor& p : parts) {
-      std::memcpy(out.bytes_.data() + offset, p.raw(), p.nbytes());
+      if (p.nbytes()) std::memcpy(out.bytes_.data() + offset, p.raw(), p.nbytes());  // an empty part has no storage
       offset += p.nbytes();
     }
     return out;
   }
 
  private:
+  // The element count of `shape`, refused when a dimension is negative or when the count or its bytes (in the
+  // widest dtype, 8 bytes) do not fit in 63 bits: an absurd size is an Error naming the shape, not an overflow.
   static std::size_t checked_numel(const Shape& shape) {
-    for (std::int64_t d : shape)
+    std::int64_t n = 1;
+    for (std::int64_t d : shape) {
       if (d < 0) throw Error("Tensor: negative dimension in shape " + shape_string(shape));
-    return static_cast<std::size_t>(shape_numel(shape));
+      if (__builtin_mul_overflow(n, d, &n) || n > (std::numeric_limits<std::int64_t>::max() >> 3))
+        throw Error("Tensor: shape " + shape_string(shape) + " has too many elements to hold");
+    }
+    return static_cast<std::size_t>(n);
   }
   template <class T>
   void check_type() const {
@@ -237,6 +246,39 @@ class Tensor {
   Shape shape_;
   std::vector<std::byte, detail::AlignedAllocator<std::byte>> bytes_;
 };
+
+namespace detail {
+// The first element of v[0, n) whose exponent bits are all ones (a NaN or an infinity), or -1. Works on the bits
+// (an integer OR per block), so the scan vectorises and costs about a read of the data.
+template <class Bits>
+std::int64_t first_all_ones_exponent(const Bits* v, std::int64_t n, Bits exponent_mask) {
+  constexpr std::int64_t kBlock = 1024;
+  for (std::int64_t start = 0; start < n; start += kBlock) {
+    const std::int64_t end = std::min(n, start + kBlock);
+    bool hit = false;
+    for (std::int64_t i = start; i < end; ++i) hit |= (v[i] & exponent_mask) == exponent_mask;
+    if (hit)
+      for (std::int64_t i = start; i < end; ++i)
+        if ((v[i] & exponent_mask) == exponent_mask) return i;
+  }
+  return -1;
+}
+}  // namespace detail
+
+// The flat index of the first NaN or infinity in t, or -1 when every element is finite.
+inline std::int64_t first_non_finite(const Tensor& t) {
+  const std::int64_t n = t.numel();
+  switch (t.dtype()) {
+    case DType::f32:
+      return detail::first_all_ones_exponent(static_cast<const std::uint32_t*>(t.raw()), n, std::uint32_t{0x7f800000u});
+    case DType::f64:
+      return detail::first_all_ones_exponent(static_cast<const std::uint64_t*>(t.raw()), n,
+                                             std::uint64_t{0x7ff0000000000000ull});
+    case DType::bf16:
+      return detail::first_all_ones_exponent(static_cast<const std::uint16_t*>(t.raw()), n, std::uint16_t{0x7f80u});
+  }
+  return -1;
+}
 
 // A 64-bit content hash of dtype, shape and bytes (not cryptographic): the key of on-disk caches.
 inline std::uint64_t content_hash(const Tensor& t) {

@@ -1,0 +1,1 @@
+extern "C" int lminv_test_dependency_value() { return 42; }
