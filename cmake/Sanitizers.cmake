@@ -3,7 +3,7 @@
 #   "address,undefined"  ASan + UBSan; UBSan findings stop the program (-fno-sanitize-recover=all)
 #   "thread"             TSan
 # scripts/sanitize.sh configures a build folder with one of them and runs the tests that suit it
-# (docs/sanitizers-notes.md says which and why). The flags are directory-wide compile and link options, so this file
+# (docs/reliability.md, "Sanitizers", says which and why). The flags are directory-wide compile and link options, so this file
 # is included before the host, plugins and tests are added. The executables link the sanitizer runtime (it must be
 # the first library loaded); the plugins they dlopen are built and linked with the same flags and use that runtime.
 set(LMINV_SANITIZE "" CACHE STRING "Sanitizers for every target: empty, address,undefined, or thread")

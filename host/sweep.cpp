@@ -18,6 +18,7 @@
 #include "config.hpp"
 #include "experiment.hpp"
 #include "invert.hpp"
+#include "json_depth.hpp"
 #include "prompts.hpp"
 #include "report.hpp"
 #include "runner.hpp"
@@ -103,7 +104,8 @@ std::map<std::string, nlohmann::json> read_records(const RecordsFile& records) {
     if (line.empty()) continue;
     nlohmann::json record;
     try {
-      record = nlohmann::json::parse(line);
+      // Records are copied and dumped again (the summary, resumed sweeps): the same nesting limit as every file.
+      record = nlohmann::json::parse(line, json_depth_limit(file.string() + ":" + std::to_string(number)));
     } catch (const nlohmann::json::exception& e) {
       throw Error(file.string() + ":" + std::to_string(number) + ": not a JSON record (" + e.what() +
                   "); move the file away or repair the line to resume");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what is missing on a Debian 12 machine, builds lminv (Release, in build/), then:
 #   bash scripts/bootstrap.sh run    runs the quickstart experiment (configs/quickstart.ini)
-#   bash scripts/bootstrap.sh test   runs every test (ctest)
+#   bash scripts/bootstrap.sh test   runs every test (ctest), then the sanitizer job (ASan + UBSan and TSan builds,
+#                                    scripts/sanitize.sh) and the short fuzz runs (scripts/fuzz.sh smoke) as CI does
 #   bash scripts/bootstrap.sh build  only sets up and builds
 #   bash scripts/bootstrap.sh bench  also installs what the benchmarks' peers need (Debian's python3-torch for
 #                                    bench/peer_pytorch.py; the product never uses it), then runs scripts/bench-peer.sh
@@ -18,6 +19,9 @@ packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev li
   libzip-dev)
 # The benchmarks only: the plain PyTorch peer (bench/peer_pytorch.py, Debian's Python LibTorch 1.13).
 [[ $action == bench ]] && packages+=(python3-torch python3-numpy)
+# The tests only: Clang with its sanitizer runtimes for the libFuzzer harnesses, LLVM's libomp with its Archer tool
+# for TSan over OpenMP code, Ninja for the sanitizer builds (docs/reliability.md).
+[[ $action == test ]] && packages+=(clang libclang-rt-dev libomp-dev ninja-build)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -47,7 +51,14 @@ cmake --build build -j "$jobs"
 
 case "$action" in
   run) ./build/bin/lminv run configs/quickstart.ini ;;
-  test) ctest --test-dir build --output-on-failure -j "$jobs" ;;
+  test)
+    ctest --test-dir build --output-on-failure -j "$jobs"
+    # The sanitizer job and the short fuzz runs (docs/reliability.md: which tests, why, and how long).
+    bash scripts/sanitize.sh asan
+    bash scripts/sanitize.sh tsan
+    bash scripts/fuzz.sh build
+    bash scripts/fuzz.sh smoke "${LMINV_FUZZ_SMOKE_SECONDS:-20}"
+    ;;
   build) ;;
   bench) bash scripts/bench-peer.sh ;;
 esac

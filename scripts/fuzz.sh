@@ -3,7 +3,7 @@
 #
 #   bash scripts/fuzz.sh build            configure and build build-fuzz (Clang, ASan + UBSan, -DLMINV_FUZZ=ON)
 #   bash scripts/fuzz.sh smoke SECONDS    every fuzzer for SECONDS on a copy of its committed corpus, two at a time
-#                                         (CI: about 30, so about 3 minutes in all); fails if any reports a finding
+#                                         (CI: 20, so about 2 minutes in all); fails if any reports a finding
 #                                         (crash, sanitizer report, uncaught exception, leak, timeout, OOM)
 #   bash scripts/fuzz.sh long RUNS        every fuzzer for RUNS executions (at most FUZZ_MAX_TIME seconds, default
 #                                         3600), growing build-fuzz/long/<fuzzer>/corpus; prints a table

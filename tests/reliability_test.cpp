@@ -324,6 +324,22 @@ TEST_F(Reliability, ASecondWriterOfOneRecordsFileIsRefused) {
   EXPECT_EQ(free.status, 0) << free.output;
 }
 
+// A resumed sweep reads every record back, and records are dumped again: a line nested past the JSON depth limit
+// is refused naming the file and line, before any run (it was read without the limit every other file has).
+TEST_F(Reliability, ADeeplyNestedRecordIsRefusedWhenASweepResumes) {
+  const fs::path file = dir_ / "sweep.jsonl";
+  { std::ofstream(file) << "{\"a\": " << std::string(100000, '[') << std::string(100000, ']') << "}\n"; }
+  const std::string sweep = "sweep " + kData + "/tiny-gpt2-sequential.ini --prompts " + kData +
+                            "/prompts-tiny.txt --limit 1 --records " + file.string() + isolated();
+  const Outcome o = run_lminv(sweep);
+  EXPECT_EQ(o.status, 1) << o.output;
+  EXPECT_TRUE(has(o, file.string() + ":1: JSON nested more than 64 levels deep")) << o.output;
+  std::ifstream in(file);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line.size(), 200007u);  // the file is as it was
+}
+
 TEST_F(Reliability, OutputsAreNotReplacedWithoutForce) {
   const std::string config = kData + "/tiny-gpt2.ini";
   const fs::path folder = dir_ / "model";

@@ -559,7 +559,7 @@ class Linearized final : public CandidateSource {
     const VectorF& e = lin_->e;
     Tensor input(v.spec().dtype, {1, t + 1, d});
     const Tensor prefix = v.rows(v.prefix());
-    std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());
+    if (prefix.nbytes()) std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());  // at t = 0 it has no storage
     for (Index j = 0; j < d; ++j) input.set(t * d + j, e[j]);
     const VectorF r = residual(v);
     Tensor grad_output(v.model().spec().dtype, {1, t + 1, D});
@@ -628,7 +628,7 @@ class Gradient final : public CandidateSource {
     // The whole sequence: the prefix's rows, the proxy at t, zeros after it (position t never sees them).
     Tensor input(spec.dtype, {1, T, w});
     const Tensor prefix = v.rows(v.prefix());
-    std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());
+    if (prefix.nbytes()) std::memcpy(input.raw(), prefix.raw(), prefix.nbytes());  // at t = 0 it has no storage
     std::vector<double> p(static_cast<std::size_t>(w));
     if (embedding) {
       const float* wte = v.wte_f32();
