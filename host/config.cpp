@@ -152,7 +152,9 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   if (a.norm_bias && a.norm == Norm::rms_norm) model.fail("norm_bias", "rms_norm has no bias");
   a.norm_eps = model.get_double(model.has("layer_norm_epsilon") ? "layer_norm_epsilon" : "norm_eps", a.norm_eps);
   if (!(a.norm_eps > 0)) model.fail(model.has("layer_norm_epsilon") ? "layer_norm_epsilon" : "norm_eps", "must be positive");
-  a.positions = *parse_positions(model.get_choice("positions", positions_name(a.positions), {"learned", "rotary"}));
+  a.positions =
+      *parse_positions(model.get_choice("positions", positions_name(a.positions), {"learned", "rotary", "none"}));
+  c.no_positions = a.positions == Positions::none;
   a.rope_theta = model.get_double("rope_theta", a.rope_theta);
   if (!(a.rope_theta > 0)) model.fail("rope_theta", "must be positive");
   a.rotary_fraction = model.get_double("rotary_fraction", a.rotary_fraction);
@@ -174,8 +176,13 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   s.blocks = model.get_int("blocks", s.blocks);
   if (s.blocks < 0 || (random && s.blocks > s.n_layer))
     model.fail("blocks", "must be in 0..n_layer (" + std::to_string(s.n_layer) + ")");
-  s.head = *parse_head(model.get_choice("head", head_name(s.head), {"none", "ln_f", "lm_head"}));
+  s.head = *parse_head(model.get_choice("head", head_name(s.head), {"none", "ln_f", "lm_head", "lm_head_no_ln_f"}));
   s.input = *parse_input_space(model.get_choice("input", input_space_name(s.input), {"embedding", "vocab"}));
+  c.vocab_encoding = model.get_choice("vocab_encoding", c.vocab_encoding, {"onehot", "pinv"});
+  c.vocab_scale = model.get_double("vocab_scale", c.vocab_scale);
+  if (!(c.vocab_scale > 0) || !std::isfinite(c.vocab_scale)) model.fail("vocab_scale", "must be a positive number");
+  for (const char* key : {"vocab_encoding", "vocab_scale"})
+    if (model.has(key) && s.input != InputSpace::vocab) model.fail(key, "applies to input = vocab only");
   s.layers = model.get_ints("layers", {});
   for (std::int64_t l : s.layers)
     if (l < 0 || (random && l > s.n_layer)) model.fail("layers", "each entry must be in 0..n_layer");
@@ -220,6 +227,7 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   if (!(c.control_sigma >= 0)) output.fail("control_sigma", "must be >= 0");
   c.cache_dir = output.get_string("cache_dir", "");
   c.progress = output.get_choice("progress", c.progress, {"auto", "on", "off"});
+  c.next_token = output.get_choice("next_token", c.next_token, {"full", "truncated"});
   check_all_read(output);
   return c;
 }

@@ -47,6 +47,7 @@ struct ExperimentConfig {
   ModelSpec spec;
   bool vocab_size_explicit = false;  // else the tokenizer's vocabulary size
   bool family_explicit = false;      // [model] family given: a checkpoint of another model_type is an error
+  bool no_positions = false;         // [model] positions = none: kept with a checkpoint too (an experiment's choice)
   std::string weights = "random";
   std::uint64_t seed = 0;
 
@@ -72,12 +73,22 @@ struct ExperimentConfig {
   std::string decoder = "pinv";
   Options decoder_options;
 
+  // [model] input = vocab: how the prompt's ids become the vocabulary-space true input [T, V] (the seed study's
+  // direct representation): `onehot` is vocab_scale x one-hot (the study's other choice is 10 x one-hot), `pinv` is
+  // vocab_scale x W^+ E(a_t), the minimum-norm vectors that wte maps to the tokens' embeddings (the study's
+  // a = W^+ E(a_t)).
+  std::string vocab_encoding = "onehot";
+  double vocab_scale = 1.0;
+
   // [output]
   std::string output_dir = "runs/default";
   std::vector<std::int64_t> snapshot_steps;  // steps at which the decoded attempt is printed
   double control_sigma = 0.05;               // std of the shifted-input control's noise
   std::string cache_dir;                     // empty: default_cache_dir()
   std::string progress = "auto";             // auto | on | off
+  // The model whose next token the recovered prompt must agree on: full (every block, ln_f and the LM head) or
+  // truncated (the experiment's own blocks and LM head; lm_head_no_ln_f, the seed study's, when its head has none).
+  std::string next_token = "full";
 };
 
 ExperimentConfig parse_experiment(const RawConfig& raw);

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "checkpoint.hpp"
+#include "pinv_decoder.hpp"
 #include "weights_init.hpp"
 
 namespace lminv {
@@ -119,6 +120,7 @@ std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, Mo
   spec.family = c.family;
   spec.kind = c.kind;
   spec.arch = c.arch;
+  if (config.no_positions) spec.arch.positions = Positions::none;  // the seed study's InputGPT adds no wpe
   spec.n_layer = c.n_layer;
   spec.n_embd = c.n_embd;
   spec.n_head = c.n_head;
@@ -168,7 +170,7 @@ Experiment ExperimentFactory::build(const std::vector<std::int64_t>& ids) {
                   std::to_string(e.spec.vocab_size) + ")");
   e.prompt_ids = ids;
   e.prompt_text = display_text(tokenizer_, ids);
-  e.true_input = true_input_for(ids, e.spec, *e.weights);
+  e.true_input = true_input_for(ids, e.spec, *e.weights, e.vocab);
   return e;
 }
 
@@ -199,6 +201,7 @@ Experiment ExperimentFactory::build_unknown(std::int64_t T) {
   std::shared_ptr<Model> sized = per_length ? model : std::make_shared<LengthView>(model, T);
 
   Experiment e{tokenizer_, {}, "", spec, weights, backend_, sized, {}, 0};
+  e.vocab = vocab_encoding_of(config_);
   e.weights_seconds = weights_seconds_[key];
   return e;
 }
@@ -253,11 +256,28 @@ std::size_t known_prefix_length(const ExperimentConfig& config, const Tokenizer&
   return starts_with(own) ? own.size() : 0;
 }
 
-Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights) {
-  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+VocabEncoding vocab_encoding_of(const ExperimentConfig& config) {
+  return {config.vocab_encoding == "pinv", config.vocab_scale};
+}
+
+Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights,
+                      const VocabEncoding& vocab) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = spec.vocab_size, d = spec.n_embd;
   Tensor input(spec.dtype, input_shape(spec, 1));
   if (spec.input == InputSpace::vocab) {
-    for (std::int64_t t = 0; t < T; ++t) input.set(t * spec.vocab_size + ids[t], 1.0);
+    if (!vocab.pinv) {
+      for (std::int64_t t = 0; t < T; ++t) input.set(t * V + ids[t], vocab.scale);
+      return input;
+    }
+    const Tensor& wte_given = weights.get("wte.weight", {V, d});
+    const Tensor widened = wte_given.dtype() == DType::bf16 ? wte_given.to(DType::f32) : Tensor();
+    const Tensor& wte = widened.empty() ? wte_given : widened;
+    Eigen::MatrixXd et(d, T);  // the tokens' embeddings as columns
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t j = 0; j < d; ++j) et(j, t) = wte.get(ids[t] * d + j);
+    std::vector<double> rows(static_cast<std::size_t>(T * V));
+    pinv::pinv_vocab_rows(wte, et, rows.data());
+    for (std::int64_t i = 0; i < T * V; ++i) input.set(i, vocab.scale * rows[i]);
     return input;
   }
   const Tensor& wte = weights.get("wte.weight", {spec.vocab_size, spec.n_embd});

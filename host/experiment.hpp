@@ -14,6 +14,14 @@
 
 namespace lminv {
 
+// How token ids become a vocabulary-space input ([model] vocab_encoding, vocab_scale): scale x one-hot, or
+// scale x W^+ E(a_t) (pinv).
+struct VocabEncoding {
+  bool pinv = false;
+  double scale = 1.0;
+};
+VocabEncoding vocab_encoding_of(const ExperimentConfig& config);
+
 // The config's model, built, with the prompt it is run on.
 struct Experiment {
   Tokenizer tokenizer;
@@ -23,8 +31,9 @@ struct Experiment {
   std::shared_ptr<const WeightSet> weights;
   std::shared_ptr<Backend> backend;
   std::shared_ptr<Model> model;  // keeps the backend (and its plugin) alive
-  Tensor true_input;             // [1, T, d] token embeddings, or [1, T, V] one-hot
+  Tensor true_input;             // [1, T, d] token embeddings, or [1, T, V] (one-hot or pinv, see `vocab`)
   double weights_seconds = 0;    // time to initialise or load the weights
+  VocabEncoding vocab;           // input = vocab: how ids become the true input
 };
 
 // The tokenizer folder of a config: [tokenizer] path, else the checkpoint folder when it holds
@@ -66,8 +75,10 @@ class ExperimentFactory {
   std::map<std::int64_t, double> weights_seconds_;
 };
 
-// The true input for token ids: their token-embedding rows [1, T, d], or one-hot vectors [1, T, V].
-Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights);
+// The true input for token ids: their token-embedding rows [1, T, d], or for input = vocab [1, T, V] rows of
+// vocab.scale x one-hot or vocab.scale x W^+ E(a_t) (row t = wte (wte^T wte)^+ wte[id_t], in fp64).
+Tensor true_input_for(const std::vector<std::int64_t>& ids, const ModelSpec& spec, const WeightSet& weights,
+                      const VocabEncoding& vocab = {});
 
 // The ids a text prompt runs as: the tokenizer's special prefix (a BOS token where its tokenizer_config.json or
 // post-processor adds one) unless [prompt] bos says otherwise, then the [prompt] prefix's ids, then the text's own.

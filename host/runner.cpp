@@ -164,18 +164,30 @@ struct NextToken {
   std::int64_t original = -1, recovered = -1;
 };
 
-// The full model's (every block, its own lm_head) most likely token after the last position, for the original
-// prompt and for the recovered one. Decoders only: the MLP families have no language-model head.
-// `cache` keeps the full model, for the next prompt of a session (it takes every length).
-std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment& e,
+// The spec of the model next-token agreement is measured on: `full` is every block, ln_f and the LM head; `truncated`
+// is the experiment's own blocks and head when that head ends in the LM head, else the same blocks followed by the
+// LM head without ln_f (the seed study's AbbreviatedGPT, which it also reads its next tokens from).
+ModelSpec next_token_spec(const ModelSpec& spec, const std::string& which) {
+  ModelSpec s = spec;
+  if (which == "full") {
+    s.blocks = s.n_layer;
+    s.head = Head::lm_head;
+  } else if (!head_has_lm_head(s.head)) {
+    s.head = Head::lm_head_no_ln_f;
+  }
+  s.input = InputSpace::embedding;
+  s.layers.clear();
+  return s;
+}
+
+// The most likely token after the last position, for the original prompt and for the recovered one, of the model
+// `which` names (next_token_spec). Decoders only: the MLP families have no language-model head.
+// `cache` keeps that model, for the next prompt of a session (it takes every length).
+std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment& e, const std::string& which,
                                               const std::vector<std::int64_t>& recovered,
                                               std::unique_ptr<Model>& cache) {
   if (e.spec.kind != ModelKind::decoder) return std::nullopt;
-  ModelSpec full = e.spec;
-  full.blocks = full.n_layer;
-  full.head = Head::lm_head;
-  full.input = InputSpace::embedding;
-  full.layers.clear();
+  const ModelSpec full = next_token_spec(e.spec, which);
   if (!cache) cache = backend.create_model(full, e.weights);
   Model* model = cache.get();
   auto argmax_last = [&](const std::vector<std::int64_t>& ids) {
@@ -292,6 +304,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   const double out_metric = distances(output, target, result.metric)[0];
   const double out_l2 = distances(output, target, Metric::l2)[0];
   const double in_l2 = l2_distance(found, true_input);
+  const double in_l1 = l1_distance(found, true_input);
 
   // The seed's control m: how far the output moves when the true input is shifted by N(0, sigma).
   Tensor shifted = true_input;
@@ -323,11 +336,12 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   summary.final_loss = result.loss;
 
   // Is the decoded prompt itself an inverse? Its output distance, re-embedded.
-  const Tensor decoded_output = model->forward(true_input_for(summary.decoded_ids, spec, *weights));
+  const Tensor decoded_output = model->forward(true_input_for(summary.decoded_ids, spec, *weights, e.vocab));
   const double decoded_l1 = distances(decoded_output, target, Metric::l1)[0];
 
   // Does the recovered prompt make the full model predict the same next token as the original?
-  const std::optional<NextToken> next = next_token_agreement(*backend, e, summary.decoded_ids, full_model_);
+  const std::optional<NextToken> next =
+      next_token_agreement(*backend, e, config.next_token, summary.decoded_ids, next_model_);
 
   const double steps_per_second = observer.steps() / std::max(optimize_seconds, 1e-9);
   out << "  result    " << quoted(summary.decoded_text) << "\n"
@@ -338,9 +352,12 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       << "  output distance  L1 " << out_l1 << "   control m (sigma " << std::defaultfloat << config.control_sigma
       << std::scientific << ") L1 " << m_l1 << (out_l1 < m_l1 ? "   below m" : "   NOT below m") << "\n"
       << "  input distance   L2 " << in_l2 << "   ratio r = input/output (L2) "
-      << (out_l2 > 0 ? in_l2 / out_l2 : INFINITY) << "\n";
+      << (out_l2 > 0 ? in_l2 / out_l2 : INFINITY) << "\n"
+      << "  input distance   L1 " << in_l1 << "   ratio r = input/output (L1) "
+      << (out_l1 > 0 ? in_l1 / out_l1 : INFINITY) << "\n";
   if (next)
-    out << "  next token " << quoted(display_text(tokenizer, {next->original})) << " for the prompt, "
+    out << "  next token " << (config.next_token == "full" ? "" : "(truncated model) ")
+        << quoted(display_text(tokenizer, {next->original})) << " for the prompt, "
         << quoted(display_text(tokenizer, {next->recovered})) << " for the result"
         << (next->original == next->recovered ? " (agree)" : " (differ)") << "\n";
   const std::optional<Certificate> certificate = certificate_of(result);
@@ -385,6 +402,8 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"inequality_4", out_l1 < m_l1},
       {"input_distance_l2", in_l2},
       {"ratio_input_output_l2", out_l2 > 0 ? nlohmann::json(in_l2 / out_l2) : nlohmann::json(nullptr)},
+      {"input_distance_l1", in_l1},
+      {"ratio_input_output_l1", out_l1 > 0 ? nlohmann::json(in_l1 / out_l1) : nlohmann::json(nullptr)},
       {"decoded",
        {{"ids", summary.decoded_ids},
         {"text", summary.decoded_text},
@@ -393,7 +412,10 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"exact_match", summary.exact_match},
       {"next_token", next ? nlohmann::json{{"original", next->original},
                                            {"recovered", next->recovered},
-                                           {"agree", next->original == next->recovered}}
+                                           {"agree", next->original == next->recovered},
+                                           {"model", config.next_token},
+                                           {"blocks", next_token_spec(spec, config.next_token).blocks},
+                                           {"head", head_name(next_token_spec(spec, config.next_token).head)}}
                           : nlohmann::json(nullptr)},
       {"token_accuracy", summary.token_accuracy},
       {"trajectory", observer.trajectory()},
@@ -492,7 +514,7 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
   }
 
   // The recovered prompt run forward: its distance to the states, as a whole.
-  const Tensor recovered_output = e.model->forward(true_input_for(result.ids, spec, *e.weights));
+  const Tensor recovered_output = e.model->forward(true_input_for(result.ids, spec, *e.weights, e.vocab));
   const double l2 = distances(recovered_output, target, Metric::l2)[0];
   double target_norm = 0;
   for (std::int64_t i = 0; i < target.numel(); ++i) target_norm += target.get(i) * target.get(i);
@@ -501,7 +523,7 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
   std::optional<std::int64_t> next;
   if (spec.kind == ModelKind::decoder) {
     e.prompt_ids = result.ids;  // next_token_agreement's "original" is then the recovered prompt too
-    next = next_token_agreement(*backend_, e, result.ids, full_model_)->recovered;
+    next = next_token_agreement(*backend_, e, config_.next_token, result.ids, next_model_)->recovered;
   }
 
   out << "  result    " << quoted(summary.decoded_text) << "  (" << T << " tokens)\n";

@@ -81,7 +81,7 @@ class ExperimentSession {
   std::unique_ptr<ExperimentFactory> factory_;
   bool decoder_prepared_ = false;
   double prepare_seconds_ = 0;
-  std::unique_ptr<Model> full_model_;  // the whole decoder with its head, for next-token agreement
+  std::unique_ptr<Model> next_model_;  // the decoder next-token agreement is measured on ([output] next_token)
 };
 
 }  // namespace lminv

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "lminv/error.hpp"
+#include "lminv/model.hpp"
 #include "npy.hpp"
 #include "safetensors.hpp"
 
@@ -180,8 +181,9 @@ void read_layer_metadata(const fs::path& file, const std::map<std::string, std::
     s.blocks = std::stoll(text);
   }
   if (auto it = metadata.find("head"); it != metadata.end()) {
-    if (it->second != "none" && it->second != "ln_f" && it->second != "lm_head")
-      throw Error(file.string() + ": metadata 'head' = " + in_quotes(it->second) + " is not none, ln_f or lm_head");
+    if (!parse_head(it->second))
+      throw Error(file.string() + ": metadata 'head' = " + in_quotes(it->second) +
+                  " is not none, ln_f, lm_head or lm_head_no_ln_f");
     s.head = it->second;
   }
 }

@@ -12,7 +12,7 @@
 //
 // Metadata (safetensors only) read when present, each an Error naming the file and key when malformed:
 //   "blocks"      a non-negative integer: the layer the states came from (lminv's model.blocks)
-//   "head"        none, ln_f or lm_head (lminv's model.head)
+//   "head"        none, ln_f, lm_head or lm_head_no_ln_f (lminv's model.head)
 //   "prompt_ids"  a JSON list of non-negative integers: the prompt that made them (for reports and tests only: the
 //                 inversion never reads it)
 #pragma once

@@ -3,7 +3,9 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -197,6 +199,78 @@ TEST_F(Cli, ForwardWritesOutputAndInputGradient) {
   EXPECT_EQ(h["input"]["dtype"], "F64");
   EXPECT_EQ(h["__metadata__"]["prompt_ids"], "[464,6766,318,4171,13]");
   EXPECT_EQ(h["__metadata__"]["grad_metric"], "l2");
+}
+
+// The argmax over the last position of tensor `name` [1, T, V] (F64) of a safetensors file `lminv forward` wrote.
+std::int64_t last_position_argmax(const fs::path& file, const std::string& name) {
+  std::ifstream in(file, std::ios::binary);
+  std::uint64_t n = 0;
+  in.read(reinterpret_cast<char*>(&n), 8);
+  std::string header(n, ' ');
+  in.read(header.data(), static_cast<std::streamsize>(n));
+  const nlohmann::json h = nlohmann::json::parse(header);
+  EXPECT_EQ(h[name]["dtype"], "F64");
+  const std::vector<std::int64_t> shape = h[name]["shape"];
+  const std::int64_t T = shape.at(1), V = shape.at(2);
+  const std::uint64_t begin = h[name]["data_offsets"][0];
+  std::vector<double> last(static_cast<std::size_t>(V));
+  in.seekg(static_cast<std::streamoff>(8 + n + begin + (T - 1) * V * 8));
+  in.read(reinterpret_cast<char*>(last.data()), V * 8);
+  return std::max_element(last.begin(), last.end()) - last.begin();
+}
+
+// [output] next_token: `full` reads the next token from every block + ln_f + lm_head; `truncated` from the
+// experiment's own blocks, with the study's lm_head without ln_f when its head (here ln_f) has no LM head. Each is
+// the argmax that `lminv forward` gives for that model on the prompt.
+TEST_F(Cli, NextTokenComesFromTheFullOrTheTruncatedModel) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const std::string one_block = " --set model.blocks=1 --set optimizer.steps=2";
+  ASSERT_EQ(lminv("run " + tiny_gpt2 + isolated() + one_block).status, 0);
+  const Outcome o = lminv("run " + tiny_gpt2 + isolated() + one_block + " --set output.next_token=truncated");
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("next token (truncated model)"), std::string::npos) << o.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0]["next_token"]["model"], "full");
+  EXPECT_EQ(r[0]["next_token"]["blocks"], 2);
+  EXPECT_EQ(r[0]["next_token"]["head"], "lm_head");
+  EXPECT_EQ(r[1]["next_token"]["model"], "truncated");
+  EXPECT_EQ(r[1]["next_token"]["blocks"], 1);
+  EXPECT_EQ(r[1]["next_token"]["head"], "lm_head_no_ln_f");
+  // The L1 input distance and ratio beside the L2 ones (the study's ratios are L1 / L1): L2 <= L1 <= sqrt(n) L2
+  // over the n = 5 x 64 input elements, and r = input / output distance in each.
+  const double in_l1 = r[0]["input_distance_l1"], in_l2 = r[0]["input_distance_l2"];
+  EXPECT_GT(in_l1, in_l2);
+  EXPECT_LE(in_l1, std::sqrt(5.0 * 64) * in_l2);
+  EXPECT_DOUBLE_EQ(r[0]["ratio_input_output_l1"].get<double>(), in_l1 / r[0]["output_distance"]["l1"].get<double>());
+  EXPECT_DOUBLE_EQ(r[0]["ratio_input_output_l2"].get<double>(), in_l2 / r[0]["output_distance"]["l2"].get<double>());
+
+  const fs::path full = dir_ / "full.safetensors", truncated = dir_ / "truncated.safetensors";
+  ASSERT_EQ(lminv("forward " + tiny_gpt2 + " --out " + full.string() + " --set model.head=lm_head").status, 0);
+  ASSERT_EQ(lminv("forward " + tiny_gpt2 + " --out " + truncated.string() +
+                  " --set model.blocks=1 --set model.head=lm_head_no_ln_f")
+                .status,
+            0);
+  EXPECT_EQ(r[0]["next_token"]["original"].get<std::int64_t>(), last_position_argmax(full, "output"));
+  EXPECT_EQ(r[1]["next_token"]["original"].get<std::int64_t>(), last_position_argmax(truncated, "output"));
+}
+
+// [model] positions = none is the experiment's choice (the seed study's InputGPT adds no wpe), so it holds for a
+// checkpoint too, whose config.json decides the architecture otherwise: the run differs from the checkpoint's own.
+TEST_F(Cli, NoPositionsAppliesToACheckpoint) {
+  const std::string tiny_gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const fs::path folder = dir_ / "tiny-gpt2-hf";
+  ASSERT_EQ(lminv("init " + tiny_gpt2 + " --out " + folder.string()).status, 0);
+  const std::string run = "run " + tiny_gpt2 + isolated() + " --set model.weights=" + folder.string() +
+                          " --set optimizer.steps=2";
+  ASSERT_EQ(lminv(run).status, 0);
+  const Outcome o = lminv(run + " --set model.positions=none");
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0]["model"]["arch"]["positions"], "learned");
+  EXPECT_EQ(r[1]["model"]["arch"]["positions"], "none");
+  EXPECT_NE(r[0]["control"]["l1"], r[1]["control"]["l1"]);
 }
 
 TEST_F(Cli, BadCheckpointFolderIsNamed) {

@@ -1,10 +1,13 @@
 // Experiment configs: INI parsing, --set overrides, and errors that name the file, key and value.
 #include <gtest/gtest.h>
 
+#include <Eigen/Dense>
+#include <cmath>
 #include <fstream>
 
 #include "config.hpp"
 #include "experiment.hpp"
+#include "lminv/lminv.hpp"
 #include "paths.hpp"
 #include "tokenizer.hpp"
 
@@ -117,6 +120,18 @@ TEST(Config, MalformedValuesNameTheKeyAndValue) {
            {"[prompt]\nids = 1 two 3\n", "[prompt] ids = '1 two 3': 'two' is not an integer"},
            {"[prompt]\ntext = a\nids = 1\n", "give one of text or ids, not both"},
            {"[prompt]\ntext = a\nprefix = b\nprefix_ids = 1\n", "give one of prefix or prefix_ids"},
+           {"[model]\nvocab_encoding = pinv\n[prompt]\ntext=x\n",
+            "[model] vocab_encoding = 'pinv': applies to input = vocab only"},
+           {"[model]\ninput = vocab\nvocab_encoding = svd\n[prompt]\ntext=x\n",
+            "[model] vocab_encoding = 'svd': expected one of onehot | pinv"},
+           {"[model]\ninput = vocab\nvocab_scale = 0\n[prompt]\ntext=x\n",
+            "[model] vocab_scale = '0': must be a positive number"},
+           {"[model]\nhead = lm_head_ln_f\n[prompt]\ntext=x\n",
+            "[model] head = 'lm_head_ln_f': expected one of none | ln_f | lm_head | lm_head_no_ln_f"},
+           {"[model]\npositions = sinusoidal\n[prompt]\ntext=x\n",
+            "[model] positions = 'sinusoidal': expected one of learned | rotary | none"},
+           {"[output]\nnext_token = half\n[prompt]\ntext=x\n",
+            "[output] next_token = 'half': expected one of full | truncated"},
        }) {
     const std::string msg = error_of([&] { parse(c.text); });
     EXPECT_NE(msg.find(c.expect), std::string::npos) << "config:\n" << c.text << "message: " << msg;
@@ -239,4 +254,42 @@ TEST(ConfigFamilies, BadFamilyKeysNameTheKey) {
   }
   // With a checkpoint, blocks is checked once its config.json is read (it may have more than 12 layers).
   EXPECT_EQ(parse("[model]\nweights = /some/folder\nblocks = 20\n[prompt]\ntext=x\n").spec.blocks, 20);
+}
+
+// The seed study's direct representation targets: vocab_scale x one-hot, or vocab_scale x W^+ E(a_t), whose rows
+// wte maps back to the tokens' embeddings (times the scale) and which is the minimum-norm such vector.
+TEST(Experiment, VocabSpaceTrueInputIsScaledOneHotOrThePseudoInverseOfTheEmbedding) {
+  ModelSpec spec;
+  spec.kind = ModelKind::decoder;
+  spec.vocab_size = 30;
+  spec.n_embd = 6;
+  spec.seq_len = 3;
+  spec.input = InputSpace::vocab;
+  spec.dtype = DType::f64;
+  WeightSet weights;
+  Tensor wte(DType::f64, {30, 6});
+  Rng rng(9);
+  fill_normal(wte, rng, 0.0, 0.02);
+  weights.set("wte.weight", wte);
+  const std::vector<std::int64_t> ids = {4, 29, 4};
+
+  const Tensor ten = true_input_for(ids, spec, weights, {false, 10.0});
+  for (std::int64_t t = 0; t < 3; ++t)
+    for (std::int64_t v = 0; v < 30; ++v) EXPECT_EQ(ten.get(t * 30 + v), v == ids[t] ? 10.0 : 0.0);
+  EXPECT_EQ(true_input_for(ids, spec, weights).get(29 + 30), 1.0);  // the default: 1 x one-hot
+
+  const Tensor a = true_input_for(ids, spec, weights, {true, 2.0});
+  Eigen::MatrixXd w(30, 6), x(3, 30);
+  for (std::int64_t i = 0; i < 30 * 6; ++i) w(i / 6, i % 6) = wte.get(i);
+  for (std::int64_t i = 0; i < 3 * 30; ++i) x(i / 30, i % 30) = a.get(i);
+  const Eigen::MatrixXd mapped = x * w;  // [3, 6]: should be 2 x the embeddings
+  for (std::int64_t t = 0; t < 3; ++t)
+    for (std::int64_t j = 0; j < 6; ++j) EXPECT_NEAR(mapped(t, j), 2.0 * w(ids[t], j), 1e-13);
+  // Minimum norm: x_t lies in the row space of wte^T (the span of wte's columns), so it equals its projection.
+  const Eigen::MatrixXd projector = w * (w.transpose() * w).inverse() * w.transpose();  // [30, 30]
+  EXPECT_LT((projector * x.transpose() - x.transpose()).cwiseAbs().maxCoeff(), 1e-10);
+  // And it is not the one-hot: the token's own entry is its leverage w G^-1 w^T (times 2), in (0, 2) and about
+  // 2 d / V on average.
+  EXPECT_GT(x(0, 4), 0.0);
+  EXPECT_LT(x(0, 4), 2.0);
 }

@@ -232,6 +232,7 @@ std::vector<std::pair<std::string, ModelSpec>> arch_settings() {
   add("swiglu", [](ModelSpec& s) { s.arch.mlp = Mlp::swiglu; });
   add("parallel_residual", [](ModelSpec& s) { s.arch.residual = Residual::parallel; });
   add("untied_head", [](ModelSpec& s) { s.arch.tied_head = false; });
+  add("no_positions", [](ModelSpec& s) { s.arch.positions = Positions::none; });
   add("no_biases", [](ModelSpec& s) { s.arch.qkv_bias = s.arch.attn_out_bias = s.arch.mlp_bias = false; });
   return out;
 }
@@ -254,7 +255,7 @@ ModelSpec tiny_mlp(ModelKind kind) {
 std::vector<ModelCase> model_cases() {
   std::vector<ModelCase> out;
   for (std::int64_t k : {0, 1, 3})
-    for (Head head : {Head::none, Head::ln_f, Head::lm_head})
+    for (Head head : {Head::none, Head::ln_f, Head::lm_head, Head::lm_head_no_ln_f})
       for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
         ModelSpec s = tiny_gpt2();
         s.blocks = k;
@@ -281,6 +282,11 @@ std::vector<ModelCase> model_cases() {
       out.push_back({name + "_k3_lm_head_" + input_space_name(input), name, s});
     }
     ModelSpec s = base;
+    if (name == "untied_head") {  // the study's head without ln_f on its own lm_head.weight
+      s.blocks = 1;
+      s.head = Head::lm_head_no_ln_f;
+      out.push_back({name + "_k1_lm_head_no_ln_f_embedding", name, s});
+    }
     s.blocks = 1;
     s.head = Head::ln_f;
     out.push_back({name + "_k1_ln_f_embedding", name, s});

@@ -455,6 +455,7 @@ TEST(PinvDecoder, ReadsEveryKeyItSupports) {
                                       {"allowed", "1"},
                                       {"allowed_ids", (dir.path / "ids.txt").string()},
                                       {"cache", "false"},
+                                      {"restrict", "mask"},
                                       {"topk", "3"}});
   decoder.configure(all);
   EXPECT_EQ(all.unread_keys(), std::vector<std::string>{"topk"});
@@ -534,6 +535,42 @@ TEST(PinvDecoder, CacheIsWrittenReadAndRecomputedWhenCorrupt) {
 }
 
 // ---- vocab space and input errors ---------------------------------------------------------------------------
+
+// restrict = mask, the seed study's masked_decode: scores * mask, then argmax over the whole vocabulary. Where an
+// allowed token scores above 0 it agrees with restrict = allowed; where every allowed token scores below 0 a
+// disallowed one (score 0: the lowest disallowed id, as torch.argmax takes the first maximum) wins.
+TEST(PinvDecoder, MaskDecodeIsTheStudysMaskedArgmax) {
+  const auto spec = spec_of(120, 8, InputSpace::vocab);
+  const auto masked = make_decoder(spec, nullptr, {{"allowed", "3 77"}, {"restrict", "mask"}});
+  const auto ranked = make_decoder(spec, nullptr, {{"allowed", "3 77"}});
+  Tensor x = random_tensor({4, 120}, 23);
+  // Rows 0 and 3: both allowed scores negative, so the disallowed id 0 wins the mask; rows 1 and 2: one or both
+  // positive, so the best allowed one wins either way.
+  const double set[4][2] = {{-0.5, -0.1}, {-0.5, 0.2}, {0.3, 0.7}, {-2.0, -3.0}};
+  for (std::int64_t t = 0; t < 4; ++t) {
+    x.set(t * 120 + 3, set[t][0]);
+    x.set(t * 120 + 77, set[t][1]);
+  }
+  const std::vector<std::int64_t> m = masked->decode(x).best(), r = ranked->decode(x).best();
+  EXPECT_EQ(m, (std::vector<std::int64_t>{0, 77, 77, 0}));
+  EXPECT_EQ(r, (std::vector<std::int64_t>{77, 77, 77, 3}));
+  // The same through the helper, against a literal masked argmax.
+  std::vector<std::uint8_t> mask(120, 0);
+  mask[3] = mask[77] = 1;
+  const lminv::Decoded top = lminv::pinv::masked_top_k_rows(x.data<double>(), 4, 120, 2, mask);
+  for (std::int64_t t = 0; t < 4; ++t) {
+    std::vector<double> row(120);
+    for (std::int64_t v = 0; v < 120; ++v) row[v] = x.get(t * 120 + v) * mask[v];
+    const std::vector<std::int64_t> expected = brute_top_k(row.data(), 120, 2);
+    EXPECT_EQ(top.id(t, 0), expected[0]);
+    EXPECT_EQ(top.id(t, 1), expected[1]);
+  }
+  // A mask needs tokens to keep.
+  const std::string message = error_of([&] { make_decoder(spec, nullptr, {{"restrict", "mask"}}); });
+  EXPECT_NE(message.find("restrict"), std::string::npos) << message;
+  EXPECT_NE(error_of([&] { make_decoder(spec, nullptr, {{"restrict", "argmax"}}); }).find("allowed | mask"),
+            std::string::npos);
+}
 
 TEST(PinvDecoder, VocabSpaceInputDecodesDirectly) {
   // No wte needed: the input already is a score per token.

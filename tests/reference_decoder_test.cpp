@@ -110,6 +110,7 @@ const std::vector<Arch>& architectures() {
       {"gpt2_rms_norm", [](ModelSpec& s) { s.arch.norm = Norm::rms_norm; }},
       {"gpt2_parallel", [](ModelSpec& s) { s.arch.residual = Residual::parallel; }},
       {"gpt2_untied", [](ModelSpec& s) { s.arch.tied_head = false; }},
+      {"gpt2_no_positions", [](ModelSpec& s) { s.arch.positions = Positions::none; }},  // the study's InputGPT
       {"gpt2_gelu_erf", [](ModelSpec& s) { s.arch.mlp = Mlp::gelu_erf; }},
       {"gpt2_swiglu", [](ModelSpec& s) { s.arch.mlp = Mlp::swiglu; }},
       {"gpt2_partial_rotary",
@@ -636,8 +637,8 @@ Matrix naive_forward(const ModelSpec& s, const WeightSet& w, const Matrix& input
   }
 
   Matrix main = hidden[s.blocks];
-  if (s.head != Head::none) main = norm(main, "ln_f");
-  if (s.head == Head::lm_head) {
+  if (s.head == Head::ln_f || s.head == Head::lm_head) main = norm(main, "ln_f");
+  if (s.head == Head::lm_head || s.head == Head::lm_head_no_ln_f) {
     const std::string head = a.tied_head ? "wte.weight" : "lm_head.weight";
     Matrix logits(T, std::vector<double>(V, 0.0));
     for (std::int64_t t = 0; t < T; ++t)
@@ -676,7 +677,7 @@ std::pair<double, double> against_naive(const ModelSpec& s, const std::shared_pt
 TEST(DecoderModel, RotaryGqaSwigluForwardMatchesTheNaiveImplementation) {
   // Mistral-like (rms_norm, rotary, 4 query heads on 2 kv heads, swiglu, no biases, untied head), every head, both
   // input spaces, truncated and with extra layers.
-  for (Head head : {Head::none, Head::ln_f, Head::lm_head})
+  for (Head head : {Head::none, Head::ln_f, Head::lm_head, Head::lm_head_no_ln_f})
     for (InputSpace input : {InputSpace::embedding, InputSpace::vocab})
       for (std::int64_t blocks : {0, 1, 2}) {
         const ModelSpec s = arch_spec("mistral", head, input, blocks,
@@ -722,7 +723,7 @@ double model_fd_error(Model& model, const Tensor& x, std::uint64_t seed) {
 TEST(DecoderModel, InputGradientMatchesFiniteDifferencesForEveryArchitecture) {
   for (const Arch& a : architectures())
     for (InputSpace input : {InputSpace::embedding, InputSpace::vocab})
-      for (Head head : {Head::ln_f, Head::lm_head}) {
+      for (Head head : {Head::ln_f, Head::lm_head, Head::lm_head_no_ln_f}) {
         const ModelSpec s = arch_spec(a.name, head, input, 2,
                                       head == Head::ln_f ? std::vector<std::int64_t>{1} : std::vector<std::int64_t>{});
         auto model = make_model(s, decoder_weights(s));

@@ -535,7 +535,7 @@ TEST(States, BadMetadata) {
   };
   expect_error([&] { read_states(with({{"blocks", "two"}})); }, {"m.safetensors", "'blocks' = 'two'"});
   expect_error([&] { read_states(with({{"blocks", "-1"}})); }, {"'blocks' = '-1'"});
-  expect_error([&] { read_states(with({{"head", "top"}})); }, {"'head' = 'top'", "none, ln_f or lm_head"});
+  expect_error([&] { read_states(with({{"head", "top"}})); }, {"'head' = 'top'", "none, ln_f, lm_head or lm_head_no_ln_f"});
   expect_error([&] { read_states(with({{"prompt_ids", "[1, -2, 3]"}})); }, {"prompt_ids", "-2"});
   expect_error([&] { read_states(with({{"prompt_ids", "[1, 2"}})); }, {"prompt_ids", "not valid JSON"});
   expect_error([&] { read_states(with({{"prompt_ids", "{\"a\": 1}"}})); }, {"prompt_ids", "not a list"});

@@ -360,6 +360,75 @@ TEST(OrthogonalWalk, SameSeedSameWalkOtherSeedOther) {
   }
 }
 
+// index = last, sign = svd: the seed study's walk, `torch.linalg.svd(gradient).Vh[-1]` at every step with no sign
+// rule. Every step moves each row along the last column of V of the gradient at the input before the step, as an
+// SVD computed here gives it, sign included; that column is orthogonal to every gradient row to 1e-15 (a cosine, in
+// f64). With sign = continue the same column is flipped where it turned back, so the walk drifts on.
+TEST(OrthogonalWalk, LastColumnIsTheStudysVhMinusOneOrthogonalTo1e15) {
+  for (auto [family, d, T] : std::vector<std::tuple<std::string, int, int>>{
+           {"transformer_mlp", 10, 3}, {"transformer_mlp", 50, 5}, {"fcnet", 10, 3}}) {
+    SCOPED_TRACE(family + " d=" + std::to_string(d) + " T=" + std::to_string(T));
+    Walker s(family, d, T);
+    Recorder rec;
+    OrthogonalWalk walk;
+    const double eta = 0.01;
+    s.run(walk, {{"steps", "20"}, {"eta", "0.01"}, {"index", "last"}, {"sign", "svd"}}, rec);
+    ASSERT_EQ(rec.inputs.size(), 20u);
+    for (std::size_t n = 0; n < rec.inputs.size(); ++n) {
+      EXPECT_EQ(rec.value(n, "direction_index"), d - 1) << "step " << n + 1;
+      EXPECT_LE(rec.value(n, "orthogonality"), 1e-15) << "step " << n + 1;
+      const Eigen::MatrixXd g = s.gradient(n == 0 ? s.e : rec.inputs[n - 1]);
+      Eigen::JacobiSVD<Eigen::MatrixXd> svd(g, Eigen::ComputeFullV);
+      const Eigen::VectorXd v = svd.matrixV().col(d - 1).normalized();
+      for (int t = 0; t < T; ++t)
+        EXPECT_LE(std::abs(g.row(t).dot(v)) / g.row(t).norm(), 1e-15) << "step " << n + 1 << " row " << t;
+      const Eigen::MatrixXd dirs = step_directions(rec, s.e, n, eta);
+      for (int t = 0; t < T; ++t)
+        EXPECT_LT((dirs.row(t).transpose() - v).cwiseAbs().maxCoeff(), 1e-10) << "step " << n + 1 << " row " << t;
+    }
+  }
+}
+
+// The study's ratios are L1 / L1: d_o / d_i = |O(e) - O(e_N)|_1 / |e - e_N|_1 and r its inverse. The walk reports
+// them beside the L2 ones, each as the distances recomputed here give it.
+TEST(OrthogonalWalk, ReportsTheL1RatiosOfTheStudy) {
+  Walker s("transformer_mlp", 50, 5);
+  Recorder rec;
+  OrthogonalWalk walk;
+  const Result r = s.run(walk, {{"steps", "10"}, {"index", "last"}}, rec);
+  for (std::size_t n = 0; n < rec.inputs.size(); ++n) {
+    const double in_l1 = l1_distance(rec.inputs[n], s.e);
+    const double out_l1 = distances(s.model->forward(rec.inputs[n]), s.target, Metric::l1)[0];
+    EXPECT_NEAR(rec.value(n, "input_distance_l1"), in_l1, 1e-13 * in_l1);
+    EXPECT_NEAR(rec.value(n, "ratio_l1"), in_l1 / out_l1, 1e-10 * in_l1 / out_l1);
+    EXPECT_NEAR(rec.value(n, "output_per_input_l1"), out_l1 / in_l1, 1e-10 * out_l1 / in_l1);
+  }
+  const double in_l1 = l1_distance(r.input, s.e), out_l1 = distances(s.model->forward(r.input), s.target, Metric::l1)[0];
+  EXPECT_NEAR(r.values.at("input_distance_l1"), in_l1, 1e-13 * in_l1);
+  EXPECT_NEAR(r.values.at("output_per_input_l1"), out_l1 / in_l1, 1e-10 * out_l1 / in_l1);
+  EXPECT_NEAR(r.values.at("ratio_l1"), in_l1 / out_l1, 1e-10 * in_l1 / out_l1);
+  // Not the L2 figures under another name: a walk's input change is spread differently from its output change.
+  EXPECT_GT(std::abs(r.values.at("output_per_input_l1") - r.values.at("output_per_input")),
+            1e-3 * r.values.at("output_per_input"));
+}
+
+// A fixed column is a drift, a random column each step a random walk: after N steps of eta the fixed walk has gone
+// nearly eta N per row, the random one about eta sqrt(N) (the audit's explanation of why lminv's old walks, with a
+// random column, never left the prompt).
+TEST(OrthogonalWalk, AFixedColumnDriftsWhereRandomColumnsWander) {
+  Walker s("transformer_mlp", 50, 5);
+  const int steps = 100;
+  const double eta = 0.01;
+  Recorder fixed_rec, random_rec;
+  OrthogonalWalk fixed, random;
+  const Result f = s.run(fixed, {{"steps", std::to_string(steps)}, {"index", "last"}}, fixed_rec);
+  const Result w = s.run(random, {{"steps", std::to_string(steps)}}, random_rec);
+  const double per_row_fixed = f.values.at("input_distance") / std::sqrt(5.0);
+  const double per_row_random = w.values.at("input_distance") / std::sqrt(5.0);
+  EXPECT_GT(per_row_fixed, 0.8 * eta * steps);
+  EXPECT_LT(per_row_random, 3 * eta * std::sqrt(static_cast<double>(steps)));
+}
+
 TEST(OrthogonalWalk, IndexOutsideTheNullSpaceIsAnErrorNamingIt) {
   Walker s("transformer_mlp", 10, 3);  // columns 3 .. 9 of V: index 0 .. 6
   Recorder rec;
@@ -384,6 +453,8 @@ TEST(OrthogonalWalk, BadOptionsNameTheKey) {
   expect_error_naming(walk, "svd_dtype", "f16", "expected one of f64 | f32");
   expect_error_naming(walk, "direction", "diagonal", "expected one of vector | matrix");
   expect_error_naming(walk, "index", "-2", "must be >= 0");
+  expect_error_naming(walk, "index", "first", "is not an integer");
+  expect_error_naming(walk, "sign", "flip", "expected one of continue | svd");
   expect_error_naming(walk, "metric", "l3", "expected one of l1 | l2 | cosine");
   // A failed configure changes nothing: the last good one stands.
   walk.configure(Options("optimizer", "test.ini", {{"steps", "7"}, {"direction", "matrix"}}));

@@ -9,8 +9,8 @@
 //     h_l+1  = a_l + mlp.c_proj(act(mlp.c_fc(n_2(a_l))))                        sequential residual
 //     h_l+1  = a_l + mlp.c_proj(act(mlp.c_fc(n_2(h_l))))                        parallel residual (n_2 reads h_l)
 //   output = [ main(h_k) | h_layers[0] | h_layers[1] | ... ] along the last dimension, [B, T, D_main + d len(layers)]
-//   main   = h_k (head none), ln_f(h_k) (head ln_f) or ln_f(h_k) @ W^T (head lm_head; W = wte when tied, else
-//            lm_head.weight)
+//   main   = h_k (head none), ln_f(h_k) (head ln_f), ln_f(h_k) @ W^T (head lm_head; W = wte when tied, else
+//            lm_head.weight) or h_k @ W^T (head lm_head_no_ln_f)
 // with k = spec.blocks and L = spec.blocks_run() the blocks actually run. T is the input's (1 .. n_positions).
 //
 // What runs where. Matrix products are oneDNN matmuls; the element-wise parts oneDNN 2.6 has no primitive for, or
@@ -270,7 +270,7 @@ class DecoderModel final : public Model {
     P_ = spec.n_positions;
     k_ = spec.blocks;
     L_ = spec.blocks_run();
-    main_width_ = spec.head == Head::lm_head ? V_ : d_;
+    main_width_ = head_has_lm_head(spec.head) ? V_ : d_;
     out_width_ = main_width_ + d_ * static_cast<Index>(spec.layers.size());
 
     // The row count oneDNN chooses weight layouts for, the same for every model so that their copies are shared (on
@@ -281,14 +281,14 @@ class DecoderModel final : public Model {
       wte_ = store_->matrix("wte.weight", {V_, d_}, false, m);   // x = v @ wte
       wte_t_ = store_->matrix("wte.weight", {V_, d_}, true, m);  // dv = dx @ wte^T
     }
-    if (spec.head == Head::lm_head) {
+    if (head_has_lm_head(spec.head)) {
       const std::string head = a.tied_head ? "wte.weight" : "lm_head.weight";
       head_t_ = store_->matrix(head, {V_, d_}, true, m);  // logits = x @ W^T
       head_ = store_->matrix(head, {V_, d_}, false, m);   // dx = dlogits @ W
     }
     if (a.positions == Positions::learned) {
       wpe_ = store_->data("wpe.weight", {P_, d_});
-    } else {
+    } else if (a.positions == Positions::rotary) {
       rot_.r = spec.rotary_dim();
       const Index half = rot_.r / 2;
       cos_.assign(static_cast<std::size_t>(P_ * half), 0.0f);
@@ -325,7 +325,7 @@ class DecoderModel final : public Model {
       }
       blocks_.push_back(w);
     }
-    if (spec.head != Head::none) ln_f_ = norm("ln_f");
+    if (head_has_ln_f(spec.head)) ln_f_ = norm("ln_f");
   }
 
   const ModelSpec& spec() const override { return spec_; }
@@ -789,6 +789,9 @@ class DecoderModel final : public Model {
     if (spec_.head == Head::none) {
       memory out = p.out_main;
       p.forward.push_back(loop(small_rows, [=] { add_rows(ptr(h_k), nullptr, ptr(out), N, d, !small_rows); }));
+    } else if (spec_.head == Head::lm_head_no_ln_f) {
+      const WeightMatmul mm = weight_matmul("lm_head matmul", ctx_, nd, head_t_, nullptr, main_md);
+      p.forward.push_back(matmul_step(mm, h_k, head_t_, memory(), p.out_main));
     } else {
       p.lnf_mean = buffer(N);
       p.lnf_rstd = buffer(N);
@@ -831,7 +834,12 @@ class DecoderModel final : public Model {
 
     // the head's gradient with respect to h_k
     memory dhk = p.grad_main;
-    if (spec_.head != Head::none) {
+    if (spec_.head == Head::lm_head_no_ln_f) {
+      p.dhk = buffer(N * d);
+      dhk = view(p.dhk, nd);
+      const WeightMatmul mm = weight_matmul("lm_head backward matmul", ctx_, main_md, head_, nullptr, nd);
+      p.backward.push_back(matmul_step(mm, p.grad_main, head_, memory(), dhk));
+    } else if (spec_.head != Head::none) {
       p.dhk = buffer(N * d);
       dhk = view(p.dhk, nd);
       memory dnormed = p.grad_main;
@@ -1264,7 +1272,7 @@ class DecoderModel final : public Model {
       }
       if (!append) {
         p.out_main = layers ? p.main.view(m.ctx_, main_md) : external(m.ctx_, main_md);
-        if (m.spec_.head == Head::lm_head)
+        if (head_has_lm_head(m.spec_.head))
           p.mm_head = weight_matmul("lm_head matmul", m.ctx_, nd, m.head_t_, nullptr, main_md);
       }
       return plan;
@@ -1463,6 +1471,8 @@ class DecoderModel final : public Model {
       float* hk = p.h[m.k_].data();
       if (m.spec_.head == Head::none) {
         loop(small_rows, [=] { add_rows(hk, nullptr, ptr(out), N, d, !small_rows); });
+      } else if (m.spec_.head == Head::lm_head_no_ln_f) {
+        steps.push_back(block_step(p.mm_head, view(p.h[m.k_], nd), m.head_t_, memory(), out));
       } else {
         const bool lm_head = m.spec_.head == Head::lm_head;
         memory normed = lm_head ? view(p.lnf_out, nd) : out;

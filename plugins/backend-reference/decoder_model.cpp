@@ -9,8 +9,8 @@
 //     h_l+1  = a_l + mlp.c_proj(act(mlp.c_fc(n_2(h_l))))                        parallel residual (n_2 reads h_l)
 //     act    = gelu_tanh | gelu_erf | swiglu (silu(gate) * up on c_fc's [gate | up])
 //   output = [ main(h_k) | h_layers[0] | h_layers[1] | ... ] along the last dimension, [B, T, D_main + d len(layers)]
-//   main   = h_k (head none), ln_f(h_k) (head ln_f) or ln_f(h_k) @ W^T (head lm_head, D_main = V; W = wte when tied,
-//            lm_head.weight when not)
+//   main   = h_k (head none), ln_f(h_k) (head ln_f), ln_f(h_k) @ W^T (head lm_head, D_main = V; W = wte when tied,
+//            lm_head.weight when not) or h_k @ W^T (head lm_head_no_ln_f, D_main = V)
 // with k = spec.blocks and L = max(k, max(layers)) the blocks actually run. Biases are added where the architecture
 // has them. The parallel residual is summed as (h + attn) + mlp.
 //
@@ -66,7 +66,7 @@ struct Params {
   std::vector<BlockParams<Real>> h;
   const Real* ln_f_weight = nullptr;  // (C), when used
   const Real* ln_f_bias = nullptr;    // (C)
-  const Real* lm_head = nullptr;      // (V, C): wte or lm_head.weight, head lm_head only
+  const Real* lm_head = nullptr;      // (V, C): wte or lm_head.weight, heads lm_head and lm_head_no_ln_f
 };
 
 // What one block's forward pass keeps for its backward pass. Its input h_l is kept with the residual stream.
@@ -106,7 +106,7 @@ class DecoderModel final : public Model {
     V_ = spec.vocab_size;
     k_ = spec.blocks;
     L_ = spec.blocks_run();
-    main_width_ = spec.head == Head::lm_head ? V_ : C_;
+    main_width_ = head_has_lm_head(spec.head) ? V_ : C_;
     out_width_ = main_width_ + C_ * static_cast<Index>(spec.layers.size());
     rms_ = a.norm == Norm::rms_norm;
     eps_ = static_cast<Real>(a.norm_eps);
@@ -117,7 +117,8 @@ class DecoderModel final : public Model {
       weight = map(name + ".weight");
       bias = optional(name + ".bias");
     };
-    if (spec.input == InputSpace::vocab || (spec.head == Head::lm_head && a.tied_head)) params_.wte = map("wte.weight");
+    if (spec.input == InputSpace::vocab || (head_has_lm_head(spec.head) && a.tied_head))
+      params_.wte = map("wte.weight");
     params_.wpe = optional("wpe.weight");
     for (Index l = 0; l < L_; ++l) {
       const std::string h = "h." + std::to_string(l) + ".";
@@ -134,8 +135,8 @@ class DecoderModel final : public Model {
       p.mlp_c_proj_bias = optional(h + "mlp.c_proj.bias");
       params_.h.push_back(p);
     }
-    if (spec.head != Head::none) norm("ln_f", params_.ln_f_weight, params_.ln_f_bias);
-    if (spec.head == Head::lm_head) params_.lm_head = a.tied_head ? params_.wte : map("lm_head.weight");
+    if (head_has_ln_f(spec.head)) norm("ln_f", params_.ln_f_weight, params_.ln_f_bias);
+    if (head_has_lm_head(spec.head)) params_.lm_head = a.tied_head ? params_.wte : map("lm_head.weight");
   }
 
   const ModelSpec& spec() const override { return spec_; }
@@ -310,6 +311,10 @@ class DecoderModel final : public Model {
       std::memcpy(main, h_k, static_cast<std::size_t>(N * C_) * sizeof(Real));
       return;
     }
+    if (spec_.head == Head::lm_head_no_ln_f) {
+      lm_head_forward(main, h_k, params_.lm_head, N, C_, V_, threads_);  // (N, V)
+      return;
+    }
     std::vector<Real> ln_f(spec_.head == Head::ln_f ? 0 : static_cast<std::size_t>(N * C_));
     Real* normed = spec_.head == Head::ln_f ? main : ln_f.data();  // (N, C)
     norm_forward(normed, mean, rstd, h_k, params_.ln_f_weight, params_.ln_f_bias, N);
@@ -474,7 +479,7 @@ class DecoderModel final : public Model {
 
     const Real* h_k = stream_[k_].data();
     if (!with_output) {  // ln_f's statistics are all the backward pass needs of the head
-      if (spec_.head != Head::none) {
+      if (head_has_ln_f(spec_.head)) {
         std::vector<Real> normed(static_cast<std::size_t>(N * C));
         norm_forward(normed.data(), ln_f_mean_.data(), ln_f_rstd_.data(), h_k, params_.ln_f_weight, params_.ln_f_bias,
                      N);
@@ -524,6 +529,8 @@ class DecoderModel final : public Model {
     std::vector<Real> dh_k(static_cast<std::size_t>(N * C));
     if (spec_.head == Head::none) {
       std::memcpy(dh_k.data(), dmain, static_cast<std::size_t>(N * C) * sizeof(Real));
+    } else if (spec_.head == Head::lm_head_no_ln_f) {
+      lm_head_backward(dh_k.data(), dmain, params_.lm_head, N, C, V_, threads_);  // (N, C)
     } else {
       std::vector<Real> dnormed;
       const Real* dln_f = dmain;  // (N, C)

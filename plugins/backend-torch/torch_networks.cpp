@@ -9,7 +9,8 @@
 //             (rotary); query head j reads kv head j / (nh / nkv)
 //   mlp(x)  = c_proj(act(x c_fc + b)), act gelu_tanh | gelu_erf, or silu(gate) * up on c_fc's [gate | up] (swiglu)
 //   output  = [ main(h_k) | h_layers[0] | ... ] along the last dimension, [B, T, D_main + d len(layers)], main = h_k
-//             (head none), ln_f(h_k) (ln_f) or ln_f(h_k) W^T (lm_head; W = wte tied, lm_head.weight untied)
+//             (head none), ln_f(h_k) (ln_f), ln_f(h_k) W^T (lm_head; W = wte tied, lm_head.weight untied) or h_k W^T
+//             (lm_head_no_ln_f)
 // with L = max(k, max(layers)) blocks run, norms layer_norm (with or without bias) or rms_norm, biases where the
 // architecture has them. T is the input's: any length 1 .. n_positions.
 //
@@ -262,11 +263,11 @@ class DecoderNetwork final : public Network {
         scale_(std::sqrt(static_cast<double>(spec.head_size()))),
         options_(weights_->options()) {
     auto load = [&](const std::string& name) { return weights_->get(source, name); };
-    const bool lm_head = head_ == Head::lm_head;
+    const bool lm_head = head_has_lm_head(head_);
     if (vocab_input_ || (lm_head && arch_.tied_head)) wte_ = load("wte.weight");
     if (lm_head) lm_head_ = arch_.tied_head ? wte_ : load("lm_head.weight");
     if (arch_.positions == Positions::learned) wpe_ = load("wpe.weight");
-    else rotary_tables(spec);
+    else if (arch_.positions == Positions::rotary) rotary_tables(spec);
     const std::int64_t L = spec.blocks_run();
     const bool norm_bias = arch_.norm == Norm::layer_norm && arch_.norm_bias;
     auto load_norm = [&](const std::string& name) {
@@ -289,7 +290,7 @@ class DecoderNetwork final : public Network {
       }
       blocks_.push_back(std::move(b));
     }
-    if (head_ != Head::none) ln_f_ = load_norm("ln_f");
+    if (head_has_ln_f(head_)) ln_f_ = load_norm("ln_f");
   }
 
   at::Tensor forward(const at::Tensor& x) const override {
@@ -429,8 +430,8 @@ class DecoderNetwork final : public Network {
   at::Tensor output(const std::vector<at::Tensor>& stream, const Step& step) const {
     const at::Tensor& h_k = stream[static_cast<std::size_t>(k_)];
     at::Tensor main = h_k;
-    if (head_ != Head::none) main = norm(h_k, ln_f_);
-    if (head_ == Head::lm_head) main = affine(main, lm_head_, Layout::out_in);  // ln_f(h_k) W^T, W [V, d]
+    if (head_has_ln_f(head_)) main = norm(h_k, ln_f_);
+    if (head_has_lm_head(head_)) main = affine(main, lm_head_, Layout::out_in);  // (ln_f(h_k) or h_k) W^T, W [V, d]
     if (!layers_.empty()) {
       std::vector<at::Tensor> parts{main};
       for (std::int64_t l : layers_) parts.push_back(stream[static_cast<std::size_t>(l)]);
@@ -538,7 +539,7 @@ class DecoderNetwork final : public Network {
   double scale_;  // sqrt(hd)
   at::TensorOptions options_;
   at::Tensor wte_;      // [V, d], input = vocab or a tied lm_head
-  at::Tensor lm_head_;  // [V, d]: wte or lm_head.weight, head lm_head only
+  at::Tensor lm_head_;  // [V, d]: wte or lm_head.weight, heads lm_head and lm_head_no_ln_f
   at::Tensor wpe_;      // [P, d], learned positions
   at::Tensor cos_, sin_;  // [P, r / 2], rotary
   std::vector<Block> blocks_;

@@ -221,6 +221,22 @@ void project_rows(const Tensor& w, const Eigen::MatrixXd& y, double* out) {
   }
 }
 
+void pinv_vocab_rows(const Tensor& w, const Eigen::MatrixXd& et, double* out) {
+  const Eigen::MatrixXd g_pinv = gram_pseudo_inverse(gram(w), w.dim(0));
+  project_rows(w, g_pinv * et, out);
+}
+
+Decoded masked_top_k_rows(const double* scores, std::int64_t rows, std::int64_t cols, std::int64_t k,
+                          const std::vector<std::uint8_t>& mask) {
+  if (static_cast<std::int64_t>(mask.size()) != cols)
+    throw Error("pinv decoder: the mask has " + std::to_string(mask.size()) + " entries for " + std::to_string(cols) +
+                " scores");
+  std::vector<double> masked(scores, scores + rows * cols);
+  for (std::int64_t t = 0; t < rows; ++t)
+    for (std::int64_t v = 0; v < cols; ++v) masked[t * cols + v] *= mask[v] ? 1.0 : 0.0;
+  return top_k_rows(masked.data(), rows, cols, k);
+}
+
 Decoded top_k_rows(const double* scores, std::int64_t rows, std::int64_t cols, std::int64_t k,
                    const std::vector<std::uint8_t>& allowed) {
   if (k < 1) throw Error("pinv decoder: top-k needs k >= 1, got " + std::to_string(k));
@@ -407,6 +423,9 @@ void PseudoInverseDecoder::configure(const Options& options) {
       options.fail("allowed_ids", e.what());
     }
   }
+  mask_ = options.get_choice("restrict", "allowed", {"allowed", "mask"}) == "mask";
+  if (mask_ && !options.has("allowed") && !options.has("allowed_ids"))
+    options.fail("restrict", "mask needs `allowed` or `allowed_ids`: the tokens the mask keeps");
   cache_ = options.get_bool("cache", true);
 }
 
@@ -446,7 +465,7 @@ void PseudoInverseDecoder::prepare(const DecoderSetup& setup) {
     ids.insert(ids.end(), allowed_file_ids_.begin(), allowed_file_ids_.end());
     allowed_ = pinv::allowed_mask(ids, vocab_, "pinv decoder: allowed");
     const auto count = std::count(allowed_.begin(), allowed_.end(), std::uint8_t{1});
-    if (top_k_ > count)
+    if (top_k_ > count && !mask_)
       options_.fail("top_k", "exceeds the " + std::to_string(count) + " allowed tokens");
   }
 
@@ -509,11 +528,13 @@ Decoded PseudoInverseDecoder::decode(const Tensor& input) {
   if (space_ == InputSpace::vocab) {
     // Vocab-space inputs already are scores over the vocabulary.
     const Tensor x = as_matrix(input, vocab_, "V");
+    if (mask_) return pinv::masked_top_k_rows(x.data<double>(), x.dim(0), vocab_, top_k_, allowed_);
     return pinv::top_k_rows(x.data<double>(), x.dim(0), vocab_, top_k_, allowed_);
   }
   const std::vector<double> scores = pinv_scores(input);
-  return pinv::top_k_rows(scores.data(), static_cast<std::int64_t>(scores.size()) / vocab_, vocab_, top_k_,
-                          allowed_);
+  const std::int64_t positions = static_cast<std::int64_t>(scores.size()) / vocab_;
+  if (mask_) return pinv::masked_top_k_rows(scores.data(), positions, vocab_, top_k_, allowed_);
+  return pinv::top_k_rows(scores.data(), positions, vocab_, top_k_, allowed_);
 }
 
 }  // namespace lminv

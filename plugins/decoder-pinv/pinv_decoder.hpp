@@ -55,11 +55,21 @@ Eigen::MatrixXd gram_pseudo_inverse(const Eigen::MatrixXd& gram, std::int64_t ro
 // W f32 is widened to fp64 block by block, so the products are fp64 without a V x d fp64 copy of W.
 void project_rows(const Tensor& w, const Eigen::MatrixXd& y, double* out);
 
+// The minimum-norm vocabulary vectors that W maps to the columns e_t of et [d, T]: out[t, :] = W G^+ e_t, [T, V]
+// row-major (a_t = W^+ e_t in the seed study's notation, with W^+ = (W^T W)^+ W^T the pseudo-inverse of wte^T).
+// Computes G = W^T W and G^+ (gram, gram_pseudo_inverse): seconds for GPT-2's wte.
+void pinv_vocab_rows(const Tensor& w, const Eigen::MatrixXd& et, double* out);
+
 // Top-k of each row of scores [rows, cols] (row-major), best first, restricted to the columns whose
 // `allowed` entry is non-zero when `allowed` is non-empty (its size is then cols). Ties go to the lower id;
 // NaN ranks below every number. Throws if fewer than k columns are allowed.
 Decoded top_k_rows(const double* scores, std::int64_t rows, std::int64_t cols, std::int64_t k,
                    const std::vector<std::uint8_t>& allowed = {});
+
+// The seed study's masked_decode: top-k of each row of scores * mask over all cols (disallowed scores become 0, or
+// NaN where the score is not finite, as in a product). `mask` has cols entries.
+Decoded masked_top_k_rows(const double* scores, std::int64_t rows, std::int64_t cols, std::int64_t k,
+                          const std::vector<std::uint8_t>& mask);
 
 // Token ids in a text file, separated by whitespace or commas. Throws Error naming the file and the bad word
 // (not an integer, negative) or an empty file.
@@ -96,6 +106,10 @@ void write_cache(const std::string& path, const Tensor& w, const Eigen::MatrixXd
 //   allowed_ids = PATH only the ids in the file (whitespace or comma separated) may be chosen;
 //                      with `allowed` too, the union of both is allowed. A relative path is taken from the
 //                      working directory.
+//   restrict = allowed how `allowed` / `allowed_ids` apply: `allowed` ranks the allowed tokens only; `mask` is the
+//                      seed study's masked_decode: every score is multiplied by a 0/1 mask (1 for the allowed
+//                      tokens) and the ranking is over the whole vocabulary, so a disallowed token (score 0) wins
+//                      wherever the allowed tokens all score below 0 (ties to the lower id, as torch.argmax)
 //   cache = true       keep G^+ in DecoderSetup::cache_dir (no caching when that is empty)
 class PseudoInverseDecoder : public Decoder {
  public:
@@ -121,6 +135,7 @@ class PseudoInverseDecoder : public Decoder {
   // configure()
   Options options_;  // kept so that errors found at prepare() name the key as Options::fail does
   std::int64_t top_k_ = 1;
+  bool mask_ = false;  // restrict = mask
   bool has_allowed_text_ = false;
   std::string allowed_text_;
   std::string allowed_ids_path_;

@@ -50,8 +50,8 @@ Result ClampedWalk::run(Problem& problem, Observer& observer) {
   Rng noise_rng = problem.rng.fork("clamped_walk/noise");
   Tensor noise(DType::f64, e.shape());
 
-  double loss = 0, l1 = 0, l2 = 0, in_l2 = 0;
-  double c_l1 = 0, c_l2 = 0, c_in_l2 = 0;
+  double loss = 0, l1 = 0, l2 = 0, in_l2 = 0, in_l1 = 0;
+  double c_l1 = 0, c_l2 = 0, c_in_l2 = 0, c_in_l1 = 0;
   for (std::int64_t n = 1; n <= cfg.steps; ++n) {
     const std::int64_t i = 1 + static_cast<std::int64_t>(clamp_rng.below(static_cast<std::uint64_t>(C - 1)));
     fill_normal(noise, noise_rng, 0.0, 1.0);
@@ -82,6 +82,7 @@ Result ClampedWalk::run(Problem& problem, Observer& observer) {
            : cfg.metric == Metric::l2 ? l2
                                       : distances(output.slice0(0, 1), problem.target, cfg.metric)[0];
     in_l2 = l2_distance(a, e);
+    in_l1 = l1_distance(a, e);
     inner_last = loss;
     if (cfg.inner_steps == 0) inner_first = loss;
 
@@ -94,17 +95,21 @@ Result ClampedWalk::run(Problem& problem, Observer& observer) {
     step.values["output_distance"] = l1;
     step.values["output_distance_l2"] = l2;
     step.values["input_distance"] = in_l2;
+    step.values["input_distance_l1"] = in_l1;
     step.values["ratio"] = ratio_of(in_l2, l2);
+    step.values["ratio_l1"] = ratio_of(in_l1, l1);
     step.values["inner_loss_first"] = inner_first;
     step.values["inner_loss_last"] = inner_last;
     if (cfg.control) {
       c_l1 = d1[1];
       c_l2 = d2[1];
       c_in_l2 = l2_distance(c, e);
+      c_in_l1 = l1_distance(c, e);
       step.values["control_output_distance"] = c_l1;
       step.values["control_output_distance_l2"] = c_l2;
       step.values["control_input_distance"] = c_in_l2;
       step.values["control_ratio"] = ratio_of(c_in_l2, c_l2);
+      step.values["control_ratio_l1"] = ratio_of(c_in_l1, c_l1);
     }
     observer.on_step(step);
   }
@@ -120,12 +125,16 @@ Result ClampedWalk::run(Problem& problem, Observer& observer) {
   result.values["output_distance_l2"] = l2;
   result.values["ratio"] = ratio_of(in_l2, l2);
   result.values["output_per_input"] = in_l2 > 0 ? l2 / in_l2 : 0.0;
+  result.values["input_distance_l1"] = in_l1;
+  result.values["ratio_l1"] = ratio_of(in_l1, l1);  // the study's r, L1 / L1
   if (cfg.control) {
     result.values["control_input_distance"] = c_in_l2;
     result.values["control_output_distance"] = c_l1;
     result.values["control_output_distance_l2"] = c_l2;
     result.values["control_ratio"] = ratio_of(c_in_l2, c_l2);
     result.values["control_output_per_input"] = c_in_l2 > 0 ? c_l2 / c_in_l2 : 0.0;
+    result.values["control_input_distance_l1"] = c_in_l1;
+    result.values["control_ratio_l1"] = ratio_of(c_in_l1, c_l1);
   }
   return result;
 }

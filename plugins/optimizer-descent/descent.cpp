@@ -237,10 +237,8 @@ class DescentOptimizer final : public Optimizer {
         if (a == 0) continue;
         for (std::int64_t j = 0; j < d; ++j) et(j, t) += a * w.get(u * d + j);
       }
-    const Eigen::MatrixXd g_pinv = pinv::gram_pseudo_inverse(pinv::gram(w), V);
-    const Eigen::MatrixXd y = g_pinv * et;  // [d, T]
     std::vector<double> rows(static_cast<std::size_t>(T * V));
-    pinv::project_rows(w, y, rows.data());  // [T, V]: wte (G^+ e^T), position by position
+    pinv::pinv_vocab_rows(w, et, rows.data());  // [T, V]: wte (G^+ e^T), position by position
     for (std::int64_t i = 0; i < x.numel(); ++i) x.set(i, onehot_scale_ * rows[i]);
     return x;
   }

@@ -73,10 +73,14 @@ void OrthogonalWalk::configure(const Options& o) {
   if (!(s.eta > 0) || !std::isfinite(s.eta)) o.fail("eta", "must be a positive number");
   s.svd_dtype = *parse_dtype(o.get_choice("svd_dtype", "f64", {"f64", "f32"}));
   s.matrix = o.get_choice("direction", "vector", {"vector", "matrix"}) == "matrix";
-  s.index = o.get_int("index", s.index);
-  if (s.index < -1) o.fail("index", "must be >= 0 (the column T + index of V), or -1 for a random column each step");
-  if (s.matrix && s.index != -1)
+  s.last = o.get_string("index", "") == "last";
+  if (!s.last) s.index = o.get_int("index", s.index);
+  if (s.index < -1)
+    o.fail("index", "must be >= 0 (the column T + index of V), last (the column C - 1) or -1 (a random column each "
+                    "step)");
+  if (s.matrix && (s.index != -1 || s.last))
     o.fail("index", "applies to direction = vector only (direction = matrix draws T random columns each step)");
+  s.keep_sign = o.get_choice("sign", "continue", {"continue", "svd"}) == "continue";
   s.metric = *parse_metric(o.get_choice("metric", "l1", {"l1", "l2", "cosine"}));
   settings_ = s;
 }
@@ -110,7 +114,7 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
   Eigen::MatrixXd previous = Eigen::MatrixXd::Zero(C, n_dirs);
   std::vector<std::int64_t> pool(static_cast<std::size_t>(std::max<std::int64_t>(null_dim, 0)));
   double orth_sum = 0, orth_max = 0, dot_max = 0;
-  double loss = 0, l1 = 0, l2 = 0, in_l2 = 0;
+  double loss = 0, l1 = 0, l2 = 0, in_l2 = 0, in_l1 = 0;
 
   for (std::int64_t n = 1; n <= cfg.steps; ++n) {
     const Tensor g = problem.model.backward(a, ones).to(DType::f64);  // [1, T, C]
@@ -119,7 +123,10 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
 
     std::vector<std::int64_t> columns;
     if (!cfg.matrix) {
-      columns.push_back(T + (cfg.index >= 0 ? cfg.index : static_cast<std::int64_t>(rng.below(null_dim))));
+      const std::int64_t j = cfg.last        ? C - 1
+                             : cfg.index >= 0 ? T + cfg.index
+                                              : T + static_cast<std::int64_t>(rng.below(null_dim));
+      columns.push_back(j);
     } else {  // T distinct columns: a partial Fisher-Yates shuffle of T .. C-1
       std::iota(pool.begin(), pool.end(), T);
       for (std::int64_t t = 0; t < T; ++t) {
@@ -131,7 +138,7 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
     Eigen::MatrixXd dirs = orthogonal_walk::right_singular_vectors(gm, columns, cfg.svd_dtype, method);
     for (Eigen::Index k = 0; k < n_dirs; ++k) {
       dirs.col(k).normalize();
-      if (dirs.col(k).dot(previous.col(k)) < 0) dirs.col(k) *= -1.0;
+      if (cfg.keep_sign && dirs.col(k).dot(previous.col(k)) < 0) dirs.col(k) *= -1.0;
     }
     previous = dirs;
 
@@ -164,6 +171,7 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
            : cfg.metric == Metric::l2 ? l2
                                       : distances(output, problem.target, cfg.metric)[0];
     in_l2 = l2_distance(a, e);
+    in_l1 = l1_distance(a, e);
 
     Step step;
     step.index = n;
@@ -177,7 +185,10 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
     step.values["output_distance"] = l1;
     step.values["output_distance_l2"] = l2;
     step.values["input_distance"] = in_l2;
+    step.values["input_distance_l1"] = in_l1;
     step.values["ratio"] = l2 > 0 ? in_l2 / l2 : std::numeric_limits<double>::infinity();
+    step.values["ratio_l1"] = l1 > 0 ? in_l1 / l1 : std::numeric_limits<double>::infinity();
+    step.values["output_per_input_l1"] = in_l1 > 0 ? l1 / in_l1 : 0.0;
     observer.on_step(step);
   }
 
@@ -192,6 +203,9 @@ Result OrthogonalWalk::run(Problem& problem, Observer& observer) {
   result.values["output_distance_l2"] = l2;
   result.values["ratio"] = l2 > 0 ? in_l2 / l2 : std::numeric_limits<double>::infinity();
   result.values["output_per_input"] = in_l2 > 0 ? l2 / in_l2 : 0.0;
+  result.values["input_distance_l1"] = in_l1;
+  result.values["ratio_l1"] = l1 > 0 ? in_l1 / l1 : std::numeric_limits<double>::infinity();
+  result.values["output_per_input_l1"] = in_l1 > 0 ? l1 / in_l1 : 0.0;
   result.values["orthogonality_mean"] = orth_sum / static_cast<double>(cfg.steps);
   result.values["orthogonality_max"] = orth_max;
   result.values["gradient_dot_max"] = dot_max;

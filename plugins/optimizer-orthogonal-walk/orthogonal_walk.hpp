@@ -5,10 +5,12 @@
 //   G   = d sum(O(a)) / da                    model.backward(a, ones like the output): a T x C matrix
 //   G   = U S V^T                             SVD with the full V (C x C), in f64 or f32 (svd_dtype)
 //   the columns j >= T of V are orthogonal to every row of G (G has rank <= T): null-space directions
-//   direction = vector: a_t += eta v for every row t, v = V[:, j], j = T + index (fixed) or random in [T, C)
+//   direction = vector: a_t += eta v for every row t, v = V[:, j], j = T + index (fixed), C - 1 (index = last: the
+//                       seed study's `torch.linalg.svd(gradient).Vh[-1]`, recomputed each step) or random in [T, C)
 //   direction = matrix: a_t += eta R_t, R_t = V[:, j_t] for T distinct random j_t in [T, C)
-// A column of V has an arbitrary sign; the walk takes the sign that continues the previous step's direction
-// of the same row (v . v_prev >= 0), so a fixed index walks on instead of stepping back and forth. Directions are
+// A column of V has an arbitrary sign; with sign = continue (the default) the walk takes the sign that continues the
+// previous step's direction of the same row (v . v_prev >= 0), so a fixed index walks on instead of stepping back and
+// forth; sign = svd takes the column as the SVD gave it (the study's code has no sign rule). Directions are
 // renormalised to unit length in f64 (an f32 SVD gives columns of norm 1 +- 1e-7).
 //
 // To first order the move leaves sum(O) unchanged; how much the output itself moves is what the walk measures.
@@ -18,8 +20,11 @@
 //   orthogonality       the same as a cosine: max |G_s . v| / |G_s| (rows with G_s = 0 count 0)
 //   gradient_norm       max over rows of |G_s|
 //   direction_index     j of the step (direction = vector); -1 for direction = matrix
-//   output_distance     L1 of O(a) - O(e) after the step; output_distance_l2 its L2; input_distance L2 of a - e
-//   ratio               input_distance / output_distance_l2 (inf while the output has not moved)
+//   output_distance     L1 of O(a) - O(e) after the step; output_distance_l2 its L2; input_distance L2 of a - e,
+//                       input_distance_l1 its L1
+//   ratio               input_distance / output_distance_l2 (inf while the output has not moved); ratio_l1 the same
+//                       in L1 (input_distance_l1 / output_distance)
+//   output_per_input_l1 output_distance / input_distance_l1: the study's d_o / d_i (L1 / L1)
 #pragma once
 
 #include <Eigen/Dense>
@@ -58,10 +63,12 @@ inline NullSpaceMethod method_for_width(std::int64_t cols) {
 }  // namespace orthogonal_walk
 
 // Config keys: steps (100), eta (0.01), svd_dtype (f64 | f32), direction (vector | matrix), index (-1: random
-// each step; k >= 0: the fixed column T + k; direction = vector only), metric (l1 | l2 | cosine: Result.loss).
+// each step; k >= 0: the fixed column T + k; last: the column C - 1; direction = vector only), sign (continue |
+// svd), metric (l1 | l2 | cosine: Result.loss).
 // Result: input = the input after the last step; loss = its output distance in `metric`; values: input_distance,
-// output_distance, output_distance_l2, ratio (input_distance / output_distance_l2), output_per_input (its
-// inverse), orthogonality_mean, orthogonality_max, gradient_dot_max.
+// input_distance_l1, output_distance, output_distance_l2, ratio (input_distance / output_distance_l2),
+// output_per_input (its inverse), ratio_l1 and output_per_input_l1 (the same in L1 / L1), orthogonality_mean,
+// orthogonality_max, gradient_dot_max.
 class OrthogonalWalk final : public Optimizer {
  public:
   void configure(const Options& options) override;
@@ -74,6 +81,8 @@ class OrthogonalWalk final : public Optimizer {
     DType svd_dtype = DType::f64;
     bool matrix = false;      // direction = matrix
     std::int64_t index = -1;  // -1: a random column each step
+    bool last = false;        // index = last: the column C - 1
+    bool keep_sign = true;    // sign = continue
     Metric metric = Metric::l1;
   };
   const Settings& settings() const { return settings_; }

@@ -12,7 +12,7 @@
 //              head j / (n_head / n_kv_head)), q and k rotated by position when positions = rotary
 //   mlp(x)   = c_proj(act(x c_fc)) for gelu_tanh and gelu_erf;  c_proj(silu(x W_gate) * (x W_up)) for swiglu, where
 //              c_fc = [W_gate | W_up] along its output dimension
-// The model: h_0 = x (+ wpe[0:T] when positions = learned), blocks, then the head (none, the final norm ln_f, or
+// The model: h_0 = x (+ wpe[0:T] when positions = learned; nothing when none), blocks, then the head (none, the final norm ln_f, or
 // ln_f followed by the lm_head: wte^T when tied_head, else lm_head.weight^T).
 //
 // Rotary positions (Hugging Face's rotate_half layout, as Llama and GPT-NeoX use it): the first r = rotary_dim()
@@ -33,7 +33,9 @@ namespace lminv {
 enum class ModelKind { decoder, fcnet, fcnet_noninvertible, transformer_mlp };
 
 enum class Norm { layer_norm, rms_norm };
-enum class Positions { learned, rotary };
+// learned: wpe [n_positions, d] added to the input; rotary: q and k rotated by position; none: no position signal
+// at all (the seed study's InputGPT multiplies its vocabulary-space input by wte and adds no wpe).
+enum class Positions { learned, rotary, none };
 enum class Mlp { gelu_tanh, gelu_erf, swiglu };
 enum class Residual { sequential, parallel };
 
@@ -81,10 +83,18 @@ inline std::optional<Norm> parse_norm(std::string_view s) {
   if (s == "rms_norm") return Norm::rms_norm;
   return std::nullopt;
 }
-inline const char* positions_name(Positions p) { return p == Positions::learned ? "learned" : "rotary"; }
+inline const char* positions_name(Positions p) {
+  switch (p) {
+    case Positions::learned: return "learned";
+    case Positions::rotary: return "rotary";
+    case Positions::none: return "none";
+  }
+  return "?";
+}
 inline std::optional<Positions> parse_positions(std::string_view s) {
   if (s == "learned") return Positions::learned;
   if (s == "rotary") return Positions::rotary;
+  if (s == "none") return Positions::none;
   return std::nullopt;
 }
 inline const char* mlp_name(Mlp m) {

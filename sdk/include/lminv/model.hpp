@@ -14,7 +14,13 @@
 
 namespace lminv {
 
-enum class Head { none, ln_f, lm_head };
+// What follows the last block run: nothing (h_k), the final norm ln_f(h_k), ln_f then the LM head (ln_f(h_k) W^T,
+// as Hugging Face's *ForCausalLM models do), or the LM head straight after the block, with no final norm (h_k W^T: the
+// seed study's truncated GPT-2, `AbbreviatedGPT`, which calls lm_head on a block's output).
+enum class Head { none, ln_f, lm_head, lm_head_no_ln_f };
+// Whether the head applies the final norm ln_f, and whether it ends in the LM head's matrix W [V, d].
+inline bool head_has_ln_f(Head h) { return h == Head::ln_f || h == Head::lm_head; }
+inline bool head_has_lm_head(Head h) { return h == Head::lm_head || h == Head::lm_head_no_ln_f; }
 enum class InputSpace { embedding, vocab };
 enum class Metric { l1, l2, cosine };
 
@@ -23,6 +29,7 @@ inline const char* head_name(Head h) {
     case Head::none: return "none";
     case Head::ln_f: return "ln_f";
     case Head::lm_head: return "lm_head";
+    case Head::lm_head_no_ln_f: return "lm_head_no_ln_f";
   }
   return "?";
 }
@@ -30,6 +37,7 @@ inline std::optional<Head> parse_head(std::string_view s) {
   if (s == "none") return Head::none;
   if (s == "ln_f") return Head::ln_f;
   if (s == "lm_head") return Head::lm_head;
+  if (s == "lm_head_no_ln_f") return Head::lm_head_no_ln_f;
   return std::nullopt;
 }
 inline const char* input_space_name(InputSpace i) { return i == InputSpace::embedding ? "embedding" : "vocab"; }

@@ -104,8 +104,9 @@ inline std::vector<TensorSpec> weight_schema(const ModelSpec& s) {
 }
 
 // The tensors a model of `spec` reads: for a decoder the blocks it runs (blocks_run()), wte when the input is in
-// vocabulary space or the head is a tied lm_head, wpe for learned positions, ln_f unless the head is none, lm_head
-// when untied and the head is lm_head. For the MLP kinds, wte only with input = vocab.
+// vocabulary space or the head ends in a tied lm_head, wpe for learned positions, ln_f when the head applies it (ln_f,
+// lm_head), lm_head when untied and the head ends in it (lm_head, lm_head_no_ln_f). For the MLP kinds, wte only with
+// input = vocab.
 inline std::vector<TensorSpec> used_weights(const ModelSpec& s) {
   const std::vector<TensorSpec> all = weight_schema(s);
   const bool vocab = s.input == InputSpace::vocab;
@@ -116,14 +117,14 @@ inline std::vector<TensorSpec> used_weights(const ModelSpec& s) {
     return out;
   }
   const std::int64_t L = s.blocks_run();
-  const bool lm_head = s.head == Head::lm_head;
+  const bool lm_head = head_has_lm_head(s.head);
   std::vector<TensorSpec> out;
   for (const TensorSpec& t : all) {
     const std::string& n = t.name;
     bool use = true;
     if (n == "wte.weight") use = vocab || (lm_head && s.arch.tied_head);
     else if (n == "lm_head.weight") use = lm_head;
-    else if (n.rfind("ln_f.", 0) == 0) use = s.head != Head::none;
+    else if (n.rfind("ln_f.", 0) == 0) use = head_has_ln_f(s.head);
     else if (n.rfind("h.", 0) == 0) use = std::stoll(n.substr(2, n.find('.', 2) - 2)) < L;
     if (use) out.push_back(t);
   }
@@ -137,7 +138,7 @@ inline void check_spec(const ModelSpec& s, std::string_view who) {
   };
   auto str = [](auto v) { return std::to_string(v); };
   if (s.n_embd <= 0) fail("needs a positive n_embd, got " + str(s.n_embd));
-  if (s.input == InputSpace::vocab || (s.kind == ModelKind::decoder && s.head == Head::lm_head))
+  if (s.input == InputSpace::vocab || (s.kind == ModelKind::decoder && head_has_lm_head(s.head)))
     if (s.vocab_size <= 0) fail("needs a positive vocab_size, got " + str(s.vocab_size));
   if (s.kind == ModelKind::fcnet || s.kind == ModelKind::fcnet_noninvertible) {
     if (s.seq_len <= 0) fail("needs a positive seq_len (the prompt's token count), got " + str(s.seq_len));
@@ -200,7 +201,7 @@ inline std::vector<std::string> required_features(const ModelSpec& s) {
   if (s.head_size() * s.n_head != s.n_embd) f.push_back(feature::head_dim);
   f.push_back(mlp_name(a.mlp));
   if (a.residual == Residual::parallel) f.push_back(feature::parallel_residual);
-  if (!a.tied_head && s.head == Head::lm_head) f.push_back(feature::untied_head);
+  if (!a.tied_head && head_has_lm_head(s.head)) f.push_back(feature::untied_head);
   if (!s.layers.empty()) f.push_back(feature::extra_layers);
   return f;
 }
