@@ -233,6 +233,13 @@ std::vector<std::pair<std::string, ModelSpec>> arch_settings() {
   add("parallel_residual", [](ModelSpec& s) { s.arch.residual = Residual::parallel; });
   add("untied_head", [](ModelSpec& s) { s.arch.tied_head = false; });
   add("no_positions", [](ModelSpec& s) { s.arch.positions = Positions::none; });
+  // gpt2-xl's head pattern (25 heads, an odd count, of d / 25 features) on a size CI can run: the code path of the
+  // seed study's 1600-wide, 25-head model (its 48 blocks are measured in bench/RESULTS.md, not here).
+  add("gpt2_xl_heads", [](ModelSpec& s) {
+    s.n_embd = 50;
+    s.n_head = 25;
+    s.n_inner = 0;
+  });
   add("no_biases", [](ModelSpec& s) { s.arch.qkv_bias = s.arch.attn_out_bias = s.arch.mlp_bias = false; });
   return out;
 }
