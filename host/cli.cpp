@@ -249,6 +249,7 @@ int cmd_forward(const std::vector<std::string>& args, std::ostream& out, std::os
                                               {"head", head_name(e.spec.head)},
                                               {"input_space", input_space_name(e.spec.input)},
                                               {"dtype", dtype_name(e.spec.dtype)},
+                                              {"weight_dtype", weight_dtype_name(e.spec.weight_dtype)},
                                               {"backend", config.backend},
                                               {"config", config.source}};
 

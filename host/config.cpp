@@ -186,6 +186,11 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   s.layers = model.get_ints("layers", {});
   for (std::int64_t l : s.layers)
     if (l < 0 || (random && l > s.n_layer)) model.fail("layers", "each entry must be in 0..n_layer");
+  s.dropout = model.get_double("dropout", s.dropout);
+  if (!(s.dropout >= 0 && s.dropout < 1)) model.fail("dropout", "must be in [0, 1) (0: off, as in evaluation)");
+  if (s.dropout > 0 && fam.kind() != ModelKind::decoder)
+    model.fail("dropout", "applies to decoder families, not " + s.family);
+  s.dropout_seed = c.seed;  // the masks' generator: the model's seed, so a config's run is repeatable
   check_all_read(model);
 
   Options backend = raw.section("backend");
@@ -193,6 +198,10 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   const std::string dtype = backend.get_choice("dtype", dtype_name(s.dtype), {"f32", "f64", "bf16"});
   s.dtype = *parse_dtype(dtype);
   s.device = backend.get_choice("device", s.device, {"cpu", "cuda"});
+  s.weight_dtype = *parse_weight_dtype(backend.get_choice("weight_dtype", weight_dtype_name(s.weight_dtype),
+                                                          {"same", "int8"}));
+  if (s.weight_dtype != WeightDType::same && fam.kind() != ModelKind::decoder)
+    backend.fail("weight_dtype", "int8 applies to decoder families (their block weights), not " + s.family);
   c.backend_options = backend;  // the backend reads the rest; the read marks travel with the copy
 
   const Options prompt = raw.section("prompt");

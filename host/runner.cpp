@@ -141,6 +141,8 @@ nlohmann::json spec_json(const ModelSpec& s) {
           {"layers", s.layers},        {"dtype", dtype_name(s.dtype)},
           {"device", s.device},        {"kind", kind_name(s.kind)}};
   if (s.kind == ModelKind::decoder) {
+    j["weight_dtype"] = weight_dtype_name(s.weight_dtype);
+    j["dropout"] = s.dropout;
     const Architecture& a = s.arch;
     j["arch"] = {{"norm", norm_name(a.norm)},
                  {"norm_bias", a.norm_bias},
@@ -261,7 +263,9 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
     out << "  blocks=" << spec.blocks << "/" << spec.n_layer << "  head=" << head_name(spec.head);
   out << "  input=" << input_space_name(spec.input) << "  weights=" << config.weights;
   if (config.weights == "random") out << " (seed " << config.seed << ")";
-  out << "\n  plugins   backend=" << config.backend << " (" << dtype_name(spec.dtype) << ", " << spec.device
+  out << "\n  plugins   backend=" << config.backend << " (" << dtype_name(spec.dtype)
+      << (spec.weight_dtype == WeightDType::int8 ? ", int8 block weights" : "") << ", " << spec.device
+      << (spec.dropout > 0 ? ", dropout " + nlohmann::json(spec.dropout).dump() : std::string())
       << ")  optimizer=" << config.optimizer << "  decoder=" << config.decoder << "\n"
       << std::flush;
 

@@ -141,6 +141,23 @@ TEST_F(Cli, BadConfigsNameTheFileKeyAndValue) {
   }
 }
 
+TEST_F(Cli, Int8WeightsAreRecordedAndDropoutWithoutABackendForItIsRefused) {
+  const std::string gpt2 = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2.ini";
+  const Outcome ok = lminv("run " + gpt2 + " --set backend.weight_dtype=int8 --set optimizer.steps=3" + isolated());
+  ASSERT_EQ(ok.status, 0) << ok.output;
+  EXPECT_NE(ok.output.find("int8 block weights"), std::string::npos) << ok.output;
+  const std::vector<nlohmann::json> r = read_records(records());
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0]["model"]["weight_dtype"], "int8");
+  EXPECT_EQ(r[0]["model"]["dropout"], 0.0);
+  fs::remove_all(dir_ / "out");
+  // The reference computes no dropout (it is deterministic): refused by name before any work, nothing written.
+  const Outcome refused = lminv("run " + gpt2 + " --set model.dropout=0.1" + isolated());
+  EXPECT_EQ(refused.status, 1) << refused.output;
+  EXPECT_NE(refused.output.find("needs feature 'dropout'"), std::string::npos) << refused.output;
+  EXPECT_FALSE(fs::exists(records()));
+}
+
 TEST_F(Cli, QuickstartRecoversThePromptExactly) {
   const Outcome o = lminv("run " + std::string(LMINV_SOURCE_DIR) + "/configs/quickstart.ini" + isolated());
   ASSERT_EQ(o.status, 0) << o.output;

@@ -132,11 +132,33 @@ TEST(Config, MalformedValuesNameTheKeyAndValue) {
             "[model] positions = 'sinusoidal': expected one of learned | rotary | none"},
            {"[output]\nnext_token = half\n[prompt]\ntext=x\n",
             "[output] next_token = 'half': expected one of full | truncated"},
+           {"[backend]\nweight_dtype = int4\n[prompt]\ntext=x\n",
+            "[backend] weight_dtype = 'int4': expected one of same | int8"},
+           {"[model]\nfamily = fcnet\n[backend]\nweight_dtype = int8\n[prompt]\ntext=x\n",
+            "[backend] weight_dtype = 'int8': int8 applies to decoder families (their block weights), not fcnet"},
+           {"[model]\ndropout = 1\n[prompt]\ntext=x\n", "[model] dropout = '1': must be in [0, 1)"},
+           {"[model]\ndropout = -0.1\n[prompt]\ntext=x\n", "[model] dropout = '-0.1': must be in [0, 1)"},
+           {"[model]\nfamily = transformer_mlp\ndropout = 0.1\n[prompt]\ntext=x\n",
+            "[model] dropout = '0.1': applies to decoder families, not transformer_mlp"},
        }) {
     const std::string msg = error_of([&] { parse(c.text); });
     EXPECT_NE(msg.find(c.expect), std::string::npos) << "config:\n" << c.text << "message: " << msg;
     EXPECT_NE(msg.find("test.ini"), std::string::npos) << msg;
   }
+}
+
+TEST(Config, WeightDtypeAndDropoutReachTheSpec) {
+  const ExperimentConfig plain = parse("[prompt]\ntext = x\n");
+  EXPECT_EQ(plain.spec.weight_dtype, WeightDType::same);
+  EXPECT_EQ(plain.spec.dropout, 0.0);
+  const ExperimentConfig c =
+      parse("[model]\nseed = 9\ndropout = 0.1\n[backend]\nname = torch\nweight_dtype = int8\n[prompt]\ntext = x\n");
+  EXPECT_EQ(c.spec.weight_dtype, WeightDType::int8);
+  EXPECT_EQ(c.spec.dropout, 0.1);
+  EXPECT_EQ(c.spec.dropout_seed, 9u);
+  const std::vector<std::string> features = required_features(c.spec);
+  EXPECT_NE(std::find(features.begin(), features.end(), feature::int8_weights), features.end());
+  EXPECT_NE(std::find(features.begin(), features.end(), feature::dropout), features.end());
 }
 
 TEST(Config, APromptIsOptionalUntilACommandNeedsOne) {

@@ -7,6 +7,7 @@
 //     llama, qwen2, mistral and gpt_neox; and GPT-2's setting with one field changed at a time (rms_norm, layer norm
 //     without bias, rotary positions full and partial, grouped kv heads, a head_dim that is not n_embd / n_head,
 //     gelu_erf, swiglu, the parallel residual, an untied head, no biases), each in a few heads and input spaces;
+//     and int8 block weights (gpt2, llama, gpt2-xl's head pattern), where the reference dequantises the same integers;
 //   - the MLP kinds (fcnet, fcnet_noninvertible, transformer_mlp) in both input spaces;
 // the checks are:
 //   - forward, backward (a vector-Jacobian product) and loss_and_grad (l1, l2, cosine) agree with the reference in f64
@@ -302,6 +303,25 @@ std::vector<ModelCase> model_cases() {
     s.layers = {1, 3};
     out.push_back({name + "_k2_none_layers1_3_embedding", name, s});
   }
+  // int8 block weights (weight_dtype = int8): the reference in f64 dequantises the same integers and scales
+  // (plugins/common/int8_weights.hpp), so a backend agrees with it within its dtype's tolerance; int8_test.cpp bounds
+  // the quantisation error against the unquantised model.
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    ModelSpec s = tiny_gpt2();
+    s.blocks = 3;
+    s.head = Head::lm_head;
+    s.input = input;
+    s.weight_dtype = WeightDType::int8;
+    out.push_back({std::string("gpt2_k3_lm_head_") + input_space_name(input) + "_int8", "gpt2", s});
+  }
+  for (const auto& [name, base] : arch_settings())
+    if (name == "llama" || name == "gpt2_xl_heads") {
+      ModelSpec s = base;
+      s.blocks = 3;
+      s.head = Head::lm_head;
+      s.weight_dtype = WeightDType::int8;
+      out.push_back({name + "_k3_lm_head_embedding_int8", name, s});
+    }
   for (ModelKind kind : {ModelKind::fcnet, ModelKind::fcnet_noninvertible, ModelKind::transformer_mlp})
     for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
       ModelSpec s = tiny_mlp(kind);

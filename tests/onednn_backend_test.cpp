@@ -682,7 +682,8 @@ TEST(OnednnBackend, InfoListsKindsFeaturesDtypesDevices) {
   std::vector<std::string> expected{f::layer_norm,  f::layer_norm_no_bias, f::rms_norm,    f::learned_positions,
                                     f::rotary,      f::partial_rotary,     f::grouped_kv,  f::head_dim,
                                     f::gelu_tanh,   f::gelu_erf,           f::swiglu,      f::parallel_residual,
-                                    f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache};
+                                    f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache,
+                                    f::int8_weights};  // not dropout: the reference and onednn are deterministic
   std::sort(expected.begin(), expected.end());
   EXPECT_EQ(features, expected);
   EXPECT_EQ(info.dtypes, std::vector<DType>{DType::f32});

@@ -224,6 +224,24 @@ std::vector<ModelCase> model_cases() {
     s.input = InputSpace::vocab;
     out.push_back({name + "_k2_none_layers1_3_vocab", s});
   }
+  // int8 block weights: the cache dequantises them as forward() does (onednn: into the model's scratch, not into the
+  // padded copies the f32 weights get).
+  for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
+    ModelSpec s = small_gpt2();
+    s.blocks = 3;
+    s.head = Head::lm_head;
+    s.input = input;
+    s.weight_dtype = WeightDType::int8;
+    out.push_back({std::string("gpt2_k3_lm_head_") + input_space_name(input) + "_int8", s});
+  }
+  for (const auto& [name, arch] : architectures())
+    if (name == "llama") {
+      ModelSpec s = arch;
+      s.blocks = 3;
+      s.head = Head::lm_head;
+      s.weight_dtype = WeightDType::int8;
+      out.push_back({name + "_k3_lm_head_embedding_int8", s});
+    }
   // Causal too: checked where a backend offers a cache for it.
   for (InputSpace input : {InputSpace::embedding, InputSpace::vocab}) {
     ModelSpec s = small_gpt2();

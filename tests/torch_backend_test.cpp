@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "int8_weights.hpp"
 #include "lminv/error.hpp"
 #include "lminv/options.hpp"
 #include "lminv/prefix_cache.hpp"
@@ -479,6 +480,93 @@ TEST(TorchBackend, PrefixCacheRowsEqualForward) {
 // Models made on one WeightSet with one dtype and device hold one set of weight tensors between them: here the first
 // 3 blocks alone, and the full model with ln_f and the lm_head. Counted by the backend (weight_cache_stats), which
 // lists what its live models hold.
+// Dropout (spec.dropout, GPT-2's training mode). With no blocks and no head the output is the dropped embedding sum:
+// each element x + wpe kept with probability 1 - p and then divided by 1 - p, or zero.
+TEST(TorchBackend, DropoutZeroesAShareOfPAndScalesTheRest) {
+  ModelSpec plain = gpt2_spec(Head::none, InputSpace::embedding, 0);
+  ModelSpec spec = plain;
+  spec.dropout = 0.25;
+  spec.dropout_seed = 11;
+  const auto weights = weights_for(spec);
+  const auto model = torch_model(spec, weights);
+  const Tensor x = random_tensor(input_shape(spec, 4), 5, 0.5);
+  const Tensor clean = torch_model(plain, weights)->forward(x);
+  std::int64_t zeros = 0, total = 0;
+  Tensor first;
+  bool changed = false;
+  for (int call = 0; call < 20; ++call) {
+    const Tensor y = model->forward(x);
+    ASSERT_EQ(y.shape(), clean.shape());
+    for (std::int64_t i = 0; i < y.numel(); ++i) {
+      ++total;
+      if (y.get(i) == 0) {
+        ++zeros;
+        continue;
+      }
+      EXPECT_NEAR(y.get(i), clean.get(i) / 0.75, 1e-12 * std::abs(clean.get(i))) << "element " << i;
+    }
+    if (call == 0) first = y;
+    else changed = changed || relative_difference(y, first) > 0;
+  }
+  // Binomial(6400, 0.25): standard deviation 0.0054 of the share; 5 of them.
+  const double share = static_cast<double>(zeros) / static_cast<double>(total);
+  EXPECT_NEAR(share, 0.25, 0.027) << zeros << " of " << total;
+  EXPECT_TRUE(changed) << "every forward pass drew the same mask";
+  EXPECT_EQ(prefix_cache_of(*model), nullptr) << "a cached prefix would keep one draw of the masks";
+  EXPECT_NE(prefix_cache_of(*torch_model(plain, weights)), nullptr);
+}
+
+TEST(TorchBackend, DropoutMasksFollowTheSeedAndReachEveryBlock) {
+  ModelSpec plain = gpt2_spec(Head::lm_head, InputSpace::embedding, 3);
+  ModelSpec spec = plain;
+  spec.dropout = 0.1;
+  spec.dropout_seed = 3;
+  const auto weights = weights_for(spec);
+  const Tensor x = random_tensor(input_shape(spec, 2), 6, 0.5);
+  const Tensor a = torch_model(spec, weights)->forward(x), b = torch_model(spec, weights)->forward(x);
+  EXPECT_EQ(relative_difference(a, b), 0.0) << "the same seed gave other masks";
+  ModelSpec other = spec;
+  other.dropout_seed = 4;
+  EXPECT_GT(relative_difference(torch_model(other, weights)->forward(x), a), 0.0);
+  EXPECT_GT(relative_difference(a, torch_model(plain, weights)->forward(x)), 0.0);
+  // The input gradient goes through the masks the forward pass drew: finite, and not the clean model's.
+  const Tensor target = torch_model(plain, weights)->forward(random_tensor(input_shape(spec, 2), 7, 0.5));
+  const LossAndGrad g = torch_model(spec, weights)->loss_and_grad(x, target, Metric::l2);
+  const LossAndGrad clean = torch_model(plain, weights)->loss_and_grad(x, target, Metric::l2);
+  for (std::int64_t i = 0; i < g.grad.numel(); ++i) ASSERT_TRUE(std::isfinite(g.grad.get(i)));
+  EXPECT_GT(relative_difference(g.grad, clean.grad), 1e-3);
+}
+
+// An int8 model holds each block matrix as one byte an element and one scale per output column, in place of the
+// matrix in the model's dtype (on a GPU, the device memory the seed study saved with load_in_8bit); the other
+// weights as before, and models on the same weights share the integers.
+TEST(TorchBackend, Int8ModelsHoldTheirBlockMatricesInOneByteAnElement) {
+  ModelSpec spec = gpt2_spec(Head::lm_head, InputSpace::embedding, 3, {}, DType::f64);
+  const auto weights = weights_for(spec);
+  std::size_t matrices = 0, columns = 0, rest = 0;
+  for (const TensorSpec& t : used_weights(spec)) {
+    const auto n = static_cast<std::size_t>(shape_numel(t.shape));
+    if (int8::quantised(t.name)) {
+      matrices += n;
+      columns += static_cast<std::size_t>(t.shape[1]);
+    } else {
+      rest += n;
+    }
+  }
+  for (DType dtype : {DType::f64, DType::f32}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    spec.dtype = dtype;
+    spec.weight_dtype = WeightDType::int8;
+    TorchBackend backend;
+    backend.configure(Options("backend", "test", {{"threads", "1"}}));
+    const auto a = backend.create_model(spec, weights);
+    const auto b = backend.create_model(spec, weights);
+    const torch_backend::WeightCacheStats s = backend.weight_cache_stats();
+    EXPECT_EQ(s.sets, 1u);
+    EXPECT_EQ(s.bytes, matrices + (columns + rest) * dtype_size(dtype));
+  }
+}
+
 TEST(TorchBackend, ModelsOnOneWeightSetShareTheirWeights) {
   for (const std::string& family : {std::string("gpt2"), std::string("llama")}) {
     SCOPED_TRACE(family);
@@ -650,7 +738,8 @@ TEST(TorchBackend, InfoListsKindsFeaturesDtypesAndCudaOnlyWhenAvailable) {
   const std::set<std::string> all{f::layer_norm, f::layer_norm_no_bias, f::rms_norm,    f::learned_positions,
                                   f::rotary,     f::partial_rotary,     f::grouped_kv,  f::head_dim,
                                   f::gelu_tanh,  f::gelu_erf,           f::swiglu,      f::parallel_residual,
-                                  f::untied_head, f::extra_layers,      f::vocab_input, f::prefix_cache};
+                                  f::untied_head, f::extra_layers,      f::vocab_input, f::prefix_cache,
+                                  f::int8_weights, f::dropout};
   EXPECT_EQ(std::set<std::string>(info.features.begin(), info.features.end()), all);
   EXPECT_EQ(info.features.size(), all.size());
   // So every spec of these tests passes check_features.

@@ -304,21 +304,29 @@ class DecoderModel final : public Model {
       rot_.cos = cos_.data();
       rot_.sin = sin_.data();
     }
+    // An int8 model's four block weights are dequantised, one at a time, into scratch_ before each product.
+    const bool int8 = spec.weight_dtype == WeightDType::int8;
+    if (int8 && L_ > 0) scratch_ = Buffer(std::max({d_ * W_, qw_ * d_, d_ * fcw_, inner_ * d_}));
+    auto pair = [&](const std::string& name, const Shape& stored, Matrix& plain, Matrix& transposed) {
+      if (int8) {
+        plain = store_->int8_matrix(name, stored, false, scratch_.data());
+        transposed = store_->int8_matrix(name, stored, true, scratch_.data());
+      } else {
+        plain = store_->matrix(name, stored, false, m);
+        transposed = store_->matrix(name, stored, true, m);
+      }
+    };
     for (Index l = 0; l < L_; ++l) {
       const std::string h = "h." + std::to_string(l) + ".";
       BlockWeights w;
       w.ln_1 = norm(h + "ln_1");
       w.ln_2 = norm(h + "ln_2");
-      w.c_attn = store_->matrix(h + "attn.c_attn.weight", {d_, W_}, false, m);
-      w.c_attn_t = store_->matrix(h + "attn.c_attn.weight", {d_, W_}, true, m);
+      pair(h + "attn.c_attn.weight", {d_, W_}, w.c_attn, w.c_attn_t);
       if (a.qkv_bias) w.c_attn_b = store_->vector(h + "attn.c_attn.bias", W_, {1, W_});
-      w.a_proj = store_->matrix(h + "attn.c_proj.weight", {qw_, d_}, false, m);
-      w.a_proj_t = store_->matrix(h + "attn.c_proj.weight", {qw_, d_}, true, m);
+      pair(h + "attn.c_proj.weight", {qw_, d_}, w.a_proj, w.a_proj_t);
       if (a.attn_out_bias) w.a_proj_b = store_->vector(h + "attn.c_proj.bias", d_, {1, d_});
-      w.c_fc = store_->matrix(h + "mlp.c_fc.weight", {d_, fcw_}, false, m);
-      w.c_fc_t = store_->matrix(h + "mlp.c_fc.weight", {d_, fcw_}, true, m);
-      w.m_proj = store_->matrix(h + "mlp.c_proj.weight", {inner_, d_}, false, m);
-      w.m_proj_t = store_->matrix(h + "mlp.c_proj.weight", {inner_, d_}, true, m);
+      pair(h + "mlp.c_fc.weight", {d_, fcw_}, w.c_fc, w.c_fc_t);
+      pair(h + "mlp.c_proj.weight", {inner_, d_}, w.m_proj, w.m_proj_t);
       if (a.mlp_bias) {
         w.c_fc_b = store_->vector(h + "mlp.c_fc.bias", fcw_, {1, fcw_});
         w.m_proj_b = store_->vector(h + "mlp.c_proj.bias", d_, {1, d_});
@@ -492,6 +500,12 @@ class DecoderModel final : public Model {
     Step s{mm.primitive, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, mm.pick(w)}, {DNNL_ARG_DST, dst}}};
     if (bias) s.args[DNNL_ARG_BIAS] = bias;
     if (added) s.args[kPostOpSrc1] = *added;
+    return reading(w, std::move(s));
+  }
+
+  // `s`, a step that reads weight w, preceded by w's dequantisation when it is int8.
+  static Step reading(const Matrix& w, Step s) {
+    if (w.q) s.prepare = [w] { w.dequantise(); };
     return s;
   }
 
@@ -533,7 +547,7 @@ class DecoderModel final : public Model {
     }
     if (!rows_plain || !(w_rows || w_cols) || !added_plain) return std::nullopt;
     const memory x = src, weight = w.stored, b = bias, y = dst, add = added ? *added : memory();
-    return Step(
+    return reading(w, Step(
         [=] {
           const auto* xp = static_cast<const float*>(x.get_data_handle());
           const auto* wp = static_cast<const float*>(weight.get_data_handle());
@@ -548,7 +562,7 @@ class DecoderModel final : public Model {
             for (Index i = 0; i < M * N; ++i) yp[i] += ap[i];
           }
         },
-        /*one_thread=*/false);
+        /*one_thread=*/false));
   }
 
   std::unique_ptr<Plan> build(Index B, Index T) {
@@ -1537,6 +1551,7 @@ class DecoderModel final : public Model {
   Rotary rot_;                  // rotary positions
   std::vector<float> cos_, sin_;
   std::vector<BlockWeights> blocks_;
+  Buffer scratch_;  // int8 models: the one block weight dequantised at a time (Matrix::dequantise)
 
   std::map<std::pair<Index, Index>, std::unique_ptr<Plan>> plans_;  // by (B, T)
   std::uint64_t clock_ = 0;

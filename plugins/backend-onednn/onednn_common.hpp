@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "int8_weights.hpp"
 #include "lminv/error.hpp"
 #include "lminv/model.hpp"
 #include "lminv/tensor.hpp"
@@ -140,6 +141,7 @@ struct Step {
   std::unordered_map<int, memory> args;
   bool single = false;
   std::function<void()> loop;
+  std::function<void()> prepare;  // run first when set: an int8 weight dequantised into the memory the step reads
 };
 
 // Below this many elements (or multiply-adds, for a matmul) a step runs on one thread.
@@ -156,6 +158,7 @@ inline void run_steps(Context& ctx, const std::vector<Step>& steps) {
   } team;
   for (const Step& s : steps) {
     team.set(s.single ? 1 : team.size);
+    if (s.prepare) s.prepare();
     if (s.loop)
       s.loop();
     else
@@ -205,9 +208,27 @@ inline constexpr int kPostOpSrc1 = DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_
 // A weight matrix as matmul weights: `stored` reads the tensor's bytes as they are (in either orientation: the
 // gemm-based matmul takes both, so the transposed use of a weight, as in the backward pass, needs no copy); `fast` is
 // a copy reordered once into the blocked layout oneDNN prefers for it where it has one, else the same as `stored`.
+//
+// An int8 weight (ModelSpec::weight_dtype = int8) keeps its integers and scales in `q`; `fast` and `stored` then view
+// a model's f32 scratch buffer, into which dequantise() writes the weight before each step that reads it (the step's
+// prepare). The scratch holds one weight at a time, so an int8 model's f32 copy of its block weights is one matrix.
 struct Matrix {
   memory fast, stored;
+  std::shared_ptr<const int8::Matrix> q;  // int8 weights only
   bool blocked() const { return fast.get(true) != stored.get(true); }
+
+  // The stored [K_stored, N_stored] row-major values into the scratch `stored` views (in either orientation the
+  // buffer holds the weight as the tensor stores it).
+  void dequantise() const {
+    float* dst = static_cast<float*>(stored.get_data_handle());
+    const Index in = q->in, out = q->out;
+    const std::int8_t* src = q->q.data();
+    const float* s = scales.data();
+#pragma omp parallel for schedule(static) if (in * out >= kSmallWork)
+    for (Index i = 0; i < in; ++i)
+      for (Index o = 0; o < out; ++o) dst[i * out + o] = static_cast<float>(src[i * out + o]) * s[o];
+  }
+  std::vector<float> scales;  // q's scales rounded to f32, as every backend's f32 dequantisation rounds them
 };
 
 // The weights as f32 oneDNN memory. Tensors already in f32 are used in place (the store keeps the WeightSet); others
@@ -222,13 +243,7 @@ class WeightStore {
 
   // The f32 values of `name`, which must have `shape`.
   const float* data(const std::string& name, const Shape& shape) {
-    if (!weights_->contains(name))
-      throw Error(std::string(kWho) + ": the model needs weight '" + name + "' " + shape_string(shape) +
-                  ", which the weights lack");
-    const Tensor& t = weights_->get(name);
-    if (t.shape() != shape)
-      throw Error(std::string(kWho) + ": weight '" + name + "' has shape " + shape_string(t.shape()) + ", expected " +
-                  shape_string(shape));
+    const Tensor& t = tensor(name, shape);
     if (t.dtype() == DType::f32) return t.data<float>();
     auto it = converted_.find(name);
     if (it == converted_.end()) it = converted_.emplace(name, t.to(DType::f32)).first;  // map: no later move
@@ -278,6 +293,7 @@ class WeightStore {
   // cache, whose small batches are the search's hot path. Safe to call from several threads (a cache is made on first
   // request, outside the backend's lock).
   Matrix padded(const std::string& name, const Matrix& m) {
+    if (m.q) return m;  // an int8 weight is dequantised into its model's scratch: there is no f32 copy to pad
     const std::lock_guard<std::mutex> lock(padded_mutex_);
     auto it = padded_.find(name);
     if (it != padded_.end()) return it->second.first;
@@ -297,7 +313,42 @@ class WeightStore {
   }
   static constexpr Index kPad = 16;  // floats: one cache line
 
+  // The int8 form of weight `name` (stored [K, N] as `stored`, or read transposed) as a Matrix viewing `scratch`, a
+  // buffer of at least K N floats owned by the model (int8_weights.hpp fixes the rounding). The integers are made
+  // once per weight and shared by the models on this store.
+  Matrix int8_matrix(const std::string& name, const Shape& stored, bool transposed, float* scratch) {
+    auto it = int8_.find(name);
+    if (it == int8_.end()) {
+      it = int8_.emplace(name, std::make_shared<const int8::Matrix>(int8::quantise(tensor(name, stored), name))).first;
+    }
+    const Index K = transposed ? stored[1] : stored[0], N = transposed ? stored[0] : stored[1];
+    Matrix m;
+    m.q = it->second;
+    m.scales.assign(m.q->scale.begin(), m.q->scale.end());
+    m.stored = memory(memory::desc(memory::dims{K, N}, Dt::f32, transposed ? Tag::ba : Tag::ab), cpu_engine(), scratch);
+    m.fast = m.stored;
+    return m;
+  }
+  // The bytes of the int8 weights made so far (integers and f32 scales).
+  std::size_t int8_bytes() const {
+    std::size_t n = 0;
+    for (const auto& [name, m] : int8_) n += m->bytes();
+    return n;
+  }
+
  private:
+  // The tensor `name`, which must exist and have `shape`.
+  const Tensor& tensor(const std::string& name, const Shape& shape) const {
+    if (!weights_->contains(name))
+      throw Error(std::string(kWho) + ": the model needs weight '" + name + "' " + shape_string(shape) +
+                  ", which the weights lack");
+    const Tensor& t = weights_->get(name);
+    if (t.shape() != shape)
+      throw Error(std::string(kWho) + ": weight '" + name + "' has shape " + shape_string(t.shape()) + ", expected " +
+                  shape_string(shape));
+    return t;
+  }
+
   // Whether a matmul with `rows` source rows takes weights in the layout `md` with a kernel of its own (oneDNN's
   // reference kernel would be far slower than the gemm on the stored bytes).
   bool own_kernel(const memory::desc& md, Index K, Index N, Index rows) const {
@@ -312,6 +363,7 @@ class WeightStore {
   std::shared_ptr<const WeightSet> weights_;
   std::map<std::string, Tensor> converted_;
   std::map<std::pair<std::string, bool>, Matrix> matrices_;
+  std::map<std::string, std::shared_ptr<const int8::Matrix>> int8_;
   std::mutex padded_mutex_;
   std::map<std::string, std::pair<Matrix, Tensor>> padded_;  // the Matrix and the copy it views
 };

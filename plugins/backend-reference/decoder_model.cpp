@@ -384,7 +384,12 @@ class DecoderModel final : public Model {
 
   // The weight `name` as a Real array (in place when its dtype is Real, else converted once for every model on
   // these weights); its shape was checked against used_weights(spec) before the model was made.
-  const Real* map(const std::string& name) { return weights_->get<Real>(name, used_.at(name), threads_); }
+  // An int8 model's block weights are their dequantised int8 values (int8_weights.hpp).
+  const Real* map(const std::string& name) {
+    if (spec_.weight_dtype == WeightDType::int8 && int8::quantised(name))
+      return weights_->get_int8<Real>(name, used_.at(name));
+    return weights_->get<Real>(name, used_.at(name), threads_);
+  }
 
   // The same for a tensor the architecture may lack (a bias, wpe): null when used_weights has no such tensor.
   const Real* optional(const std::string& name) { return used_.count(name) ? map(name) : nullptr; }

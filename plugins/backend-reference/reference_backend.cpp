@@ -25,7 +25,8 @@ BackendInfo ReferenceBackend::info() const {
   info.features = {f::layer_norm,  f::layer_norm_no_bias, f::rms_norm,    f::learned_positions,
                    f::rotary,      f::partial_rotary,     f::grouped_kv,  f::head_dim,
                    f::gelu_tanh,   f::gelu_erf,           f::swiglu,      f::parallel_residual,
-                   f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache};
+                   f::untied_head, f::extra_layers,       f::vocab_input, f::prefix_cache,
+                   f::int8_weights};
   info.dtypes = {DType::f64, DType::f32};
   info.devices = {"cpu"};
   return info;

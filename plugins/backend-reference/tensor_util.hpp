@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "int8_weights.hpp"
 #include "layers.hpp"
 #include "lminv/tensor.hpp"
 #include "lminv/weights.hpp"
@@ -66,6 +67,18 @@ class ConvertedWeights {
     const std::string key = name + " as " + dtype_name(dtype_of<T>::value);
     std::lock_guard<std::mutex> lock(mutex_);
     if (!converted_.contains(key)) converted_.set(key, convert<T>(tensor, threads));  // a std::map: nothing moves
+    return converted_.get(key).data<T>();
+  }
+
+  // The same for an int8 model's block weight (int8_weights.hpp): quantised, then dequantised into T once. The
+  // reference multiplies by the dequantised matrix, which is what an int8 model computes (it saves no memory).
+  template <class T>
+  const T* get_int8(const std::string& name, const Shape& shape) {
+    const std::string key = name + " int8 as " + dtype_name(dtype_of<T>::value);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!converted_.contains(key))
+      converted_.set(key, int8::dequantised_tensor(int8::quantise(source_->get(name, shape), name),
+                                                   dtype_of<T>::value));
     return converted_.get(key).data<T>();
   }
 

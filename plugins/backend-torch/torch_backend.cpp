@@ -536,7 +536,7 @@ const std::vector<std::string>& supported_features() {
       f::layer_norm,   f::layer_norm_no_bias, f::rms_norm,          f::learned_positions, f::rotary,
       f::partial_rotary, f::grouped_kv,       f::head_dim,          f::gelu_tanh,         f::gelu_erf,
       f::swiglu,       f::parallel_residual,  f::untied_head,       f::extra_layers,      f::vocab_input,
-      f::prefix_cache};
+      f::prefix_cache, f::int8_weights,       f::dropout};
   return features;
 }
 

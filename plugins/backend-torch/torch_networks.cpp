@@ -29,13 +29,16 @@
 // after x = input or input @ wte (input = vocab). spec.blocks and spec.head are not used.
 #include "torch_networks.hpp"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
+#include <ATen/ops/bernoulli.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
@@ -51,9 +54,11 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
+#include "int8_weights.hpp"
 #include "skinny_matmul.hpp"
 
 namespace lminv::torch_backend {
@@ -241,6 +246,44 @@ at::Tensor affine(const at::Tensor& x, const at::Tensor& weight, Layout layout, 
   return bias.defined() ? at::addmm(bias, x, w) : at::mm(x, w);
 }
 
+// ---- int8 block weights -------------------------------------------------------------------------------------------
+
+// A decoder block's linear weight, [in, out]: in the model's dtype (`w`), or as int8 (ModelSpec::weight_dtype,
+// plugins/common/int8_weights.hpp): its integers q [in, out] (at::kChar) and one scale per output column [out] in
+// the model's dtype, both on the model's device.
+struct BlockWeight {
+  at::Tensor w;
+  at::Tensor q, scale;
+};
+
+// q s in the model's dtype: one rounding per element, as every backend dequantises.
+at::Tensor dequantised(const at::Tensor& q, const at::Tensor& scale) { return q.to(scale.scalar_type()).mul_(scale); }
+
+// x W + b with W an int8 weight: W is dequantised into a temporary for the product, and again for the input
+// gradient dx = dy W^T, so the model holds no dequantised block weight between products (as a GPU kernel that
+// dequantises tiles inside the product, without its speed).
+struct Int8Affine : public torch::autograd::Function<Int8Affine> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
+                            const at::Tensor& scale, const at::Tensor& bias) {
+    ctx->save_for_backward({q, scale});
+    return affine(x, dequantised(q, scale), Layout::in_out, bias.numel() > 0 ? bias : at::Tensor());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    // W read as [out, in]: dy W^T.
+    return {affine(grads[0], dequantised(saved[0], saved[1]), Layout::out_in), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// x W + b for a block weight in either form.
+at::Tensor affine(const at::Tensor& x, const BlockWeight& w, const at::Tensor& bias) {
+  if (!w.q.defined()) return affine(x, w.w, Layout::in_out, bias);
+  return Int8Affine::apply(x, w.q, w.scale, bias.defined() ? bias : at::empty({0}, x.options()));
+}
+
 // ---- the decoder --------------------------------------------------------------------------------------------------
 
 class DecoderNetwork final : public Network {
@@ -261,8 +304,36 @@ class DecoderNetwork final : public Network {
         vocab_input_(spec.input == InputSpace::vocab),
         layers_(spec.layers),
         scale_(std::sqrt(static_cast<double>(spec.head_size()))),
+        dropout_(spec.dropout),
         options_(weights_->options()) {
     auto load = [&](const std::string& name) { return weights_->get(source, name); };
+    // A block weight, quantised once per weight set, dtype and device when the model is int8 (the SharedWeights
+    // are per dtype and device; the f32 or f64 tensor itself is then not copied).
+    const bool int8 = spec.weight_dtype == WeightDType::int8;
+    auto load_block_weight = [&](const std::string& name) {
+      BlockWeight w;
+      if (!int8) {
+        w.w = load(name);
+        return w;
+      }
+      std::optional<int8::Matrix> m;
+      auto quantised = [&]() -> const int8::Matrix& {
+        if (!m) m = int8::quantise(source->get(name), name);
+        return *m;
+      };
+      w.q = weights_->derived(name + " int8", [&] {
+        const int8::Matrix& mm = quantised();
+        return at::from_blob(const_cast<std::int8_t*>(mm.q.data()), {mm.in, mm.out}, at::TensorOptions(at::kChar))
+            .to(options_.device(), at::kChar, /*non_blocking=*/false, /*copy=*/true);
+      });
+      w.scale = weights_->derived(name + " int8 scale", [&] {
+        const int8::Matrix& mm = quantised();
+        return at::from_blob(const_cast<double*>(mm.scale.data()), {mm.out}, at::TensorOptions(at::kDouble))
+            .to(options_, /*non_blocking=*/false, /*copy=*/true);
+      });
+      return w;
+    };
+    if (dropout_ > 0) generator_ = at::detail::createCPUGenerator(spec.dropout_seed);
     const bool lm_head = head_has_lm_head(head_);
     if (vocab_input_ || (lm_head && arch_.tied_head)) wte_ = load("wte.weight");
     if (lm_head) lm_head_ = arch_.tied_head ? wte_ : load("lm_head.weight");
@@ -277,13 +348,13 @@ class DecoderNetwork final : public Network {
       const std::string h = "h." + std::to_string(l) + ".";
       Block b;
       b.ln_1 = load_norm(h + "ln_1");
-      b.attn_weight = load(h + "attn.c_attn.weight");
+      b.attn_weight = load_block_weight(h + "attn.c_attn.weight");
       if (arch_.qkv_bias) b.attn_bias = load(h + "attn.c_attn.bias");
-      b.attn_proj_weight = load(h + "attn.c_proj.weight");
+      b.attn_proj_weight = load_block_weight(h + "attn.c_proj.weight");
       if (arch_.attn_out_bias) b.attn_proj_bias = load(h + "attn.c_proj.bias");
       b.ln_2 = load_norm(h + "ln_2");
-      b.fc_weight = load(h + "mlp.c_fc.weight");
-      b.mlp_proj_weight = load(h + "mlp.c_proj.weight");
+      b.fc_weight = load_block_weight(h + "mlp.c_fc.weight");
+      b.mlp_proj_weight = load_block_weight(h + "mlp.c_proj.weight");
       if (arch_.mlp_bias) {
         b.fc_bias = load(h + "mlp.c_fc.bias");
         b.mlp_proj_bias = load(h + "mlp.c_proj.bias");
@@ -302,7 +373,8 @@ class DecoderNetwork final : public Network {
     return output(stream, step);
   }
 
-  bool has_prefix_cache() const override { return true; }
+  // Not with dropout: a cached prefix would keep one draw of the masks.
+  bool has_prefix_cache() const override { return dropout_ == 0; }
 
   void append_prefix(const at::Tensor& rows, KeyValueCache& cache) const override {
     const std::int64_t n = rows.size(0), t = cache.length;
@@ -354,10 +426,14 @@ class DecoderNetwork final : public Network {
   };
   struct Block {
     NormParams ln_1, ln_2;
-    at::Tensor attn_weight, attn_bias;            // [d, (nh + 2 nkv) hd], [(nh + 2 nkv) hd] or undefined
-    at::Tensor attn_proj_weight, attn_proj_bias;  // [nh hd, d], [d] or undefined
-    at::Tensor fc_weight, fc_bias;                // [d, FC], [FC] or undefined; FC = inner, 2 inner for swiglu
-    at::Tensor mlp_proj_weight, mlp_proj_bias;    // [inner, d], [d] or undefined
+    BlockWeight attn_weight;                      // [d, (nh + 2 nkv) hd]
+    at::Tensor attn_bias;                         // [(nh + 2 nkv) hd] or undefined
+    BlockWeight attn_proj_weight;                 // [nh hd, d]
+    at::Tensor attn_proj_bias;                    // [d] or undefined
+    BlockWeight fc_weight;                        // [d, FC]; FC = inner, 2 inner for swiglu
+    at::Tensor fc_bias;                           // [FC] or undefined
+    BlockWeight mlp_proj_weight;                  // [inner, d]
+    at::Tensor mlp_proj_bias;                     // [d] or undefined
   };
 
   // One call's positions: B sequences of n new positions starting at position `start`; the causal mask among the
@@ -422,8 +498,8 @@ class DecoderNetwork final : public Network {
   at::Tensor embed(const at::Tensor& x, const Step& step) const {
     const at::Tensor rows = x.reshape({step.B * step.n, x.size(2)});
     const at::Tensor e = vocab_input_ ? affine(rows, wte_, Layout::in_out) : rows;
-    if (!wpe_.defined()) return e;
-    return e.view({step.B, step.n, d_}).add(wpe_.narrow(0, step.start, step.n)).view({step.B * step.n, d_});
+    if (!wpe_.defined()) return drop(e);
+    return drop(e.view({step.B, step.n, d_}).add(wpe_.narrow(0, step.start, step.n)).view({step.B * step.n, d_}));
   }
 
   // The output from the residual stream h_0 .. h_L ([B n, d] each): [ main(h_k) | h_layers[0] | ... ], [B, n, D].
@@ -480,7 +556,7 @@ class DecoderNetwork final : public Network {
                                            .permute({1, 0, 2, 3});  // [B, nkv, g n, t]
       scores = at::cat({prefix_scores, scores}, -1);                // [B, nkv, g n, t + n]
     }
-    const at::Tensor att = at::softmax(scores, -1);  // subtracts each row's maximum first: stable
+    const at::Tensor att = drop(at::softmax(scores, -1));  // subtracts each row's maximum first: stable
     const at::Tensor own = t > 0 ? att.narrow(-1, t, n) : att;  // [B, nkv, g n, n]
     at::Tensor out = few ? own.unsqueeze(-1).mul(vals.unsqueeze(-3)).sum(-2) : at::matmul(own, vals);  // [B, nkv, g n, hd]
     if (t > 0) {
@@ -492,14 +568,14 @@ class DecoderNetwork final : public Network {
   }
 
   at::Tensor mlp(const at::Tensor& x, const Block& b) const {
-    const at::Tensor fc = affine(x, b.fc_weight, Layout::in_out, b.fc_bias);
+    const at::Tensor fc = affine(x, b.fc_weight, b.fc_bias);
     at::Tensor act;
     switch (arch_.mlp) {
       case Mlp::gelu_tanh: act = at::gelu(fc, "tanh"); break;
       case Mlp::gelu_erf: act = at::gelu(fc); break;
       case Mlp::swiglu: act = at::silu(fc.narrow(1, 0, inner_)).mul(fc.narrow(1, inner_, inner_)); break;
     }
-    return affine(act, b.mlp_proj_weight, Layout::in_out, b.mlp_proj_bias);
+    return drop(affine(act, b.mlp_proj_weight, b.mlp_proj_bias));
   }
 
   // One block on h [B n, d] at the step's positions, after the prefix's keys and values (undefined: none). When
@@ -510,7 +586,7 @@ class DecoderNetwork final : public Network {
                    const at::Tensor& prefix_values, at::Tensor* new_keys = nullptr, at::Tensor* new_values = nullptr,
                    bool rest = true, at::Tensor* all_keys = nullptr, at::Tensor* all_values = nullptr) const {
     const std::int64_t B = step.B, n = step.n;
-    const at::Tensor qkv = affine(norm(h, b.ln_1), b.attn_weight, Layout::in_out, b.attn_bias);
+    const at::Tensor qkv = affine(norm(h, b.ln_1), b.attn_weight, b.attn_bias);
     at::Tensor qk = qkv.narrow(1, 0, (nh_ + nkv_) * hd_).view({B, n, nh_ + nkv_, hd_});  // q and k rotate together
     if (rotary_ > 0) qk = rotate(qk, step);
     const at::Tensor q = qk.narrow(2, 0, nh_), k = qk.narrow(2, nh_, nkv_);
@@ -521,8 +597,17 @@ class DecoderNetwork final : public Network {
     if (all_values) *all_values = v.select(1, 0);
     if (!rest) return h;
     const at::Tensor att = attention(q, k, v, prefix_keys, prefix_values, step);
-    const at::Tensor a = h.add(affine(att, b.attn_proj_weight, Layout::in_out, b.attn_proj_bias));
+    const at::Tensor a = h.add(drop(affine(att, b.attn_proj_weight, b.attn_proj_bias)));
     return a.add(mlp(norm(arch_.residual == Residual::sequential ? a : h, b.ln_2), b));
+  }
+
+  // x with dropout (spec.dropout > 0): each element kept with probability 1 - p and scaled by 1 / (1 - p), a fresh
+  // mask from the model's generator at every call (drawn on the CPU, so that a seed gives the same masks on every
+  // device).
+  at::Tensor drop(const at::Tensor& x) const {
+    if (dropout_ == 0) return x;
+    at::Tensor keep = at::empty(x.sizes(), at::TensorOptions(at::kFloat)).bernoulli_(1.0 - dropout_, generator_);
+    return x.mul(keep.to(x.options())).div(1.0 - dropout_);
   }
 
   // The prefix's keys or values of block l: [nkv, t, hd], undefined while the prefix is empty.
@@ -537,6 +622,8 @@ class DecoderNetwork final : public Network {
   bool vocab_input_;
   std::vector<std::int64_t> layers_;
   double scale_;  // sqrt(hd)
+  double dropout_;
+  mutable at::Generator generator_;  // dropout's masks (a model is used by one thread at a time)
   at::TensorOptions options_;
   at::Tensor wte_;      // [V, d], input = vocab or a tied lm_head
   at::Tensor lm_head_;  // [V, d]: wte or lm_head.weight, heads lm_head and lm_head_no_ln_f

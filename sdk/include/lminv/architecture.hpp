@@ -137,6 +137,8 @@ inline constexpr const char* untied_head = "untied_head";
 inline constexpr const char* extra_layers = "extra_layers";  // spec.layers not empty
 inline constexpr const char* vocab_input = "vocab_input";    // input = vocab
 inline constexpr const char* prefix_cache = "prefix_cache";  // decoder models offer the prefix_cache capability
+inline constexpr const char* int8_weights = "int8_weights";  // weight_dtype = int8
+inline constexpr const char* dropout = "dropout";            // dropout > 0
 }  // namespace feature
 
 }  // namespace lminv

@@ -23,6 +23,14 @@ inline bool head_has_ln_f(Head h) { return h == Head::ln_f || h == Head::lm_head
 inline bool head_has_lm_head(Head h) { return h == Head::lm_head || h == Head::lm_head_no_ln_f; }
 enum class InputSpace { embedding, vocab };
 enum class Metric { l1, l2, cosine };
+// How a decoder's block weights are held (the four linear layers of each block: attn.c_attn, attn.c_proj, mlp.c_fc,
+// mlp.c_proj; embeddings, norms, biases and the LM head always stay in the model's dtype).
+//   same  in the model's dtype
+//   int8  int8 with one absmax scale per output channel (LLM.int8's vector-wise weight quantisation, without its
+//         outlier split): s_o = max_i |W[o, i]| / 127, q = round(W / s_o) in [-127, 127]; each matrix product
+//         dequantises q s_o into the model's dtype (the seed study loaded gpt2-xl this way, load_in_8bit). The
+//         rounding is fixed in plugins/common/int8_weights.hpp, shared by every backend.
+enum class WeightDType { same, int8 };
 
 inline const char* head_name(Head h) {
   switch (h) {
@@ -38,6 +46,12 @@ inline std::optional<Head> parse_head(std::string_view s) {
   if (s == "ln_f") return Head::ln_f;
   if (s == "lm_head") return Head::lm_head;
   if (s == "lm_head_no_ln_f") return Head::lm_head_no_ln_f;
+  return std::nullopt;
+}
+inline const char* weight_dtype_name(WeightDType w) { return w == WeightDType::int8 ? "int8" : "same"; }
+inline std::optional<WeightDType> parse_weight_dtype(std::string_view s) {
+  if (s == "same") return WeightDType::same;
+  if (s == "int8") return WeightDType::int8;
   return std::nullopt;
 }
 inline const char* input_space_name(InputSpace i) { return i == InputSpace::embedding ? "embedding" : "vocab"; }
@@ -95,6 +109,14 @@ struct ModelSpec {
   std::vector<std::int64_t> layers;  // extra block outputs concatenated into the output
 
   DType dtype = DType::f64;
+  WeightDType weight_dtype = WeightDType::same;  // decoder only
+  // Dropout as a GPT-2 in training mode applies it (decoder only): on the embedding sum, on the attention
+  // probabilities and on each block's two residual branches, with probability `dropout`, a fresh mask in every
+  // forward pass (inverse scaling by 1 / (1 - p)), drawn from a generator seeded with dropout_seed. 0: off (what
+  // evaluation does). The seed study builds its untrained GPT-2 from a config and never calls eval(), so its
+  // dropout (p = 0.1) may have been on.
+  double dropout = 0;
+  std::uint64_t dropout_seed = 0;
   std::string device = "cpu";
 
   std::int64_t inner() const { return n_inner > 0 ? n_inner : 4 * n_embd; }

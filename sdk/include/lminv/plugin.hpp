@@ -19,8 +19,9 @@ namespace lminv {
 // 1: the first. 2: Result gained ids and series. 3: ModelSpec.kind and .arch (the decoder's architecture),
 // BackendInfo.kinds and .features, models of any length. 4: Problem.known_prefix and .target_rounding,
 // Result.ties. 5: the descriptor carries its size and the build tag; Result.last_step. 6: Head::lm_head_no_ln_f
-// and Positions::none (values a backend built before would not know).
-inline constexpr std::uint32_t kAbiVersion = 6;
+// and Positions::none (values a backend built before would not know). 7: ModelSpec.weight_dtype, .dropout and
+// .dropout_seed.
+inline constexpr std::uint32_t kAbiVersion = 7;
 inline constexpr const char* kPluginEntry = "lminv_plugin";
 
 enum class PluginKind : std::uint32_t { backend = 1, optimizer = 2, decoder = 3 };

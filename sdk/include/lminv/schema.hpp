@@ -203,6 +203,8 @@ inline std::vector<std::string> required_features(const ModelSpec& s) {
   if (a.residual == Residual::parallel) f.push_back(feature::parallel_residual);
   if (!a.tied_head && head_has_lm_head(s.head)) f.push_back(feature::untied_head);
   if (!s.layers.empty()) f.push_back(feature::extra_layers);
+  if (s.weight_dtype == WeightDType::int8) f.push_back(feature::int8_weights);
+  if (s.dropout > 0) f.push_back(feature::dropout);
   return f;
 }
 
