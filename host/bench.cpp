@@ -15,6 +15,7 @@
 #include "lminv/ops.hpp"
 #include "lminv/prefix_cache.hpp"
 #include "families/family.hpp"
+#include "int8_weights.hpp"
 #include "lminv/schema.hpp"
 #include "report.hpp"
 #include "roofline.hpp"
@@ -66,17 +67,18 @@ ModelCase model_case(const std::string& name, const BenchRequest& r) {
   if (name == "1block") return {name, "gpt2", 1, Head::none};
   if (name == "12blocks") return {name, "gpt2", r.n_layer, Head::none};
   if (name == "12blocks-lmhead") return {name, "gpt2", r.n_layer, Head::lm_head};
-  for (const char* shape : {"pythia-160m", "tinyllama-1.1b"}) {
+  for (const char* shape : {"pythia-160m", "tinyllama-1.1b", "gpt2-xl"}) {
     const std::string s = shape;
     if (name == s) return {name, s, -1, Head::none};
     if (name == s + "-lmhead") return {name, s, -1, Head::lm_head};
   }
   throw Error("bench: unknown model '" + name +
-              "' (1block | 12blocks | 12blocks-lmhead | pythia-160m[-lmhead] | tinyllama-1.1b[-lmhead])");
+              "' (1block | 12blocks | 12blocks-lmhead | pythia-160m[-lmhead] | tinyllama-1.1b[-lmhead] | "
+              "gpt2-xl[-lmhead])");
 }
 
 // The benchmarked model of a shape (random weights, T tokens): GPT-2 small's sizes unless the request says otherwise,
-// or the published sizes of Pythia-160M and TinyLlama-1.1B with their families' architectures.
+// or the published sizes of gpt2-xl, Pythia-160M and TinyLlama-1.1B with their families' architectures.
 ModelSpec bench_spec(const BenchRequest& r, const std::string& shape, DType dtype, std::int64_t T) {
   ModelSpec spec;
   if (shape == "gpt2") {
@@ -86,6 +88,13 @@ ModelSpec bench_spec(const BenchRequest& r, const std::string& shape, DType dtyp
     spec.n_embd = r.n_embd;
     spec.n_head = r.n_head;
     spec.vocab_size = r.vocab;
+  } else if (shape == "gpt2-xl") {  // gpt2-xl's config.json: the seed study's largest model
+    spec.family = "gpt2";
+    family(spec.family).set_architecture(spec);
+    spec.n_layer = 48;
+    spec.n_embd = 1600;
+    spec.n_head = 25;
+    spec.vocab_size = 50257;
   } else if (shape == "pythia-160m") {  // EleutherAI/pythia-160m's config.json
     spec.family = "gpt_neox";
     family(spec.family).set_architecture(spec);
@@ -127,6 +136,32 @@ double parameters_used(const ModelSpec& s) {
   return n;
 }
 
+
+// The bytes of the weights a step multiplies by (those parameters_used counts), as the model holds them: int8 block
+// matrices at one byte an element plus a scale per column in the model's dtype, everything else in the dtype.
+double weight_bytes(const ModelSpec& s) {
+  const double size = static_cast<double>(dtype_size(s.dtype));
+  double n = 0;
+  for (const TensorSpec& t : used_weights(s)) {
+    if (t.shape.size() != 2 || t.name == "wpe.weight") continue;
+    if (t.name == "wte.weight" && (s.head != Head::lm_head || !s.arch.tied_head)) continue;
+    const double elements = static_cast<double>(t.shape[0]) * static_cast<double>(t.shape[1]);
+    if (s.weight_dtype == WeightDType::int8 && int8::quantised(t.name))
+      n += elements + static_cast<double>(t.shape[1]) * size;
+    else
+      n += elements * size;
+  }
+  return n;
+}
+
+// A --dtypes entry: a dtype, or a dtype with int8 block weights ("f32-int8").
+std::pair<DType, WeightDType> parse_bench_dtype(const std::string& text) {
+  const std::size_t dash = text.find('-');
+  const std::optional<DType> dtype = parse_dtype(text.substr(0, dash));
+  if (!dtype || (dash != std::string::npos && text.substr(dash + 1) != "int8"))
+    throw Error("bench: unknown dtype '" + text + "' (expected f32, f64, bf16, or one of them with -int8)");
+  return {*dtype, dash == std::string::npos ? WeightDType::same : WeightDType::int8};
+}
 
 // ---- the machine --------------------------------------------------------------------------------------------------
 
@@ -212,9 +247,12 @@ Machine measure_machine(const BenchRequest& r, const Registry& registry, std::os
                             backend);
     MatmulProbe* probe = matmul_probe_of(*model);
     if (!probe) continue;
+    std::vector<DType> probed;
     for (const std::string& dtype_text : r.dtypes) {
-      const std::optional<DType> dtype = parse_dtype(dtype_text);
-      if (!dtype || std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) continue;
+      const std::optional<DType> dtype = parse_bench_dtype(dtype_text).first;  // f32-int8: f32's rate
+      if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) continue;
+      if (std::find(probed.begin(), probed.end(), *dtype) != probed.end()) continue;
+      probed.push_back(*dtype);
       // The faster of a square product and one of a step's shapes (512 rows through an MLP weight of GPT-2
       // small): some libraries run the second faster, and a bound must take the faster.
       double best = 0;
@@ -404,12 +442,12 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   bool below_bound = false, peak_reset_failed = false;
   std::vector<Row> rows;
 
-  out << std::left << std::setw(11) << "backend" << std::setw(6) << "dtype" << std::setw(17) << "model" << std::right
+  out << std::left << std::setw(11) << "backend" << std::setw(10) << "dtype" << std::setw(17) << "model" << std::right
       << std::setw(4) << "B" << kCellColumns;
 
   for (const std::string& dtype_text : r.dtypes) {
-    const std::optional<DType> dtype = parse_dtype(dtype_text);
-    if (!dtype) throw Error("bench: unknown dtype '" + dtype_text + "'");
+    const auto [dtype_value, weight_dtype] = parse_bench_dtype(dtype_text);
+    const std::optional<DType> dtype = dtype_value;
     std::map<std::string, std::shared_ptr<const WeightSet>> weights_by_shape;  // made once per shape and dtype
     for (const std::string& backend_name : r.backends) {
       if (!registry.find(PluginKind::backend, backend_name)) {
@@ -420,7 +458,7 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
       backend->configure(Options("backend", "lminv bench", {}));
       const BackendInfo info = backend->info();
       if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) {
-        out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << "not supported: skipped\n";
+        out << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << "not supported: skipped\n";
         continue;
       }
       for (const std::string& model_name : r.models) {
@@ -428,8 +466,9 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
         ModelSpec spec = bench_spec(r, mc.shape, *dtype, r.tokens);
         spec.blocks = mc.blocks < 0 ? spec.n_layer : mc.blocks;
         spec.head = mc.head;
+        spec.weight_dtype = weight_dtype;
         if (!supports(info, spec)) {
-          out << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << std::setw(17)
+          out << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << std::setw(17)
               << model_name << "not supported: skipped\n";
           continue;
         }
@@ -449,10 +488,10 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
           const double params = parameters_used(spec);
           const Cell c = make_cell(machine, backend_name, *dtype, seconds,
                                    4.0 * params * static_cast<double>(r.tokens * batch),
-                                   2.0 * params * static_cast<double>(dtype_size(spec.dtype)),
+                                   2.0 * weight_bytes(spec),
                                    roofline::peak_resident_bytes());
           std::ostringstream label;
-          label << std::left << std::setw(11) << backend_name << std::setw(6) << dtype_text << std::setw(17)
+          label << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << std::setw(17)
                 << model_name << std::right << std::setw(4) << batch;
           out << label.str();
           print_cell(out, c, below_bound);
@@ -484,7 +523,7 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
     for (const Row& row : rows) {
       if (row.table != table) continue;
       if (!header) {
-        out << (table == 0 ? std::string("\nsteps\n") + "backend    dtype model               B"
+        out << (table == 0 ? std::string("\nsteps\n") + "backend    dtype     model               B"
                            : std::string("\nprefix cache\n") + "backend    model                 B")
             << kCellColumns;
         header = true;

@@ -376,11 +376,12 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "same run, to give each step's share of its roofline. See bench/RESULTS.md.\n\noptions");
   visible.add(common_options());
   visible.add_options()("backends", po::value<std::string>()->default_value("reference,torch,onednn"), "backends")(
-      "dtypes", po::value<std::string>()->default_value("f32,f64"), "dtypes")(
+      "dtypes", po::value<std::string>()->default_value("f32,f64"),
+      "dtypes; f32-int8, f64-int8: with int8 block weights (the memory bound counts their bytes)")(
       "batches", po::value<std::string>()->default_value("1,8,32"), "batch sizes (independent starts)")(
       "models", po::value<std::string>()->default_value("1block,12blocks,12blocks-lmhead"),
-      "models: 1block, 12blocks, 12blocks-lmhead (GPT-2 of --n-layer blocks), pythia-160m, tinyllama-1.1b (random weights "
-      "of those shapes, every block; -lmhead: with the head)")(
+      "models: 1block, 12blocks, 12blocks-lmhead (GPT-2 of --n-layer blocks), pythia-160m, tinyllama-1.1b, gpt2-xl (random "
+      "weights of those shapes, every block; -lmhead: with the head)")(
       "tokens", po::value<std::int64_t>()->default_value(5), "prompt length T")(
       "repeat", po::value<int>()->default_value(3), "timed steps per cell (best counts)")(
       "n-layer", po::value<std::int64_t>()->default_value(12), "blocks of the model (12: GPT-2 small)")(

@@ -181,12 +181,14 @@ std::shared_ptr<WeightSet> dequantised_f32(const WeightSet& w) {
   return out;
 }
 
-Tensor input_for(const ModelSpec& spec) {
+// B prompts: B T rows through every product (2: the streaming kernels' few rows; 5: beyond kSkinnyRows, where the
+// weight is dequantised for a GEMM).
+Tensor input_for(const ModelSpec& spec, std::int64_t B = 2) {
   std::mt19937_64 rng(5);
   std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<float> v(static_cast<std::size_t>(2 * spec.seq_len * spec.n_embd));
+  std::vector<float> v(static_cast<std::size_t>(B * spec.seq_len * spec.n_embd));
   for (float& x : v) x = static_cast<float>(0.5 * normal(rng));
-  return Tensor::from<float>({2, spec.seq_len, spec.n_embd}, v);
+  return Tensor::from<float>({B, spec.seq_len, spec.n_embd}, v);
 }
 
 // max |a - b| / max |b|.
@@ -235,22 +237,26 @@ TEST_P(Int8Backend, EqualsTheModelOnDequantisedWeights) {
   int8_spec.weight_dtype = WeightDType::int8;
   std::unique_ptr<Model> quantised = b->create_model(int8_spec, weights);
   std::unique_ptr<Model> plain = b->create_model(spec, dequantised_f32(*weights));
-  const Tensor x = input_for(spec);
-  const Tensor y_q = quantised->forward(x), y = plain->forward(x);
-  const double forward_error = normalised_error(y_q, y);
-  // The same target for both: the plain model's output at a shifted input.
-  Tensor shifted = x;
-  for (std::int64_t i = 0; i < shifted.numel(); ++i) shifted.set(i, x.get(i) + 0.1);
-  const Tensor target = plain->forward(shifted);
-  const LossAndGrad g_q = quantised->loss_and_grad(x, target, Metric::l2), g = plain->loss_and_grad(x, target, Metric::l2);
-  const double grad_error = normalised_error(g_q.grad, g.grad);
-  if (c.backend == "reference") {  // the same loops on the same f32 values
-    EXPECT_EQ(forward_error, 0.0);
-    EXPECT_EQ(grad_error, 0.0);
+  for (std::int64_t B : {2, 5}) {
+    SCOPED_TRACE("batch " + std::to_string(B));
+    const Tensor x = input_for(spec, B);
+    const Tensor y_q = quantised->forward(x), y = plain->forward(x);
+    const double forward_error = normalised_error(y_q, y);
+    // The same target for both: the plain model's output at a shifted input.
+    Tensor shifted = x;
+    for (std::int64_t i = 0; i < shifted.numel(); ++i) shifted.set(i, x.get(i) + 0.1);
+    const Tensor target = plain->forward(shifted);
+    const LossAndGrad g_q = quantised->loss_and_grad(x, target, Metric::l2);
+    const LossAndGrad g = plain->loss_and_grad(x, target, Metric::l2);
+    const double grad_error = normalised_error(g_q.grad, g.grad);
+    if (c.backend == "reference") {  // the same loops on the same f32 values
+      EXPECT_EQ(forward_error, 0.0);
+      EXPECT_EQ(grad_error, 0.0);
   }
   EXPECT_LE(forward_error, kF32Tolerance);
   EXPECT_LE(grad_error, kF32Tolerance);
   for (std::size_t i = 0; i < g.loss.size(); ++i) EXPECT_NEAR(g_q.loss[i], g.loss[i], 1e-5 * std::abs(g.loss[i]));
+  }
 }
 
 TEST_P(Int8Backend, StaysWithinTheInt8ToleranceOfTheUnquantisedModel) {

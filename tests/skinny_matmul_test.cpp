@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace lminv::kernels {
@@ -65,6 +66,48 @@ TEST(SkinnyMatmul, MatchesADoubleLoopInF32) {
     for (int threads : {1, 2}) {
       check<float>(M, 37, 29, true, threads, 1e-5);
       check<float>(M, 768, 515, M % 2 == 1, threads, 1e-4);
+    }
+}
+
+// The int8 kernels equal the plain ones on the dequantised matrix, bit for bit (each element dequantised as
+// T(q) * s[column], then the same operations in the same order), for both stored orientations.
+template <class T>
+void check_int8(Index M, Index K, Index N, bool with_bias, int threads) {
+  const std::vector<T> x = values<T>(M * K, 0.1), bias = values<T>(N, 1.3);
+  // q [K, N] with scales per column (times_int8), and its transpose [N, K] with the same scales per column of
+  // that stored matrix, here the K axis (times_transposed_int8).
+  std::vector<std::int8_t> q(static_cast<std::size_t>(K * N)), qt(q.size());
+  std::vector<T> s_n = values<T>(N, 2.1), s_k = values<T>(K, 0.4);
+  for (T& v : s_n) v = std::abs(v) / 127 + T(1e-3);
+  for (T& v : s_k) v = std::abs(v) / 127 + T(1e-3);
+  for (Index i = 0; i < K * N; ++i) q[i] = static_cast<std::int8_t>((i * 37 + 11) % 255 - 127);
+  for (Index k = 0; k < K; ++k)
+    for (Index n = 0; n < N; ++n) qt[n * K + k] = q[k * N + n];
+  std::vector<T> w(q.size()), wt(q.size());
+  for (Index k = 0; k < K; ++k)
+    for (Index n = 0; n < N; ++n) {
+      w[k * N + n] = static_cast<T>(q[k * N + n]) * s_n[n];
+      wt[n * K + k] = static_cast<T>(qt[n * K + k]) * s_k[k];
+    }
+  const T* b = with_bias ? bias.data() : nullptr;
+  std::vector<T> want(static_cast<std::size_t>(M * N)), got(want.size(), T(-7));
+  times(want.data(), x.data(), w.data(), b, M, K, N, threads);
+  times_int8(got.data(), x.data(), q.data(), s_n.data(), b, M, K, N, threads);
+  EXPECT_EQ(got, want) << "times_int8 M " << M << " K " << K << " N " << N << " threads " << threads;
+  std::fill(got.begin(), got.end(), T(-7));
+  times_transposed(want.data(), x.data(), wt.data(), b, M, N, K, threads);
+  times_transposed_int8(got.data(), x.data(), qt.data(), s_k.data(), b, M, N, K, threads);
+  EXPECT_EQ(got, want) << "times_transposed_int8 M " << M << " K " << K << " N " << N << " threads " << threads;
+}
+
+TEST(SkinnyMatmul, Int8EqualsThePlainKernelsOnTheDequantisedMatrix) {
+  for (Index M : {1, 2, 3, 5, 16})
+    for (int threads : {1, 2}) {
+      check_int8<float>(M, 1, 1, true, threads);
+      check_int8<float>(M, 37, 29, M % 2 == 0, threads);
+      check_int8<float>(M, 768, 515, true, threads);
+      check_int8<double>(M, 37, 29, true, threads);
+      check_int8<double>(M, 2050, 66, false, threads);
     }
 }
 

@@ -15,6 +15,9 @@
 //
 // What runs where. Matrix products are oneDNN matmuls; the element-wise parts oneDNN 2.6 has no primitive for, or
 // whose primitive would need extra copies here, are loops written below; GELU and the softmax are oneDNN's.
+//   int8 weights    (weight_dtype = int8) the integers and scales of WeightStore::int8_matrix: few rows through the
+//                   int8 streaming kernels, more through a matmul on the weight dequantised into the model's scratch
+//                   just before (Step::prepare); no f32 copy of a block weight is kept
 //   linear layers   matmul on the stored [in, out] weight (or a blocked copy made once, see WeightStore), bias fused
 //                   where the architecture has one; the residual adds are fused into attn.c_proj and mlp.c_proj as a
 //                   binary-add post-op. Input gradients: a matmul on the same weight read as [out, in].
@@ -547,6 +550,25 @@ class DecoderModel final : public Model {
     }
     if (!rows_plain || !(w_rows || w_cols) || !added_plain) return std::nullopt;
     const memory x = src, weight = w.stored, b = bias, y = dst, add = added ? *added : memory();
+    if (w.q) {  // an int8 weight: the int8 kernels dequantise in registers, nothing goes through the scratch
+      const std::shared_ptr<const int8::Matrix> q = w.q;
+      const std::shared_ptr<const std::vector<float>> scales = w.scales;
+      return Step(
+          [=] {
+            const auto* xp = static_cast<const float*>(x.get_data_handle());
+            const auto* bp = b ? static_cast<const float*>(b.get_data_handle()) : nullptr;
+            auto* yp = static_cast<float*>(y.get_data_handle());
+            if (w_rows)
+              kernels::times_int8(yp, xp, q->q.data(), scales->data(), bp, M, K, N, 0);
+            else
+              kernels::times_transposed_int8(yp, xp, q->q.data(), scales->data(), bp, M, N, K, 0);
+            if (add) {
+              const auto* ap = static_cast<const float*>(add.get_data_handle());
+              for (Index i = 0; i < M * N; ++i) yp[i] += ap[i];
+            }
+          },
+          /*one_thread=*/false);
+    }
     return reading(w, Step(
         [=] {
           const auto* xp = static_cast<const float*>(x.get_data_handle());

@@ -223,12 +223,12 @@ struct Matrix {
     float* dst = static_cast<float*>(stored.get_data_handle());
     const Index in = q->in, out = q->out;
     const std::int8_t* src = q->q.data();
-    const float* s = scales.data();
+    const float* s = scales->data();
 #pragma omp parallel for schedule(static) if (in * out >= kSmallWork)
     for (Index i = 0; i < in; ++i)
       for (Index o = 0; o < out; ++o) dst[i * out + o] = static_cast<float>(src[i * out + o]) * s[o];
   }
-  std::vector<float> scales;  // q's scales rounded to f32, as every backend's f32 dequantisation rounds them
+  std::shared_ptr<const std::vector<float>> scales;  // q's scales rounded to f32, as every backend rounds them
 };
 
 // The weights as f32 oneDNN memory. Tensors already in f32 are used in place (the store keeps the WeightSet); others
@@ -324,7 +324,7 @@ class WeightStore {
     const Index K = transposed ? stored[1] : stored[0], N = transposed ? stored[0] : stored[1];
     Matrix m;
     m.q = it->second;
-    m.scales.assign(m.q->scale.begin(), m.q->scale.end());
+    m.scales = std::make_shared<const std::vector<float>>(m.q->scale.begin(), m.q->scale.end());
     m.stored = memory(memory::desc(memory::dims{K, N}, Dt::f32, transposed ? Tag::ba : Tag::ab), cpu_engine(), scratch);
     m.fast = m.stored;
     return m;

@@ -257,24 +257,75 @@ struct BlockWeight {
 };
 
 // q s in the model's dtype: one rounding per element, as every backend dequantises.
-at::Tensor dequantised(const at::Tensor& q, const at::Tensor& scale) { return q.to(scale.scalar_type()).mul_(scale); }
+// One thread: the product that follows runs on OpenBLAS's threads, which spin for a while after each call, and an
+// OpenMP team beside them made a batch-8 gpt2-xl step slower (5.9 s against 3.8 s, bench/RESULTS.md).
+template <class T>
+void dequantise_into(T* dst, const std::int8_t* src, const T* s, std::int64_t in, std::int64_t out) {
+  for (std::int64_t i = 0; i < in; ++i)
+    for (std::int64_t o = 0; o < out; ++o) dst[i * out + o] = static_cast<T>(src[i * out + o]) * s[o];
+}
 
-// x W + b with W an int8 weight: W is dequantised into a temporary for the product, and again for the input
-// gradient dx = dy W^T, so the model holds no dequantised block weight between products (as a GPU kernel that
-// dequantises tiles inside the product, without its speed).
+// The CPU result is a view of this thread's buffer (grown to the largest weight, kept between calls: a fresh
+// allocation of tens of MB per product costs more in page faults than the dequantisation), valid until the thread's
+// next call; each caller uses it for one product and drops it.
+at::Tensor dequantised(const at::Tensor& q, const at::Tensor& scale) {
+  if (!q.device().is_cpu() || scale.scalar_type() == at::kBFloat16) return q.to(scale.scalar_type()).mul_(scale);
+  thread_local at::Tensor buffers[2];  // f32, f64
+  at::Tensor& buffer = buffers[scale.scalar_type() == at::kDouble ? 1 : 0];
+  if (!buffer.defined() || buffer.numel() < q.numel()) buffer = at::empty({q.numel()}, scale.options());
+  at::Tensor w = buffer.narrow(0, 0, q.numel()).view(q.sizes());
+  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "int8_dequantise", [&] {
+    dequantise_into(w.data_ptr<scalar_t>(), q.data_ptr<std::int8_t>(), scale.data_ptr<scalar_t>(), q.size(0),
+                    q.size(1));
+  });
+  return w;
+}
+
+// Whether the streaming int8 kernels take x [rows, in] (plugins/common/skinny_matmul.hpp: few rows, on the CPU, f32
+// or f64): they dequantise each element in registers, reading the integers once.
+bool skinny_int8(const at::Tensor& x, const at::Tensor& scale) {
+  return x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() && x.scalar_type() == scale.scalar_type() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+// x W + b with W an int8 weight [in, out]. Few rows: the int8 kernels, forward and for the input gradient
+// dx = dy W^T; more rows: W dequantised into a temporary for the product (and again for the gradient), so the model
+// holds no dequantised block weight between products. Both give the product of the dequantised matrix.
 struct Int8Affine : public torch::autograd::Function<Int8Affine> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
                             const at::Tensor& scale, const at::Tensor& bias) {
     ctx->save_for_backward({q, scale});
-    return affine(x, dequantised(q, scale), Layout::in_out, bias.numel() > 0 ? bias : at::Tensor());
+    if (!skinny_int8(x, scale))
+      return affine(x, dequantised(q, scale), Layout::in_out, bias.numel() > 0 ? bias : at::Tensor());
+    const at::Tensor xc = x.contiguous();
+    const std::int64_t M = xc.size(0), K = q.size(0), N = q.size(1);
+    at::Tensor y = at::empty({M, N}, xc.options());
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "int8_affine", [&] {
+      const scalar_t* b = bias.numel() > 0 ? bias.data_ptr<scalar_t>() : nullptr;
+      kernels::times_int8(y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), q.data_ptr<std::int8_t>(),
+                          scale.data_ptr<scalar_t>(), b, M, K, N, kernel_threads());
+    });
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    // W read as [out, in]: dy W^T.
-    return {affine(grads[0], dequantised(saved[0], saved[1]), Layout::out_in), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    const at::Tensor &q = saved[0], &scale = saved[1];
+    const at::Tensor dy = grads[0].contiguous();
+    at::Tensor dx;
+    if (!skinny_int8(dy, scale)) {
+      dx = affine(dy, dequantised(q, scale), Layout::out_in);  // W read as [out, in]: dy W^T
+    } else {
+      const std::int64_t M = dy.size(0), K = q.size(0), N = q.size(1);  // dx [M, K] = dy [M, N] W^T, W [K, N]
+      dx = at::empty({M, K}, dy.options());
+      AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "int8_affine_backward", [&] {
+        kernels::times_transposed_int8(dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), q.data_ptr<std::int8_t>(),
+                                       scale.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), M, K, N,
+                                       kernel_threads());
+      });
+    }
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -11,16 +11,24 @@
 //                      contiguous ranges of W's rows and sum their partial y at the end.
 //
 // Every weight layout a network keeps uses one of the two for a product and the other for its transpose (the input
-// gradient), so a layer's forward and backward both stream its weight once. The rounding differs from a GEMM's
+// gradient), so a layer's forward and backward both stream its weight once.
+//
+// Both also take int8 weights (times_int8, times_transposed_int8; ModelSpec::weight_dtype = int8,
+// plugins/common/int8_weights.hpp): the integers q stored as W would be and one scale per column of the stored
+// matrix. Each element is dequantised in registers as T(q) * s[column], the very value a dequantised copy of the
+// matrix holds, and then used as a weight is, in the same order: the results equal the plain kernels' on the
+// dequantised matrix bit for bit, while the kernels read a quarter (f32) or an eighth (f64) of the bytes. The rounding differs from a GEMM's
 // (other summation orders, fused multiply-adds): these are for the fast backends, never for the reference's exact
 // kernels. Rows beyond kSkinnyRows are left to the GEMM library, which is faster there.
 #pragma once
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace lminv::kernels {
@@ -60,86 +68,129 @@ struct Vec {
   }
 };
 
-// y[m * ldy + r] = <W[r, :], x[m, :]> for R consecutive rows of W (row length K) and MB rows of x (row length K).
-// R MB accumulators and R + 1 loads in flight: with R (MB + 1) <= 15 they stay in the 16 vector registers of AVX2.
-template <class T, int R, int MB>
-inline void dots(T* __restrict__ y, Index ldy, const T* __restrict__ W, const T* __restrict__ x, Index K) {
+// The weight matrix a kernel streams, row-major with rows of `ld` elements: load(r, c) is the vector of elements
+// [r, c .. c + lanes), at(r, c) one element.
+template <class T>
+struct Dense {
+  const T* w;
+  Index ld;
+  typename Vec<T>::type load(Index r, Index c) const { return Vec<T>::load(w + r * ld + c); }
+  T at(Index r, Index c) const { return w[r * ld + c]; }
+};
+
+// int8 integers with one scale per column, dequantised as they are read: T(q[r, c]) * s[c].
+template <class T>
+struct Quantised {
+  const std::int8_t* q;
+  const T* s;
+  Index ld;
+  typename Vec<T>::type load(Index r, Index c) const { return widened(q + r * ld + c) * Vec<T>::load(s + c); }
+
+  // lanes int8 values as a vector of T, exactly. With AVX2 the sign extension and conversion instructions (GCC 12
+  // turns the generic __builtin_convertvector of 8 bytes into scalar code, 6 times slower than the f32 kernel).
+  static typename Vec<T>::type widened(const std::int8_t* p) {
+    typename Vec<T>::type out;
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&out, &v, sizeof out);
+      return out;
+    } else if constexpr (std::is_same_v<T, double>) {
+      std::int32_t four;
+      std::memcpy(&four, p, sizeof four);
+      const __m256d v = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four)));
+      std::memcpy(&out, &v, sizeof out);
+      return out;
+    }
+#endif
+    typedef std::int8_t bytes __attribute__((vector_size(Vec<T>::lanes)));
+    bytes v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, typename Vec<T>::type);
+  }
+  T at(Index r, Index c) const { return static_cast<T>(q[r * ld + c]) * s[c]; }
+};
+
+// y[m * ldy + r] = <W[n + r, :], x[m, :]> for R consecutive rows of W (row length K) from row n and MB rows of x (row
+// length K). R MB accumulators and R + 1 loads in flight: with R (MB + 1) <= 15 they stay in the 16 vector registers
+// of AVX2.
+template <class T, int R, int MB, class W>
+inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __restrict__ x, Index K) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   typename V::type acc[R][MB] = {};
   Index i = 0;
   for (; i + L <= K; i += L) {
-    typename V::type w[R];
-    for (int r = 0; r < R; ++r) w[r] = V::load(W + r * K + i);
+    typename V::type wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w.load(n + r, i);
     for (int m = 0; m < MB; ++m) {
       const typename V::type xm = V::load(x + m * K + i);
-      for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xm;
+      for (int r = 0; r < R; ++r) acc[r][m] += wr[r] * xm;
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
       T s = V::sum(acc[r][m]);
-      for (Index t = i; t < K; ++t) s += W[r * K + t] * x[m * K + t];
+      for (Index t = i; t < K; ++t) s += w.at(n + r, t) * x[m * K + t];
       y[m * ldy + r] = s;
     }
 }
 
 // Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows), in blocks of 4 rows of W by 2 rows of x.
-template <class T>
-inline void dots_range(T* y, const T* x, const T* W, Index M, Index N, Index K, Index n0, Index n1) {
+template <class T, class W>
+inline void dots_range(T* y, const T* x, const W& w, Index M, Index N, Index K, Index n0, Index n1) {
   constexpr int R = 4;  // four rows of W in flight (measured a little faster than two on AVX2: bench/RESULTS.md)
   Index n = n0;
   for (; n + R <= n1; n += R) {
     Index m = 0;
-    for (; m + 2 <= M; m += 2) dots<T, R, 2>(y + m * N + n, N, W + n * K, x + m * K, K);
-    if (m < M) dots<T, R, 1>(y + m * N + n, N, W + n * K, x + m * K, K);
+    for (; m + 2 <= M; m += 2) dots<T, R, 2>(y + m * N + n, N, w, n, x + m * K, K);
+    if (m < M) dots<T, R, 1>(y + m * N + n, N, w, n, x + m * K, K);
   }
   for (; n < n1; ++n) {
     Index m = 0;
-    for (; m + 4 <= M; m += 4) dots<T, 1, 4>(y + m * N + n, N, W + n * K, x + m * K, K);
-    for (; m < M; ++m) dots<T, 1, 1>(y + m * N + n, N, W + n * K, x + m * K, K);
+    for (; m + 4 <= M; m += 4) dots<T, 1, 4>(y + m * N + n, N, w, n, x + m * K, K);
+    for (; m < M; ++m) dots<T, 1, 1>(y + m * N + n, N, w, n, x + m * K, K);
   }
 }
 
 // y[m, :] += sum over rows k in [k0, k1) of x[m, k] W[k, :] (row length N), four rows of W per pass so that each
 // element of y is loaded and stored once per four of them.
-template <class T>
-inline void axpys_range(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ W, Index M, Index K,
-                        Index N, Index k0, Index k1) {
+template <class T, class W>
+inline void axpys_range(T* __restrict__ y, const T* __restrict__ x, const W& w, Index M, Index K, Index N, Index k0,
+                        Index k1) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   Index k = k0;
   for (; k + 4 <= k1; k += 4) {
-    const T* w0 = W + k * N;
-    const T* w1 = w0 + N;
-    const T* w2 = w1 + N;
-    const T* w3 = w2 + N;
-    for (Index m = 0; m < M; ++m) {
-      const T a0 = x[m * K + k], a1 = x[m * K + k + 1], a2 = x[m * K + k + 2], a3 = x[m * K + k + 3];
-      const typename V::type v0 = V::splat(a0), v1 = V::splat(a1), v2 = V::splat(a2), v3 = V::splat(a3);
-      T* __restrict__ ym = y + m * N;
-      Index c = 0;
-      for (; c + L <= N; c += L)
-        V::store(ym + c, V::load(ym + c) + v0 * V::load(w0 + c) + v1 * V::load(w1 + c) + v2 * V::load(w2 + c) +
-                             v3 * V::load(w3 + c));
-      for (; c < N; ++c) ym[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c];
+    // Each vector of the four rows is loaded (for int8: dequantised) once and used for every row of x.
+    Index c = 0;
+    for (; c + L <= N; c += L) {
+      const typename V::type w0 = w.load(k, c), w1 = w.load(k + 1, c), w2 = w.load(k + 2, c), w3 = w.load(k + 3, c);
+      for (Index m = 0; m < M; ++m) {
+        const T* xm = x + m * K + k;
+        T* __restrict__ ym = y + m * N + c;
+        V::store(ym, V::load(ym) + V::splat(xm[0]) * w0 + V::splat(xm[1]) * w1 + V::splat(xm[2]) * w2 +
+                         V::splat(xm[3]) * w3);
+      }
     }
+    for (; c < N; ++c)
+      for (Index m = 0; m < M; ++m) {
+        const T* xm = x + m * K + k;
+        y[m * N + c] += xm[0] * w.at(k, c) + xm[1] * w.at(k + 1, c) + xm[2] * w.at(k + 2, c) + xm[3] * w.at(k + 3, c);
+      }
   }
   for (; k < k1; ++k) {
-    const T* w = W + k * N;
     for (Index m = 0; m < M; ++m) {
       const T a = x[m * K + k];
       T* __restrict__ ym = y + m * N;
-      for (Index c = 0; c < N; ++c) ym[c] += a * w[c];
+      for (Index c = 0; c < N; ++c) ym[c] += a * w.at(k, c);
     }
   }
 }
 
-}  // namespace detail
-
-// y [M, N] = x [M, K] W^T (+ bias [N]) for W stored [N, K] row-major; y must not overlap x or W.
-template <class T>
-void times_transposed(T* y, const T* x, const T* W, const T* bias, Index M, Index N, Index K, int threads) {
+// y [M, N] = x [M, K] W^T (+ bias [N]) for W stored [N, K].
+template <class T, class W>
+void times_transposed(T* y, const T* x, const W& w, const T* bias, Index M, Index N, Index K, int threads) {
   const int team = detail::team(threads, M * N * K);
 #pragma omp parallel num_threads(team) if (team > 1)
   {
@@ -147,17 +198,17 @@ void times_transposed(T* y, const T* x, const T* W, const T* bias, Index M, Inde
     // Contiguous ranges of W's rows (multiples of 4 but for the last), one per thread.
     const Index per = ((N + parts - 1) / parts + 3) / 4 * 4;
     const Index n0 = std::min(N, part * per), n1 = std::min(N, n0 + per);
-    detail::dots_range(y, x, W, M, N, K, n0, n1);
+    detail::dots_range(y, x, w, M, N, K, n0, n1);
     if (bias)
       for (Index m = 0; m < M; ++m)
         for (Index n = n0; n < n1; ++n) y[m * N + n] += bias[n];
   }
 }
 
-// y [M, N] = x [M, K] W (+ bias [N]) for W stored [K, N] row-major; y must not overlap x or W. Each thread sums its
-// range of W's rows into a partial y of its own (M N values), then the partials are added in thread order.
-template <class T>
-void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index N, int threads) {
+// y [M, N] = x [M, K] W (+ bias [N]) for W stored [K, N]. Each thread sums its range of W's rows into a partial y of
+// its own (M N values), then the partials are added in thread order.
+template <class T, class W>
+void times(T* y, const T* x, const W& w, const T* bias, Index M, Index K, Index N, int threads) {
   const int team = detail::team(threads, M * N * K);
   if (team == 1) {
     for (Index m = 0; m < M; ++m) {
@@ -166,7 +217,7 @@ void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index 
       else
         std::fill(y + m * N, y + (m + 1) * N, T(0));
     }
-    detail::axpys_range(y, x, W, M, K, N, 0, K);
+    detail::axpys_range(y, x, w, M, K, N, 0, K);
     return;
   }
   thread_local std::vector<T> scratch;  // the partials of threads 1 .. team - 1, kept between calls
@@ -180,7 +231,7 @@ void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index 
     const Index k0 = std::min(K, part * per), k1 = std::min(K, k0 + per);
     T* mine = part == 0 ? y : partials + static_cast<std::size_t>(part - 1) * block;
     std::fill(mine, mine + block, T(0));
-    detail::axpys_range(mine, x, W, M, K, N, k0, k1);
+    detail::axpys_range(mine, x, w, M, K, N, k0, k1);
 #pragma omp barrier
     // The sum of the partials, split by columns of y among the threads.
     const Index cper = (N + parts - 1) / parts;
@@ -192,6 +243,33 @@ void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index 
         y[m * N + c] = bias ? s + bias[c] : s;
       }
   }
+}
+
+}  // namespace detail
+
+// y [M, N] = x [M, K] W^T (+ bias [N]) for W stored [N, K] row-major; y must not overlap x or W.
+template <class T>
+void times_transposed(T* y, const T* x, const T* W, const T* bias, Index M, Index N, Index K, int threads) {
+  detail::times_transposed(y, x, detail::Dense<T>{W, K}, bias, M, N, K, threads);
+}
+
+// y [M, N] = x [M, K] W (+ bias [N]) for W stored [K, N] row-major; y must not overlap x or W.
+template <class T>
+void times(T* y, const T* x, const T* W, const T* bias, Index M, Index K, Index N, int threads) {
+  detail::times(y, x, detail::Dense<T>{W, N}, bias, M, K, N, threads);
+}
+
+// The same with W the int8 matrix q (stored as W is) times one scale per column of the stored matrix: scale [K] for
+// times_transposed_int8 (q [N, K]), scale [N] for times_int8 (q [K, N]).
+template <class T>
+void times_transposed_int8(T* y, const T* x, const std::int8_t* q, const T* scale, const T* bias, Index M, Index N,
+                           Index K, int threads) {
+  detail::times_transposed(y, x, detail::Quantised<T>{q, scale, K}, bias, M, N, K, threads);
+}
+template <class T>
+void times_int8(T* y, const T* x, const std::int8_t* q, const T* scale, const T* bias, Index M, Index K, Index N,
+                int threads) {
+  detail::times(y, x, detail::Quantised<T>{q, scale, N}, bias, M, K, N, threads);
 }
 
 }  // namespace lminv::kernels
