@@ -435,7 +435,8 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   // --out is opened (checked, locked) before anything is measured.
   std::optional<RecordsFile> records;
   if (!r.out_file.empty()) records.emplace(r.out_file, &out);
-  out << "lminv bench: GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V " << r.vocab << "), " << r.tokens
+  out << "lminv bench: 1block, 12blocks[-lmhead] = GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V "
+      << r.vocab << "), the other models their published shapes; " << r.tokens
       << " tokens, one step = loss_and_grad (l2), best of " << r.repeat << "\n"
       << std::flush;
   const Machine machine = measure_machine(r, registry, out, "first");
