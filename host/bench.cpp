@@ -18,6 +18,7 @@
 #include "int8_weights.hpp"
 #include "lminv/schema.hpp"
 #include "report.hpp"
+#include "progress.hpp"
 #include "roofline.hpp"
 #include "weights_init.hpp"
 
@@ -446,20 +447,29 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   out << std::left << std::setw(11) << "backend" << std::setw(10) << "dtype" << std::setw(17) << "model" << std::right
       << std::setw(4) << "B" << kCellColumns;
 
+  // Progress over the step cells (skipped ones count as done).
+  const std::int64_t per_model = static_cast<std::int64_t>(r.batches.size());
+  Progress progress(progress_mode(r.progress), "cell",
+                    static_cast<std::int64_t>(r.dtypes.size() * r.backends.size() * r.models.size()) * per_model);
+  std::int64_t cells = 0;
   for (const std::string& dtype_text : r.dtypes) {
     const auto [dtype_value, weight_dtype] = parse_bench_dtype(dtype_text);
     const std::optional<DType> dtype = dtype_value;
     std::map<std::string, std::shared_ptr<const WeightSet>> weights_by_shape;  // made once per shape and dtype
     for (const std::string& backend_name : r.backends) {
       if (!registry.find(PluginKind::backend, backend_name)) {
+        progress.clear();
         out << std::left << std::setw(11) << backend_name << "not installed: skipped\n";
+        cells += per_model * static_cast<std::int64_t>(r.models.size());
         continue;
       }
       std::shared_ptr<Backend> backend = registry.create_backend(backend_name);
       backend->configure(Options("backend", "lminv bench", {}));
       const BackendInfo info = backend->info();
       if (std::find(info.dtypes.begin(), info.dtypes.end(), *dtype) == info.dtypes.end()) {
+        progress.clear();
         out << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << "not supported: skipped\n";
+        cells += per_model * static_cast<std::int64_t>(r.models.size());
         continue;
       }
       for (const std::string& model_name : r.models) {
@@ -469,12 +479,17 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
         spec.head = mc.head;
         spec.weight_dtype = weight_dtype;
         if (!supports(info, spec)) {
+          progress.clear();
           out << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << std::setw(17)
               << model_name << "not supported: skipped\n";
+          cells += per_model;
           continue;
         }
         std::shared_ptr<const WeightSet>& weights = weights_by_shape[mc.shape];
-        if (!weights) weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
+        if (!weights) {
+          progress.note("random weights for " + mc.shape + " (" + dtype_text + ")");
+          weights = std::make_shared<const WeightSet>(init_random_weights(spec, 0));
+        }
         cell_peak_start(peak_reset_failed);
         auto model = keep_alive(backend->create_model(spec, weights), backend);
         for (std::int64_t batch : r.batches) {
@@ -494,8 +509,10 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
           std::ostringstream label;
           label << std::left << std::setw(11) << backend_name << std::setw(10) << dtype_text << std::setw(17)
                 << model_name << std::right << std::setw(4) << batch;
+          progress.clear();
           out << label.str();
           print_cell(out, c, below_bound);
+          progress.update(++cells, backend_name + " " + dtype_text + " " + model_name + " B " + std::to_string(batch));
           rows.push_back({0, label.str(), backend_name, *dtype, seconds, c.flops, c.bytes, c.peak,
                           {{"kind", "step"}, {"backend", backend_name}, {"dtype", dtype_text}, {"model", model_name},
                            {"batch", batch}, {"tokens", r.tokens}, {"seconds_per_step", seconds},

@@ -24,6 +24,7 @@ struct BenchRequest {
   std::vector<std::int64_t> cache_batches = {16, 769};
   std::int64_t cache_prefix = 19;
   std::int64_t n_embd = 768, n_head = 12, n_layer = 12, vocab = 50257;  // GPT-2 small
+  std::string progress = "auto";  // the progress line over the cells on stderr: auto | on | lines | off (--quiet)
 };
 
 // Measures the machine (copy bandwidth, f32 GEMM rate through oneDNN when lminv was built with it),

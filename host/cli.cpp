@@ -21,9 +21,11 @@
 #include "families/family.hpp"
 #include "invert.hpp"
 #include "paths.hpp"
+#include "progress.hpp"
 #include "prompts.hpp"
 #include "registry.hpp"
 #include "report.hpp"
+#include "report_page.hpp"
 #include "runner.hpp"
 #include "sweep.hpp"
 #include "safetensors.hpp"
@@ -78,6 +80,7 @@ constexpr const char* kOverview =
     "  prompts --out FILE                         write a prompt set: corpus sentences + random token ids\n"
     "  sweep CONFIG... --prompts FILE [--grid ..] run configs on every prompt (x every grid point), resumable\n"
     "  sweep CONFIG... --states FILE              invert every entry of a set of captured states, resumable\n"
+    "  report INPUT... --out FILE.html            one offline HTML page with plots of runs, sweeps, comparisons\n"
     "\n"
     "Every command takes --help, and --plugin-dir DIR (repeatable) to search more folders for plugins.\n";
 
@@ -118,18 +121,25 @@ void warn_rejected(const Registry& registry, std::ostream& err) {
 }
 
 // The positional CONFIG with its --set overrides, parsed and checked.
+// The --set overrides, with --quiet as output.progress=off after them (it wins).
+std::vector<std::string> overrides_of(const po::variables_map& vm) {
+  std::vector<std::string> overrides =
+      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (vm.count("quiet")) overrides.push_back("output.progress=off");
+  return overrides;
+}
+
 ExperimentConfig config_from(const po::variables_map& vm, const char* command) {
   if (!vm.count("config"))
     throw UsageError(std::string(command) + ": missing CONFIG (see lminv " + command + " --help)");
-  const std::vector<std::string> overrides =
-      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  return parse_experiment(read_config(vm["config"].as<std::string>(), overrides));
+  return parse_experiment(read_config(vm["config"].as<std::string>(), overrides_of(vm)));
 }
 
 po::options_description config_options() {
   po::options_description d;
   d.add_options()("set", po::value<std::vector<std::string>>()->composing(),
-                  "override a config value: section.key=value (repeatable)");
+                  "override a config value: section.key=value (repeatable)")(
+      "quiet,q", "no progress line (the same as --set output.progress=off)");
   return d;
 }
 
@@ -185,7 +195,7 @@ int cmd_invert(const std::vector<std::string>& args, std::ostream& out, std::ost
   request.config_file = vm["config"].as<std::string>();
   request.states = vm["states"].as<std::string>();
   if (vm.count("tensor")) request.tensor = vm["tensor"].as<std::string>();
-  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  request.overrides = overrides_of(vm);
   if (vm.count("records")) request.records = vm["records"].as<std::string>();
   const Registry registry = make_registry(vm);
   warn_rejected(registry, err);
@@ -307,8 +317,12 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
   spec.seq_len = 1;
   if (!config.vocab_size_explicit) spec.vocab_size = tokenizer.vocab_size();
   const auto start = std::chrono::steady_clock::now();
+  Progress phase(progress_mode(config.progress), "init", 0);  // large models take a while: say what is going on
+  phase.note("making the weights (" + config.weights + ")");
   const std::shared_ptr<const WeightSet> weights = make_weights(config, spec);
+  phase.note("writing " + (dir / "model.safetensors").string() + " (" + byte_size(weights->nbytes()) + ")");
   save_checkpoint(dir, spec, *weights);
+  phase.clear();
   // The tokenizer goes with the model, in Hugging Face's file names (GPT-2's tables have the same formats).
   std::vector<std::pair<std::string, std::string>> files;
   if (fs::exists(tokenizer_dir / "tokenizer.json")) {
@@ -351,7 +365,7 @@ int cmd_compare(const std::vector<std::string>& args, std::ostream& out, std::os
   if (!vm.count("across")) throw UsageError("compare: missing --across section.key=A,B,...");
   CompareRequest request;
   request.config_file = vm["config"].as<std::string>();
-  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  request.overrides = overrides_of(vm);
   if (vm.count("table")) request.table_file = vm["table"].as<std::string>();
   parse_across(vm["across"].as<std::string>(), request);
   const Registry registry = make_registry(vm);
@@ -388,7 +402,9 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "cache-batches", po::value<std::string>()->default_value("16,769"),
       "candidates per prefix-cache call (exact inversion's verifier); 'none' skips those cells")(
       "cache-prefix", po::value<std::int64_t>()->default_value(19), "prefix length for the prefix-cache cells")(
-      "out", po::value<std::string>(), "append the results as JSON Lines to FILE");
+      "out", po::value<std::string>(), "append the results as JSON Lines to FILE")(
+      "progress", po::value<std::string>()->default_value("auto"),
+      "progress line over the cells on stderr: auto, on, lines, off")("quiet,q", "no progress line");
   const po::variables_map vm = parse(args, visible, {}, {});
   if (vm.count("help")) {
     out << visible << "\n";
@@ -419,6 +435,9 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
   r.n_layer = vm["n-layer"].as<std::int64_t>();
   if (r.tokens < 1 || r.repeat < 1 || r.n_layer < 1) throw UsageError("bench: --tokens, --repeat, --n-layer must be >= 1");
   if (vm.count("out")) r.out_file = vm["out"].as<std::string>();
+  r.progress = vm.count("quiet") ? "off" : vm["progress"].as<std::string>();
+  if (r.progress != "auto" && r.progress != "on" && r.progress != "lines" && r.progress != "off")
+    throw UsageError("bench: --progress '" + r.progress + "': expected auto, on, lines or off");
   const Registry registry = make_registry(vm);
   warn_rejected(registry, err);
   run_bench(r, registry, out);
@@ -551,7 +570,7 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
   request.config_files = vm["configs"].as<std::vector<std::string>>();
   if (vm.count("prompts")) request.prompts = vm["prompts"].as<std::string>();
   if (vm.count("states")) request.states = vm["states"].as<std::string>();
-  if (vm.count("set")) request.overrides = vm["set"].as<std::vector<std::string>>();
+  request.overrides = overrides_of(vm);
   if (vm.count("grid"))
     for (const std::string& g : vm["grid"].as<std::vector<std::string>>()) request.grid.push_back(parse_grid(g));
   if (vm.count("records")) request.records = vm["records"].as<std::string>();
@@ -560,6 +579,47 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
   const Registry registry = make_registry(vm);
   warn_rejected(registry, err);
   run_sweep(request, registry, out);
+  return 0;
+}
+
+int cmd_report(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
+  po::options_description visible(
+      "lminv report INPUT... --out FILE.html [options]\n\nWrites one self-contained HTML page (every script and style "
+      "inlined: it opens offline) with plots of the records in INPUT: records files (records.jsonl of run and invert, "
+      "sweep.jsonl, compare.jsonl) or folders (every *.jsonl file in them). Runs: loss over steps against the control "
+      "m, the decoded snapshots, top-k lists, distances and r; exact inversions: the certificate per position; sweeps: "
+      "the summary table, rates, times and candidates per position; comparisons: differences per value. Each plot's "
+      "data goes beside the page, to <FILE without .html>-data/ (CSV, JSON and the Vega-Lite spec). See "
+      "docs/reports.md.\n\noptions");
+  visible.add_options()("help,h", "show this help")("out", po::value<std::string>(), "the page to write")(
+      "force", "replace the page (and its data folder's files) when it exists")(
+      "title", po::value<std::string>(), "the page's title (default: lminv report)")(
+      "max-runs", po::value<std::int64_t>()->default_value(20), "runs and exact inversions shown one by one (the "
+      "latest; every run is in the tables)");
+  po::options_description hidden;
+  hidden.add_options()("input", po::value<std::vector<std::string>>(), "records files or folders");
+  po::positional_options_description positional;
+  positional.add("input", -1);
+  const po::variables_map vm = parse(args, visible, positional, hidden);
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("input")) throw UsageError("report: give at least one records file or folder");
+  if (!vm.count("out")) throw UsageError("report: missing --out FILE.html");
+  ReportRequest request;
+  for (const std::string& input : vm["input"].as<std::vector<std::string>>()) request.inputs.emplace_back(input);
+  request.out = vm["out"].as<std::string>();
+  request.force = vm.count("force") != 0;
+  if (vm.count("title")) request.title = vm["title"].as<std::string>();
+  const std::int64_t max_runs = vm["max-runs"].as<std::int64_t>();
+  if (max_runs < 0) throw UsageError("report: --max-runs must be >= 0");
+  request.max_runs = static_cast<std::size_t>(max_runs);
+  const ReportResult r = write_report(request, out);
+  out << "lminv report: " << request.out.string() << "\n  " << r.runs << " runs, " << r.exact << " exact inversions, "
+      << r.sweeps << " sweeps (" << r.sweep_runs << " runs), " << r.compares << " comparisons";
+  if (r.other) out << ", " << r.other << " records of other kinds (not shown)";
+  out << "\n  " << r.charts << " plots; their data in " << r.data_dir.string() << "\n";
   return 0;
 }
 
@@ -629,6 +689,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       {"plugins", cmd_plugins},
       {"tokenize", cmd_tokenize},
       {"prompts", cmd_prompts},
+      {"report", cmd_report},
       {"sweep", cmd_sweep}};
   auto command = commands.find(args[0]);
   const std::vector<std::string> rest(args.begin() + 1, args.end());

@@ -235,8 +235,9 @@ ExperimentConfig parse_experiment(const RawConfig& raw) {
   c.control_sigma = output.get_double("control_sigma", c.control_sigma);
   if (!(c.control_sigma >= 0)) output.fail("control_sigma", "must be >= 0");
   c.cache_dir = output.get_string("cache_dir", "");
-  c.progress = output.get_choice("progress", c.progress, {"auto", "on", "off"});
+  c.progress = output.get_choice("progress", c.progress, {"auto", "on", "lines", "off"});
   c.next_token = output.get_choice("next_token", c.next_token, {"full", "truncated"});
+  c.report = output.get_choice("report", c.report, {"auto", "true", "false"});
   check_all_read(output);
   return c;
 }

@@ -86,6 +86,8 @@ struct ExperimentConfig {
   double control_sigma = 0.05;               // std of the shifted-input control's noise
   std::string cache_dir;                     // empty: default_cache_dir()
   std::string progress = "auto";             // auto | on | off
+  // report.html from the records at the end (lminv report): auto (off for run, on for sweep) | true | false.
+  std::string report = "auto";
   // The model whose next token the recovered prompt must agree on: full (every block, ln_f and the LM head) or
   // truncated (the experiment's own blocks and LM head; lm_head_no_ln_f, the seed study's, when its head has none).
   std::string next_token = "full";

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
+#include <map>
 #include <optional>
 #include <ostream>
 #include <sstream>
@@ -13,8 +14,10 @@
 #include "experiment.hpp"
 #include "lminv/ops.hpp"
 #include "paths.hpp"
+#include "progress.hpp"
 #include "certificate.hpp"
 #include "report.hpp"
+#include "report_page.hpp"
 
 namespace lminv {
 
@@ -27,6 +30,13 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// Each token's text on its own (the report highlights tokens; the ids alone would need the tokenizer).
+nlohmann::json pieces_of(const Tokenizer& tokenizer, const std::vector<std::int64_t>& ids) {
+  nlohmann::json pieces = nlohmann::json::array();
+  for (std::int64_t id : ids) pieces.push_back(display_text(tokenizer, {id}));
+  return pieces;
+}
+
 std::string quoted(const std::string& text) {
   nlohmann::json j = text;
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
@@ -36,8 +46,9 @@ std::string quoted(const std::string& text) {
 class HostObserver final : public Observer {
  public:
   HostObserver(std::ostream& out, Decoder& decoder, const Tokenizer& tokenizer, std::vector<std::int64_t> snapshots,
-               bool progress)
-      : out_(out), decoder_(decoder), tokenizer_(tokenizer), snapshots_(std::move(snapshots)), progress_(progress) {}
+               ProgressMode progress, const char* unit = "step")
+      : out_(out), decoder_(decoder), tokenizer_(tokenizer), snapshots_(std::move(snapshots)),
+        progress_(progress, unit, 0) {}
 
   void on_step(const Step& step) override {
     last_loss_ = step.loss.empty() ? NAN : step.loss[best_item(step)];
@@ -51,14 +62,24 @@ class HostObserver final : public Observer {
           break;
         }
     if (std::find(snapshots_.begin(), snapshots_.end(), step.index) != snapshots_.end()) snapshot(step);
-    if (progress_) show_progress(step);
+    keep_curve(step);
+    progress_.set_total(step.total);
+    std::ostringstream detail;
+    detail << "loss " << std::scientific << std::setprecision(4) << last_loss_;
+    progress_.update(step.index, detail.str());
   }
 
-  void finish() {
-    if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
-  }
+  void finish() { progress_.clear(); }
 
   nlohmann::json trajectory() const { return trajectory_; }
+  // The loss (of the best start) and the method's per-step values over the steps, thinned to at most kCurvePoints
+  // points: every `stride`-th step, the first and the last always kept. For plots (lminv report); the snapshots in
+  // trajectory() are the exact record of chosen steps.
+  nlohmann::json curve() const {
+    nlohmann::json values = nlohmann::json::object();
+    for (const auto& [name, series] : curve_values_) values[name] = series;
+    return {{"stride", stride_}, {"step", curve_steps_}, {"loss", curve_loss_}, {"values", values}};
+  }
   std::int64_t steps() const { return steps_; }
   // The first step whose loss (of any start) was NaN or infinite, 0 if none: the optimization diverged there.
   std::int64_t diverged_at() const { return diverged_at_; }
@@ -75,6 +96,39 @@ class HostObserver final : public Observer {
     return best;
   }
 
+  static constexpr std::size_t kCurvePoints = 512;
+
+  void keep_curve(const Step& step) {
+    const bool last = step.total > 0 && step.index == step.total;
+    if (!(step.index == 1 || step.index % stride_ == 0 || last)) return;
+    if (!curve_steps_.empty() && curve_steps_.back() == step.index) return;
+    curve_steps_.push_back(step.index);
+    curve_loss_.push_back(last_loss_);
+    for (auto& [name, series] : curve_values_) {  // a value a step lacks is NaN there (null in the record)
+      const auto it = step.values.find(name);
+      series.push_back(it == step.values.end() ? NAN : it->second);
+    }
+    for (const auto& [name, value] : step.values)
+      if (!curve_values_.count(name)) {
+        std::vector<double>& series = curve_values_[name];
+        series.assign(curve_steps_.size() - 1, NAN);
+        series.push_back(value);
+      }
+    if (curve_steps_.size() < kCurvePoints) return;
+    // Full: keep the first point and every point on the doubled stride.
+    stride_ *= 2;
+    std::vector<std::size_t> keep;
+    for (std::size_t i = 0; i < curve_steps_.size(); ++i)
+      if (i == 0 || curve_steps_[i] % stride_ == 0 || (last && i + 1 == curve_steps_.size())) keep.push_back(i);
+    auto thin = [&](auto& v) {
+      for (std::size_t j = 0; j < keep.size(); ++j) v[j] = v[keep[j]];
+      v.resize(keep.size());
+    };
+    thin(curve_steps_);
+    thin(curve_loss_);
+    for (auto& [name, series] : curve_values_) thin(series);
+  }
+
   void snapshot(const Step& step) {
     const std::int64_t b = best_item(step);
     const double loss = step.loss.empty() ? NAN : step.loss[static_cast<std::size_t>(b)];
@@ -88,44 +142,36 @@ class HostObserver final : public Observer {
     const Decoded d = decoder_.decode(item);
     const std::vector<std::int64_t> ids = d.best();
     const std::string text = display_text(tokenizer_, ids);
-    if (progress_ && drew_progress_) std::fprintf(stderr, "\r\033[K");
+    progress_.clear();
     out_ << "  a_" << step.index << "  loss " << std::scientific << std::setprecision(4) << loss
          << std::defaultfloat << "  " << quoted(text) << "\n"
          << std::flush;
-    nlohmann::json entry = {{"step", step.index}, {"loss", loss}, {"item", b}, {"ids", ids}, {"text", text}};
+    nlohmann::json entry = {{"step", step.index}, {"loss", loss}, {"item", b}, {"ids", ids}, {"text", text},
+                            {"pieces", pieces_of(tokenizer_, ids)}};
     if (d.k > 1) {  // the decoder's top-k per position, best first
-      nlohmann::json topk = nlohmann::json::array();
-      for (std::int64_t t = 0; t < d.positions; ++t)
-        topk.push_back(std::vector<std::int64_t>(d.ids.begin() + t * d.k, d.ids.begin() + (t + 1) * d.k));
+      nlohmann::json topk = nlohmann::json::array(), topk_pieces = nlohmann::json::array();
+      for (std::int64_t t = 0; t < d.positions; ++t) {
+        const std::vector<std::int64_t> row(d.ids.begin() + t * d.k, d.ids.begin() + (t + 1) * d.k);
+        topk.push_back(row);
+        topk_pieces.push_back(pieces_of(tokenizer_, row));
+      }
       entry["topk"] = topk;
+      entry["topk_pieces"] = topk_pieces;
     }
     for (const auto& [name, value] : step.values) entry["values"][name] = value;
     trajectory_.push_back(std::move(entry));
-  }
-
-  void show_progress(const Step& step) {
-    const auto now = Clock::now();
-    if (step.index > 1 && step.index != step.total && now - last_draw_ < std::chrono::milliseconds(200)) return;
-    last_draw_ = now;
-    const double elapsed = seconds_since(start_);
-    const double rate = step.index / std::max(elapsed, 1e-9);
-    std::fprintf(stderr, "\r\033[K  step %lld", static_cast<long long>(step.index));
-    if (step.total > 0) std::fprintf(stderr, "/%lld", static_cast<long long>(step.total));
-    std::fprintf(stderr, "  loss %.4e  %.2f steps/s", last_loss_, rate);
-    if (step.total > 0) std::fprintf(stderr, "  ETA %.0f s", (step.total - step.index) / std::max(rate, 1e-9));
-    std::fflush(stderr);
-    drew_progress_ = true;
   }
 
   std::ostream& out_;
   Decoder& decoder_;
   const Tokenizer& tokenizer_;
   std::vector<std::int64_t> snapshots_;
-  bool progress_;
-  bool drew_progress_ = false;
-  Clock::time_point start_ = Clock::now();
-  Clock::time_point last_draw_ = start_;
+  Progress progress_;
   double last_loss_ = NAN;
+  std::int64_t stride_ = 1;
+  std::vector<std::int64_t> curve_steps_;
+  std::vector<double> curve_loss_;
+  std::map<std::string, std::vector<double>> curve_values_;
   std::int64_t steps_ = 0;
   std::int64_t diverged_at_ = 0, diverged_item_ = 0;
   double diverged_loss_ = NAN;
@@ -212,9 +258,12 @@ std::optional<NextToken> next_token_agreement(Backend& backend, const Experiment
 RunSummary run_experiment(const ExperimentConfig& config, const Registry& registry, std::ostream& out) {
   // The records file first: a folder that cannot be made or a file that cannot take records fails before the run.
   RecordsFile records(fs::path(config.output_dir) / "records.jsonl", &out);
+  const bool report = report_wanted(config.report, /*by_default=*/false, out);
   ExperimentSession session(config, registry);
   const std::vector<std::int64_t> ids = config_prompt_ids(config, session.tokenizer());
-  return session.run(ids, out, /*quiet=*/false, records);
+  RunSummary summary = session.run(ids, out, /*quiet=*/false, records);
+  if (report) write_records_report(records.path(), fs::path(config.output_dir) / "report.html", out);
+  return summary;
 }
 
 ExperimentSession::ExperimentSession(const ExperimentConfig& config, const Registry& registry) : config_(config) {
@@ -270,6 +319,11 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       << std::flush;
 
   if (!decoder_prepared_) {  // once: the weights are the same for every prompt of the session
+    // On a terminal a note while it works (a pseudo-inverse of a large vocabulary takes a while the first time);
+    // in a log, a line afterwards when it was long.
+    const ProgressMode mode = progress_mode(config.progress, quiet);
+    Progress phase(mode == ProgressMode::terminal ? mode : ProgressMode::off, "decoder", 0);
+    phase.note("preparing decoder " + config.decoder + " (a pseudo-inverse is computed once, then cached)");
     t0 = Clock::now();
     DecoderSetup setup;
     setup.spec = spec;
@@ -280,6 +334,9 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
     decoder->prepare(setup);
     prepare_seconds_ = seconds_since(t0);
     decoder_prepared_ = true;
+    phase.clear();
+    if (mode == ProgressMode::lines && prepare_seconds_ > 5)
+      std::fprintf(stderr, "  decoder %s prepared in %s\n", config.decoder.c_str(), duration_text(prepare_seconds_).c_str());
   }
   const double prepare_seconds = prepare_seconds_;
 
@@ -293,9 +350,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
   Problem problem{*model, target, true_input, summary.prompt_ids, *decoder, weights, Rng(config.seed).fork("problem"), {}, 0};
   const std::size_t known = known_prefix_length(config, tokenizer, summary.prompt_ids);
   problem.known_prefix.assign(summary.prompt_ids.begin(), summary.prompt_ids.begin() + static_cast<std::ptrdiff_t>(known));
-  const bool progress =
-      !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
-  HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress);
+  HostObserver observer(out, *decoder, tokenizer, config.snapshot_steps, progress_mode(config.progress, quiet));
   t0 = Clock::now();
   Result result = optimizer->run(problem, observer);
   const double optimize_seconds = seconds_since(t0);
@@ -391,7 +446,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"time", utc_timestamp()},
       {"config_file", config.source},
       {"config", sections},
-      {"prompt", {{"text", prompt_text}, {"ids", summary.prompt_ids}}},
+      {"prompt", {{"text", prompt_text}, {"ids", summary.prompt_ids}, {"pieces", pieces_of(tokenizer, summary.prompt_ids)}}},
       {"model", spec_json(spec)},
       {"weights", {{"source", config.weights}, {"seed", config.seed}}},
       {"backend", config.backend},
@@ -411,6 +466,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"decoded",
        {{"ids", summary.decoded_ids},
         {"text", summary.decoded_text},
+        {"pieces", pieces_of(tokenizer, summary.decoded_ids)},
         {"by", tokens_from_optimizer ? "optimizer" : "decoder"},
         {"output_distance_l1", decoded_l1}}},
       {"exact_match", summary.exact_match},
@@ -423,6 +479,7 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
                           : nlohmann::json(nullptr)},
       {"token_accuracy", summary.token_accuracy},
       {"trajectory", observer.trajectory()},
+      {"curve", tokens_from_optimizer ? nlohmann::json(nullptr) : observer.curve()},
       {"values", values},
       {"series", series},
       {"certificate", certificate ? certificate_json(*certificate, tokenizer) : nlohmann::json(nullptr)},
@@ -489,9 +546,7 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
 
   Problem problem{*e.model, target, Tensor(), captured.true_ids, *decoder_, e.weights, Rng(config.seed).fork("problem"),
                   known, captured.rounding};
-  const bool progress =
-      !quiet && (config.progress == "on" || (config.progress == "auto" && ::isatty(STDERR_FILENO)));
-  HostObserver observer(out, *decoder_, tokenizer, {}, progress);
+  HostObserver observer(out, *decoder_, tokenizer, {}, progress_mode(config.progress, quiet), "position");
   auto t0 = Clock::now();
   Result result = optimizer_->run(problem, observer);
   const double optimize_seconds = seconds_since(t0);
@@ -557,7 +612,8 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
       {"states",
        {{"source", captured.source}, {"shape", {T, D}}, {"stored_dtype", captured.stored_dtype},
         {"rounding", captured.rounding}}},
-      {"prompt", truth ? nlohmann::json{{"ids", captured.true_ids}, {"text", display_text(tokenizer, captured.true_ids)}}
+      {"prompt", truth ? nlohmann::json{{"ids", captured.true_ids}, {"text", display_text(tokenizer, captured.true_ids)},
+                                        {"pieces", pieces_of(tokenizer, captured.true_ids)}}
                        : nlohmann::json(nullptr)},
       {"known_prefix", known},
       {"model", spec_json(spec)},
@@ -568,7 +624,8 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
       {"steps", result.steps},
       {"final_loss", result.loss},
       {"output_distance", {{"l2", l2}, {"relative_l2", relative}}},
-      {"decoded", {{"ids", result.ids}, {"text", summary.decoded_text}, {"by", "optimizer"}}},
+      {"decoded", {{"ids", result.ids}, {"text", summary.decoded_text}, {"pieces", pieces_of(tokenizer, result.ids)},
+                   {"by", "optimizer"}}},
       {"verdict", verdict_name(certificate->verdict)},
       {"certificate", certificate_json(*certificate, tokenizer)},
       {"exact_match", truth ? nlohmann::json(summary.exact_match) : nlohmann::json(nullptr)},

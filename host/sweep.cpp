@@ -21,6 +21,8 @@
 #include "json_depth.hpp"
 #include "prompts.hpp"
 #include "report.hpp"
+#include "report_page.hpp"
+#include "run_stats.hpp"
 #include "runner.hpp"
 
 namespace lminv {
@@ -119,32 +121,6 @@ std::map<std::string, nlohmann::json> read_records(const RecordsFile& records) {
   return done;
 }
 
-double number_at(const nlohmann::json& j, std::initializer_list<const char*> path, double fallback = NAN) {
-  const nlohmann::json* p = &j;
-  for (const char* k : path) {
-    if (!p->is_object() || !p->contains(k)) return fallback;
-    p = &(*p)[k];
-  }
-  return p->is_number() ? p->get<double>() : fallback;
-}
-
-struct Stats {
-  double mean = NAN, median = NAN, max = NAN;
-};
-Stats stats_of(std::vector<double> v) {
-  v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return !std::isfinite(x); }), v.end());
-  if (v.empty()) return {};
-  std::sort(v.begin(), v.end());
-  Stats s;
-  double sum = 0;
-  for (double x : v) sum += x;
-  s.mean = sum / static_cast<double>(v.size());
-  const std::size_t n = v.size();
-  s.median = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  s.max = v.back();
-  return s;
-}
-
 std::string fixed(double x, int digits) {
   if (!std::isfinite(x)) return "-";
   std::ostringstream s;
@@ -229,6 +205,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     if (inverting) targets.resize(prompts.size());
   }
 
+  const bool report = report_wanted(configs.front().report, /*by_default=*/true, out);
   std::map<std::string, nlohmann::json> done = read_records(records);
   std::vector<std::vector<std::string>> keys(points.size());
   std::size_t todo = 0;
@@ -299,7 +276,8 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
           << fixed(number_at(summary.record, {"time_s", "optimize"}), 2) << " s";
       const double per_position = number_at(summary.record, {"values", "candidates_per_position"});
       if (std::isfinite(per_position)) out << "  " << fixed(per_position, 1) << " candidates/position";
-      out << "  ETA " << duration(eta) << "\n" << std::flush;
+      out << "  ETA " << duration(eta) << "  (" << fixed(60.0 * static_cast<double>(ran) / std::max(elapsed, 1e-9), 1)
+          << " runs/min)\n" << std::flush;
     }
   }
 
@@ -312,51 +290,24 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
       << "exact" << std::setw(10) << "tok acc" << std::setw(8) << "unique" << std::setw(10) << "mean s" << std::setw(10) << "median s"
       << std::setw(10) << "max s" << std::setw(12) << "cand/pos" << "\n";
   for (std::size_t g = 0; g < points.size(); ++g) {
-    std::vector<double> times, per_position;
-    double exact = 0, accuracy = 0, unique = 0;
-    std::size_t runs = 0, with_truth = 0, certified = 0;
-    for (const std::string& key : keys[g]) {
-      auto it = done.find(key);
-      if (it == done.end()) continue;
-      const nlohmann::json& r = it->second;
-      ++runs;
-      // Inverted states without their prompt have no exact match to count (null in the record).
-      if (r.contains("exact_match") && r["exact_match"].is_boolean()) {
-        ++with_truth;
-        exact += r["exact_match"].get<bool>() ? 1 : 0;
-        accuracy += number_at(r, {"token_accuracy"}, 0);
-      }
-      if (r.contains("certificate") && r["certificate"].is_object()) {
-        ++certified;
-        // Not value("verdict", ""): it throws json's type_error for a record read back with a verdict of another type.
-        unique += r["certificate"].contains("verdict") && r["certificate"]["verdict"] == "unique" ? 1 : 0;
-      }
-      times.push_back(number_at(r, {"time_s", "optimize"}));
-      per_position.push_back(number_at(r, {"values", "candidates_per_position"}));
-    }
-    const double n = std::max<double>(1, static_cast<double>(with_truth));
-    const double nc = std::max<double>(1, static_cast<double>(certified));
-    const std::string exact_text = with_truth ? fixed(100 * exact / n, 0) + "%" : "-";
-    const std::string accuracy_text = with_truth ? fixed(100 * accuracy / n, 1) + "%" : "-";
-    const std::string unique_text = certified ? fixed(100 * unique / nc, 0) + "%" : "-";
-    const Stats t = stats_of(times), c = stats_of(per_position);
-    out << "  " << std::left << std::setw(28) << points[g].label() << std::right << std::setw(6) << runs
+    std::vector<const nlohmann::json*> runs;
+    for (const std::string& key : keys[g])
+      if (auto it = done.find(key); it != done.end()) runs.push_back(&it->second);
+    const RunsSummary s = summarize_runs(runs);
+    const std::string exact_text = s.with_truth ? fixed(100 * s.exact_match_rate, 0) + "%" : "-";
+    const std::string accuracy_text = s.with_truth ? fixed(100 * s.token_accuracy, 1) + "%" : "-";
+    const std::string unique_text = s.certified ? fixed(100 * s.unique_rate, 0) + "%" : "-";
+    const Stats& t = s.time_per_prompt;
+    out << "  " << std::left << std::setw(28) << points[g].label() << std::right << std::setw(6) << s.runs
         << std::setw(8) << exact_text << std::setw(10) << accuracy_text << std::setw(8) << unique_text
         << std::setw(10) << fixed(t.mean, 2) << std::setw(10) << fixed(t.median, 2) << std::setw(10)
-        << fixed(t.max, 2) << std::setw(12) << fixed(c.mean, 1) << "\n";
-    md << "| " << points[g].label() << " | " << runs << " | " << exact_text << " | " << accuracy_text << " | "
+        << fixed(t.max, 2) << std::setw(12) << fixed(s.candidates_per_position.mean, 1) << "\n";
+    md << "| " << points[g].label() << " | " << s.runs << " | " << exact_text << " | " << accuracy_text << " | "
        << unique_text << " | " << fixed(t.mean, 2) << " | " << fixed(t.median, 2) << " | "
-       << fixed(t.max, 2) << " | " << fixed(c.mean, 1) << " |\n";
-    auto or_null = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
-    table.push_back({{"grid", points[g].json()},
-                     {"grid_label", points[g].label()},
-                     {"runs", runs},
-                     {"exact_match_rate", with_truth ? or_null(exact / n) : nlohmann::json(nullptr)},
-                     {"token_accuracy", with_truth ? or_null(accuracy / n) : nlohmann::json(nullptr)},
-                     {"unique_rate", certified ? or_null(unique / nc) : nlohmann::json(nullptr)},
-                     {"time_per_prompt_s", {{"mean", or_null(t.mean)}, {"median", or_null(t.median)},
-                                            {"max", or_null(t.max)}}},
-                     {"candidates_per_position", or_null(c.mean)}});
+       << fixed(t.max, 2) << " | " << fixed(s.candidates_per_position.mean, 1) << " |\n";
+    nlohmann::json row = {{"grid", points[g].json()}, {"grid_label", points[g].label()}};
+    row.update(s.json());
+    table.push_back(std::move(row));
   }
   out << "  (time: the inversion itself per prompt, " << "time_s.optimize in the records)\n";
 
@@ -376,6 +327,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
                                                   std::to_string(prompts.size()) +
                                                   "). Time: the inversion per prompt.\n\n" + md.str());
   out << "  summary   " << stem << "-summary.md, " << stem << "-summary.json\n";
+  if (report) write_records_report(records.path(), stem + "-report.html", out);
 }
 
 }  // namespace lminv

@@ -21,7 +21,8 @@ packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev li
 [[ $action == bench ]] && packages+=(python3-torch python3-numpy)
 # The tests only: Clang with its sanitizer runtimes for the libFuzzer harnesses, LLVM's libomp with its Archer tool
 # for TSan over OpenMP code, Ninja for the sanitizer builds (docs/reliability.md).
-[[ $action == test ]] && packages+=(clang libclang-rt-dev libomp-dev ninja-build)
+# Also Debian's Chromium, in which the report test renders a page headless (docs/reports.md).
+[[ $action == test ]] && packages+=(clang libclang-rt-dev libomp-dev ninja-build chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,6 +44,8 @@ fi
 bash scripts/fetch-tokenizer.sh
 # --- Hugging Face tokenizer.json files (Llama 2, Llama 3, Qwen3) and the JavaScript engine the tests compare with --
 bash scripts/fetch-hf-tokenizers.sh
+# --- Vega, Vega-Lite and vega-embed, inlined into the pages of lminv report ------------------------------------------
+bash scripts/fetch-vega.sh
 
 # --- build ----------------------------------------------------------------------------------------
 jobs=$(nproc)
