@@ -28,6 +28,7 @@
 #include "report_page.hpp"
 #include "runner.hpp"
 #include "sweep.hpp"
+#include "train.hpp"
 #include "safetensors.hpp"
 #include "tokenizer.hpp"
 
@@ -81,6 +82,7 @@ constexpr const char* kOverview =
     "  sweep CONFIG... --prompts FILE [--grid ..] run configs on every prompt (x every grid point), resumable\n"
     "  sweep CONFIG... --states FILE              invert every entry of a set of captured states, resumable\n"
     "  report INPUT... --out FILE.html            one offline HTML page with plots of runs, sweeps, comparisons\n"
+    "  train CONFIG                               train the config's decoder on a text corpus (torch), resumable\n"
     "\n"
     "Every command takes --help, and --plugin-dir DIR (repeatable) to search more folders for plugins.\n";
 
@@ -323,20 +325,7 @@ int cmd_init(const std::vector<std::string>& args, std::ostream& out, std::ostre
   phase.note("writing " + (dir / "model.safetensors").string() + " (" + byte_size(weights->nbytes()) + ")");
   save_checkpoint(dir, spec, *weights);
   phase.clear();
-  // The tokenizer goes with the model, in Hugging Face's file names (GPT-2's tables have the same formats).
-  std::vector<std::pair<std::string, std::string>> files;
-  if (fs::exists(tokenizer_dir / "tokenizer.json")) {
-    files.push_back({"tokenizer.json", "tokenizer.json"});
-    if (fs::exists(tokenizer_dir / "tokenizer_config.json"))
-      files.push_back({"tokenizer_config.json", "tokenizer_config.json"});
-  } else {
-    const bool hf_names = fs::exists(tokenizer_dir / "vocab.json");
-    files.push_back({hf_names ? "vocab.json" : "encoder.json", "vocab.json"});
-    files.push_back({hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"});
-  }
-  for (const auto& [from, to] : files) {
-    write_file_atomically(dir / to, read_regular_file(tokenizer_dir / from, "the tokenizer file", max_bytes::kTokenizer));
-  }
+  copy_tokenizer_files(tokenizer_dir, dir);  // the tokenizer goes with the model
   out << "lminv init " << config.source << "\n  wrote " << dir.string() << ": " << spec.family
       << " n_layer=" << spec.n_layer
       << " n_embd=" << spec.n_embd << " n_head=" << spec.n_head << " vocab_size=" << spec.vocab_size << " ("
@@ -582,6 +571,34 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
   return 0;
 }
 
+int cmd_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  po::options_description visible(
+      "lminv train CONFIG [options]\n\nTrains CONFIG's decoder ([model]: random weights of its seed, or a checkpoint "
+      "folder to go on from) on next-token cross-entropy with AdamW, a linear warm-up and a cosine decay, on the text "
+      "of [train] corpus (default: /usr/share/common-licenses), held-out documents for validation. Writes "
+      "<output.dir>/checkpoint-<step>/ (a Hugging Face folder with the tokenizer, the optimizer state and "
+      "trainer_state.json) every [train] checkpoint_every steps and at the end, and <output.dir>/train.jsonl (training "
+      "and validation loss). Run it again to resume an interrupted run from its last checkpoint. Needs [backend] name "
+      "= torch. See docs/training.md.\n\noptions");
+  visible.add(common_options()).add(config_options());
+  visible.add_options()("force", "start over in an output folder that holds another config's run (its checkpoints "
+                                 "are removed)");
+  po::positional_options_description positional;
+  const po::variables_map vm = parse(args, visible, positional, config_positional(positional));
+  if (vm.count("help")) {
+    out << visible << "\n";
+    return 0;
+  }
+  if (!vm.count("config")) throw UsageError("train: missing CONFIG (see lminv train --help)");
+  const RawConfig raw = read_config(vm["config"].as<std::string>(), overrides_of(vm));
+  const ExperimentConfig config = parse_experiment(raw);
+  const TrainConfig train = parse_train(raw);
+  const Registry registry = make_registry(vm);
+  warn_rejected(registry, err);
+  run_train(config, train, registry, vm.count("force") != 0, out);
+  return 0;
+}
+
 int cmd_report(const std::vector<std::string>& args, std::ostream& out, std::ostream&) {
   po::options_description visible(
       "lminv report INPUT... --out FILE.html [options]\n\nWrites one self-contained HTML page (every script and style "
@@ -690,6 +707,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       {"tokenize", cmd_tokenize},
       {"prompts", cmd_prompts},
       {"report", cmd_report},
+      {"train", cmd_train},
       {"sweep", cmd_sweep}};
   auto command = commands.find(args[0]);
   const std::vector<std::string> rest(args.begin() + 1, args.end());

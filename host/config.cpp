@@ -15,7 +15,8 @@ namespace po = boost::program_options;
 
 namespace {
 
-const std::set<std::string> kSections = {"model", "backend", "prompt", "tokenizer", "optimizer", "decoder", "output"};
+const std::set<std::string> kSections = {"model",     "backend", "prompt", "tokenizer",
+                                          "optimizer", "decoder", "output", "train"};
 
 // Boost.Program_options knows only '#' comments; INI files commonly use ';' too.
 std::string strip_semicolon_comments(const std::string& text) {

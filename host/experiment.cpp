@@ -8,6 +8,8 @@
 #include <cmath>
 
 #include "checkpoint.hpp"
+#include "files.hpp"
+#include "report.hpp"
 #include "pinv_decoder.hpp"
 #include "weights_init.hpp"
 
@@ -101,6 +103,21 @@ fs::path tokenizer_folder(const ExperimentConfig& config) {
     if (fs::exists(folder / "vocab.json") && fs::exists(folder / "merges.txt")) return folder;
   }
   return default_tokenizer_dir();
+}
+
+void copy_tokenizer_files(const fs::path& tokenizer_dir, const fs::path& dir) {
+  std::vector<std::pair<std::string, std::string>> files;
+  if (fs::exists(tokenizer_dir / "tokenizer.json")) {
+    files.push_back({"tokenizer.json", "tokenizer.json"});
+    if (fs::exists(tokenizer_dir / "tokenizer_config.json"))
+      files.push_back({"tokenizer_config.json", "tokenizer_config.json"});
+  } else {
+    const bool hf_names = fs::exists(tokenizer_dir / "vocab.json");
+    files.push_back({hf_names ? "vocab.json" : "encoder.json", "vocab.json"});
+    files.push_back({hf_names ? "merges.txt" : "vocab.bpe", "merges.txt"});
+  }
+  for (const auto& [from, to] : files)
+    write_file_atomically(dir / to, read_regular_file(tokenizer_dir / from, "the tokenizer file", max_bytes::kTokenizer));
 }
 
 std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec) {

@@ -40,6 +40,10 @@ struct Experiment {
 // tokenizer.json or vocab.json + merges.txt, else the embedded default.
 std::filesystem::path tokenizer_folder(const ExperimentConfig& config);
 
+// Copies a tokenizer folder's files into a model folder under Hugging Face's names: tokenizer.json (+
+// tokenizer_config.json), or vocab.json + merges.txt (GPT-2's encoder.json + vocab.bpe have the same formats).
+void copy_tokenizer_files(const std::filesystem::path& tokenizer_dir, const std::filesystem::path& model_dir);
+
 // The model's spec and weights: seeded random ones, or a Hugging Face checkpoint (config.json wins
 // over the size keys of [model]). `spec.seq_len` must be set.
 std::shared_ptr<const WeightSet> make_weights(const ExperimentConfig& config, ModelSpec& spec);

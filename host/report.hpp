@@ -40,6 +40,9 @@ void append_json_line(const std::filesystem::path& file, const nlohmann::json& r
 // whole until the new one is complete.
 void write_file_atomically(const std::filesystem::path& file, const std::string& content);
 
+// FNV-1a of TEXT as 16 hex digits: a fingerprint (of a config, say) that is the same on every machine and build.
+std::string fnv1a_hex(const std::string& text);
+
 // UTC time as 2026-11-29T12:34:56Z.
 std::string utc_timestamp();
 

@@ -67,25 +67,13 @@ std::vector<GridPoint> grid_points(const SweepRequest& request) {
   return points;
 }
 
-// FNV-1a: a fingerprint of a config that is the same on every machine and build.
-std::string fingerprint(const std::string& text) {
-  std::uint64_t h = 14695981039346656037ull;
-  for (unsigned char c : text) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  std::ostringstream s;
-  s << std::hex << std::setw(16) << std::setfill('0') << h;
-  return s.str();
-}
-
 // The config as run, without [prompt] (the sweep's prompts replace it) and [output] (where records go and how the
 // run is shown do not change its result): runs of the same config on the same prompt are the same run.
 std::string config_fingerprint(const RawConfig& raw) {
   nlohmann::json j = nlohmann::json::object();
   for (const auto& [section, keys] : raw.sections)
     if (section != "prompt" && section != "output") j[section] = keys;
-  return fingerprint(j.dump());
+  return fnv1a_hex(j.dump());
 }
 
 std::string run_key(const std::string& config_print, std::size_t prompt_index, const std::vector<std::int64_t>& ids) {

@@ -16,7 +16,8 @@ case "$action" in run | test | build | bench) ;; *) echo "usage: $0 run|test|bui
 # --- Debian packages ----------------------------------------------------------------------------
 packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev libgtest-dev libeigen3-dev
   nlohmann-json3-dev libopenblas0-pthread ocl-icd-opencl-dev libdnnl-dev libtorch-dev libpcre2-dev libutf8proc-dev
-  libzip-dev)
+  libzip-dev
+  fortunes wordnet-base)  # text for lminv train's corpus (docs/training.md)
 # The benchmarks only: the plain PyTorch peer (bench/peer_pytorch.py, Debian's Python LibTorch 1.13).
 [[ $action == bench ]] && packages+=(python3-torch python3-numpy)
 # The tests only: Clang with its sanitizer runtimes for the libFuzzer harnesses, LLVM's libomp with its Archer tool

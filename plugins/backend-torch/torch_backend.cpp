@@ -1,7 +1,8 @@
 // The torch backend: configuration, model creation, and the Model calls on top of a family's forward graph
 // (torch_networks.cpp): forward without autograd, the input gradient by autograd, and loss_and_grad as one forward,
 // the metric and its output gradient on the device (in f64, as the SDK's metric_item computes them), one backward;
-// and the "prefix_cache" capability of the decoder on top of the network's cached-prefix calls.
+// and the "prefix_cache" capability of the decoder on top of the network's cached-prefix calls, and the "trainer"
+// capability (lminv train): the same forward graph on trainable copies of the weights, autograd, AdamW.
 #include "torch_backend.hpp"
 
 #include <ATen/Dispatch.h>
@@ -10,6 +11,10 @@
 #include <ATen/Version.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/cross_entropy_loss.h>
+#include <ATen/ops/embedding.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/randn.h>
@@ -31,6 +36,8 @@
 
 #include "lminv/matmul_probe.hpp"
 #include "lminv/prefix_cache.hpp"
+#include "lminv/schema.hpp"
+#include "lminv/trainer.hpp"
 #include "torch_networks.hpp"
 
 namespace lminv::torch_backend {
@@ -270,13 +277,176 @@ class TorchMatmulProbe final : public MatmulProbe {
   ThreadSettings threads_;
 };
 
+
+// ---- training -------------------------------------------------------------------------------------------------------
+
+// The "trainer" capability of a decoder with every block and the LM head: the network's forward graph built on
+// copies of the weights that require gradients (its own SharedWeights, outside the backend's cache: the WeightSet
+// and the models sharing it are never touched), next-token cross-entropy, the gradient by autograd, global-norm
+// clipping, and AdamW as torch.optim.AdamW computes it (single-tensor, no amsgrad): p *= 1 - lr wd (matrices only),
+// m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p -= lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+class TorchTrainer final : public Trainer {
+ public:
+  TorchTrainer(const ModelSpec& spec, const std::shared_ptr<const WeightSet>& source, at::TensorOptions options,
+               ThreadSettings threads)
+      : spec_(spec), options_(std::move(options)), threads_(threads) {
+    const ThreadScope scope(threads_);
+    auto shared = std::make_shared<SharedWeights>(options_);
+    std::vector<std::string> names;
+    for (const TensorSpec& t : used_weights(spec)) names.push_back(t.name);
+    if (std::find(names.begin(), names.end(), "wte.weight") == names.end()) names.push_back("wte.weight");
+    std::sort(names.begin(), names.end());
+    for (const std::string& name : names) {
+      Parameter p;
+      p.name = name;
+      p.value = to_aten(source->get(name), options_).requires_grad_(true);  // a copy
+      p.exp_avg = at::zeros_like(p.value).detach();
+      p.exp_avg_sq = at::zeros_like(p.value).detach();
+      p.decay = p.value.dim() >= 2;
+      shared->put(name, p.value);
+      if (name == "wte.weight") wte_ = p.value;
+      params_.push_back(std::move(p));
+    }
+    network_ = make_decoder_network(spec, source, std::move(shared));
+  }
+
+  void configure(const TrainSettings& settings) override { settings_ = settings; }
+
+  TrainStepResult step(const std::vector<std::int64_t>& tokens, std::int64_t batch, double lr) override {
+    return guarded("train step", [&] {
+      const ThreadScope scope(threads_);
+      at::AutoGradMode grad_mode(true);
+      TrainStepResult r;
+      const at::Tensor loss = batch_loss(tokens, batch);
+      r.loss = loss.item<double>();
+      if (!std::isfinite(r.loss))
+        throw Error(std::string(kWho) + ": the training loss became " + std::to_string(r.loss) + " at step " +
+                    std::to_string(steps_ + 1) + " (learning rate " + std::to_string(lr) +
+                    "): training diverged; lower [train] lr or raise warmup");
+      std::vector<at::Tensor> leaves;
+      for (const Parameter& p : params_) leaves.push_back(p.value);
+      std::vector<at::Tensor> grads = torch::autograd::grad({loss}, leaves, {}, false, false, /*allow_unused=*/true);
+      at::NoGradGuard no_grad;
+      double sum = 0;
+      for (std::size_t i = 0; i < grads.size(); ++i) {
+        if (!grads[i].defined()) grads[i] = at::zeros_like(params_[i].value);
+        sum += grads[i].to(at::kDouble).pow(2).sum().item<double>();
+      }
+      r.grad_norm = std::sqrt(sum);
+      if (settings_.grad_clip > 0 && r.grad_norm > settings_.grad_clip) {
+        const double coef = settings_.grad_clip / (r.grad_norm + 1e-6);  // torch.nn.utils.clip_grad_norm_'s
+        for (at::Tensor& g : grads) g.mul_(coef);
+      }
+      ++steps_;
+      const double t = static_cast<double>(steps_);
+      const double bc1 = 1 - std::pow(settings_.beta1, t), bc2 = 1 - std::pow(settings_.beta2, t);
+      for (std::size_t i = 0; i < params_.size(); ++i) {
+        Parameter& p = params_[i];
+        const at::Tensor& g = grads[i];
+        at::Tensor value = p.value.detach();  // the same storage, updated in place
+        if (p.decay && settings_.weight_decay > 0) value.mul_(1 - lr * settings_.weight_decay);
+        p.exp_avg.mul_(settings_.beta1).add_(g, 1 - settings_.beta1);
+        p.exp_avg_sq.mul_(settings_.beta2).addcmul_(g, g, 1 - settings_.beta2);
+        const at::Tensor denom = p.exp_avg_sq.sqrt().div_(std::sqrt(bc2)).add_(settings_.epsilon);
+        value.addcdiv_(p.exp_avg, denom, -lr / bc1);
+      }
+      return r;
+    });
+  }
+
+  double loss(const std::vector<std::int64_t>& tokens, std::int64_t batch) override {
+    return guarded("train loss", [&] {
+      const ThreadScope scope(threads_);
+      at::NoGradGuard no_grad;
+      return batch_loss(tokens, batch).item<double>();
+    });
+  }
+
+  std::int64_t steps() const override { return steps_; }
+
+  WeightSet weights() const override {
+    WeightSet w;
+    for (const Parameter& p : params_) w.set(p.name, to_lminv(p.value.detach(), spec_.dtype));
+    return w;
+  }
+
+  WeightSet state() const override {
+    WeightSet w;
+    for (const Parameter& p : params_) {
+      w.set("exp_avg/" + p.name, to_lminv(p.exp_avg, spec_.dtype));
+      w.set("exp_avg_sq/" + p.name, to_lminv(p.exp_avg_sq, spec_.dtype));
+    }
+    Tensor step(DType::f64, {1});
+    step.set(0, static_cast<double>(steps_));
+    w.set("step", std::move(step));
+    return w;
+  }
+
+  void load_state(const WeightSet& state) override {
+    guarded("load the optimizer state", [&] {
+      for (Parameter& p : params_)
+        for (auto [key, target] : {std::pair<std::string, at::Tensor*>{"exp_avg/" + p.name, &p.exp_avg},
+                                   std::pair<std::string, at::Tensor*>{"exp_avg_sq/" + p.name, &p.exp_avg_sq}}) {
+          const Tensor& t = state.get(key);
+          if (t.shape() != Shape(p.value.sizes().begin(), p.value.sizes().end()))
+            throw Error(std::string(kWho) + ": optimizer state '" + key + "' has shape " + shape_string(t.shape()) +
+                        ", the parameter " + shape_string(Shape(p.value.sizes().begin(), p.value.sizes().end())));
+          *target = to_aten(t, options_);
+        }
+      const Tensor& step = state.get("step");
+      if (step.numel() != 1 || !(step.get(0) >= 0) || step.get(0) != std::floor(step.get(0)))
+        throw Error(std::string(kWho) + ": optimizer state 'step' must hold one whole number >= 0");
+      steps_ = static_cast<std::int64_t>(step.get(0));
+      return 0;
+    });
+  }
+
+ private:
+  struct Parameter {
+    std::string name;
+    at::Tensor value, exp_avg, exp_avg_sq;
+    bool decay = false;
+  };
+
+  // Mean cross-entropy of the rows' next tokens: inputs are the first T ids of each row, targets the last T.
+  at::Tensor batch_loss(const std::vector<std::int64_t>& tokens, std::int64_t batch) const {
+    if (batch < 1 || tokens.size() % static_cast<std::size_t>(batch) != 0 || tokens.size() / batch < 2)
+      throw Error(std::string(kWho) + ": a training batch of " + std::to_string(tokens.size()) +
+                  " ids does not make " + std::to_string(batch) + " rows of at least 2");
+    const std::int64_t width = static_cast<std::int64_t>(tokens.size()) / batch, T = width - 1;
+    if (T > spec_.n_positions)
+      throw Error(std::string(kWho) + ": training rows of " + std::to_string(T) + " positions exceed n_positions " +
+                  std::to_string(spec_.n_positions));
+    for (std::int64_t id : tokens)
+      if (id < 0 || id >= spec_.vocab_size)
+        throw Error(std::string(kWho) + ": token id " + std::to_string(id) + " outside the vocabulary (size " +
+                    std::to_string(spec_.vocab_size) + ")");
+    const at::Tensor ids = at::from_blob(const_cast<std::int64_t*>(tokens.data()), {batch, width},
+                                         at::TensorOptions(at::kLong))
+                               .to(options_.device(), at::kLong, false, /*copy=*/true);
+    const at::Tensor inputs = ids.slice(1, 0, T), targets = ids.slice(1, 1, width);
+    const at::Tensor logits = network_->forward(at::embedding(wte_, inputs));  // [B, T, V]
+    return at::cross_entropy_loss(logits.reshape({batch * T, logits.size(-1)}), targets.reshape({batch * T}));
+  }
+
+  ModelSpec spec_;
+  at::TensorOptions options_;
+  ThreadSettings threads_;
+  TrainSettings settings_;
+  std::vector<Parameter> params_;
+  at::Tensor wte_;
+  std::unique_ptr<Network> network_;
+  std::int64_t steps_ = 0;
+};
+
 // ---- the model ----------------------------------------------------------------------------------------------------
 
 class TorchModel final : public Model {
  public:
   TorchModel(const ModelSpec& spec, std::unique_ptr<Network> network, at::TensorOptions options,
-             ThreadSettings threads)
-      : spec_(spec), network_(std::move(network)), options_(std::move(options)), threads_(threads) {}
+             ThreadSettings threads, std::shared_ptr<const WeightSet> source)
+      : spec_(spec), network_(std::move(network)), options_(std::move(options)), threads_(threads),
+        source_(std::move(source)) {}
 
   const ModelSpec& spec() const override { return spec_; }
 
@@ -342,6 +512,14 @@ class TorchModel final : public Model {
     if (name == kMatmulProbe) {
       if (!matmul_probe_) matmul_probe_ = std::make_unique<TorchMatmulProbe>(options_, threads_);
       return static_cast<MatmulProbe*>(matmul_probe_.get());
+    }
+    if (name == kTrainer) {
+      // A decoder with every block and the LM head, on embeddings, its weights in the model's dtype.
+      if (spec_.kind != ModelKind::decoder || spec_.head != Head::lm_head || spec_.blocks != spec_.n_layer ||
+          spec_.input != InputSpace::embedding || spec_.weight_dtype != WeightDType::same || !spec_.layers.empty())
+        return nullptr;
+      if (!trainer_) trainer_ = std::make_unique<TorchTrainer>(spec_, source_, options_, threads_);
+      return static_cast<Trainer*>(trainer_.get());
     }
     if (name != kPrefixCache || !network_->has_prefix_cache()) return nullptr;
     if (!prefix_cache_) prefix_cache_ = std::make_unique<TorchPrefixCache>(spec_, *network_, options_, threads_);
@@ -511,9 +689,11 @@ class TorchModel final : public Model {
   std::unique_ptr<Network> network_;
   at::TensorOptions options_;
   ThreadSettings threads_;
+  std::shared_ptr<const WeightSet> source_;  // what a trainer copies its parameters from
   // After network_, which it uses: destroyed before it.
   std::unique_ptr<PrefixCache> prefix_cache_;
   std::unique_ptr<MatmulProbe> matmul_probe_;
+  std::unique_ptr<Trainer> trainer_;
   Tensor last_input_;        // the input of the last pass run with autograd ...
   at::Tensor last_output_;   // ... and its output (detached), for a forward on the same input
   Tensor target_host_;       // the last target ...
@@ -592,7 +772,7 @@ std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::sh
     std::unique_ptr<Network> network = spec.kind == ModelKind::decoder
                                            ? make_decoder_network(spec, weights, std::move(shared))
                                            : make_mlp_network(spec, weights, std::move(shared));
-    return std::make_unique<TorchModel>(spec, std::move(network), options, threads_);
+    return std::make_unique<TorchModel>(spec, std::move(network), options, threads_, weights);
   });
 }
 

@@ -113,6 +113,11 @@ at::Tensor SharedWeights::get(const std::shared_ptr<const WeightSet>& source, co
   return converted;
 }
 
+void SharedWeights::put(const std::string& name, at::Tensor tensor) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  tensors_[name] = std::move(tensor);
+}
+
 at::Tensor SharedWeights::derived(const std::string& key, const std::function<at::Tensor()>& make) {
   const std::lock_guard<std::mutex> lock(mutex_);
   if (auto it = tensors_.find(key); it != tensors_.end()) return it->second;
@@ -234,7 +239,8 @@ struct SkinnyAffine : public torch::autograd::Function<SkinnyAffine> {
 // lm_head). Up to kSkinnyRows rows on the CPU in f32 or f64, the streaming kernels (SkinnyAffine); otherwise the
 // GEMM of LibTorch's BLAS.
 at::Tensor affine(const at::Tensor& x, const at::Tensor& weight, Layout layout, const at::Tensor& bias = {}) {
-  const bool skinny = x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() &&
+  // Not for a weight that requires a gradient (a trainer's): SkinnyAffine differentiates the input only.
+  const bool skinny = x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() && !weight.requires_grad() &&
                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                       weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
                       (!bias.defined() || bias.is_contiguous());

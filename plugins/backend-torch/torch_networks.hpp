@@ -37,6 +37,10 @@ class SharedWeights {
   // The tensor `name` of `source` (the WeightSet this object was made for) in the target dtype and device.
   at::Tensor get(const std::shared_ptr<const WeightSet>& source, const std::string& name);
 
+  // Puts `tensor` under `name`, for the networks made afterwards to use instead of the source's (a trainer's
+  // parameters, which require gradients).
+  void put(const std::string& name, at::Tensor tensor);
+
   // A tensor kept under `key`, made by `make` the first time.
   at::Tensor derived(const std::string& key, const std::function<at::Tensor()>& make);
 
