@@ -634,7 +634,8 @@ int cmd_report(const std::vector<std::string>& args, std::ostream& out, std::ost
   request.max_runs = static_cast<std::size_t>(max_runs);
   const ReportResult r = write_report(request, out);
   out << "lminv report: " << request.out.string() << "\n  " << r.runs << " runs, " << r.exact << " exact inversions, "
-      << r.sweeps << " sweeps (" << r.sweep_runs << " runs), " << r.compares << " comparisons";
+      << r.sweeps << " sweeps (" << r.sweep_runs << " runs), " << r.compares << " comparisons, " << r.trainings
+      << " training runs";
   if (r.other) out << ", " << r.other << " records of other kinds (not shown)";
   out << "\n  " << r.charts << " plots; their data in " << r.data_dir.string() << "\n";
   return 0;

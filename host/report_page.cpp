@@ -732,6 +732,94 @@ void compare_section(Page& page, const std::vector<const Record*>& rows) {
   o << "</section>\n";
 }
 
+
+// ---- training ------------------------------------------------------------------------------------------------------
+
+bool is_training_record(const json& r) {
+  if (!r.contains("kind") || !r["kind"].is_string() || !r.contains("step")) return false;
+  const std::string k = r["kind"];
+  return k == "start" || k == "train" || k == "validation" || k == "resume" || k == "end";
+}
+
+void training_section(Page& page, const std::string& file, const std::vector<const Record*>& records) {
+  std::ostream& o = page.body;
+  const json* start = nullptr;
+  const json* end = nullptr;
+  json losses = json::array(), rates = json::array();
+  std::size_t resumes = 0;
+  double unigram = NAN;
+  for (const Record* rec : records) {
+    const json& r = rec->value;
+    const std::string kind = r["kind"];
+    const double step = number_at(r, {"step"});
+    if (kind == "start") start = &r;
+    if (kind == "end") end = &r;
+    if (kind == "resume") ++resumes;
+    if (kind == "train") {
+      const double loss = number_at(r, {"loss"});
+      if (std::isfinite(loss)) losses.push_back({{"step", step}, {"split", "train"}, {"loss", loss}});
+      const double lr = number_at(r, {"lr"}), norm = number_at(r, {"grad_norm"});
+      if (std::isfinite(lr)) rates.push_back({{"step", step}, {"quantity", "learning rate"}, {"value", lr}});
+      if (std::isfinite(norm) && norm > 0)
+        rates.push_back({{"step", step}, {"quantity", "gradient norm (before clipping)"}, {"value", norm}});
+    }
+    if (kind == "validation") {
+      const double loss = number_at(r, {"loss"});
+      if (std::isfinite(loss)) losses.push_back({{"step", step}, {"split", "validation"}, {"loss", loss}});
+    }
+  }
+  if (start) unigram = number_at(*start, {"unigram_validation_loss"});
+  o << "<section class=\"training\"><h3>Training " << html(file) << "</h3>\n";
+  std::vector<std::pair<std::string, std::string>> kv;
+  if (start) {
+    kv.push_back({"config", "<code>" + html(str_at(*start, {"config_file"})) + "</code> (fingerprint " +
+                                html(str_at(*start, {"fingerprint"})) + ")"});
+    kv.push_back({"parameters", number_text(number_at(*start, {"parameters"}), 4)});
+    kv.push_back({"corpus", str_at(*start, {"corpus", "files"}) + " files, " +
+                                str_at(*start, {"corpus", "train_tokens"}) + " training and " +
+                                str_at(*start, {"corpus", "validation_tokens"}) + " validation tokens (" +
+                                str_at(*start, {"corpus", "train_documents"}) + " and " +
+                                str_at(*start, {"corpus", "validation_documents"}) + " documents)"});
+    kv.push_back({"unigram baseline", number_text(unigram) + " nats/token on the validation split"});
+  }
+  if (end) {
+    kv.push_back({"final", "train " + number_text(number_at(*end, {"train_loss"})) + ", validation " +
+                               number_text(number_at(*end, {"validation_loss"})) + " nats/token after " +
+                               str_at(*end, {"step"}) + " steps (" + number_text(number_at(*end, {"seconds"}), 3) +
+                               " s)"});
+  } else {
+    kv.push_back({"final", "not finished (no end record)"});
+  }
+  if (resumes) kv.push_back({"resumed", std::to_string(resumes) + " time" + (resumes > 1 ? "s" : "")});
+  key_value_table(o, kv);
+  json loss_spec = {{"layer",
+                     {{{"mark", {{"type", "line"}, {"point", losses.size() <= 80}}},
+                       {"encoding", {{"x", q("step", "step")},
+                                     {"y", {{"field", "loss"}, {"type", "quantitative"},
+                                            {"title", "cross-entropy (nats/token)"}, {"scale", {{"zero", false}}}}},
+                                     {"color", colour("split")}, {"tooltip", tooltip({"step", "split", "loss"})}}}}}}};
+  if (std::isfinite(unigram)) {
+    for (json& row : losses) row["unigram"] = unigram;
+    loss_spec["layer"].push_back({{"mark", {{"type", "rule"}, {"color", "#888"}, {"strokeDash", {6, 4}}}},
+                                  {"encoding", {{"y", {{"aggregate", "max"}, {"field", "unigram"},
+                                                       {"type", "quantitative"}}}}}});
+  }
+  page.chart("training-loss", "Training and validation loss",
+             "The mean next-token cross-entropy of the training batches since the previous record, and the loss on "
+             "the fixed validation windows; the dashed grey line is the unigram baseline on the validation split, "
+             "which a trained model must fall below.",
+             loss_spec, losses);
+  page.chart("training-rates", "Learning rate and gradient norm",
+             "The learning rate of each logged step (warm-up, then cosine decay) and the gradient's global L2 norm "
+             "before clipping (log axis).",
+             {{"mark", "line"},
+              {"encoding",
+               {{"x", q("step", "step")}, {"y", q("value", "value", true)}, {"color", colour("quantity")},
+                {"tooltip", tooltip({"step", "quantity", "value"})}}}},
+             rates);
+  o << "</section>\n";
+}
+
 std::string read_asset(const fs::path& dir, const std::string& name) {
   const fs::path file = dir / name;
   std::error_code ec;
@@ -863,11 +951,15 @@ ReportResult write_report(const ReportRequest& request, std::ostream& out) {
   // What each record is.
   std::vector<const Record*> runs, exact, compares;
   std::vector<std::string> sweep_files;
-  std::map<std::string, std::vector<const Record*>> sweeps;
+  std::map<std::string, std::vector<const Record*>> sweeps, trainings;
+  std::vector<std::string> training_files;
   ReportResult result;
   for (const Record& rec : all) {
     const json& r = rec.value;
-    if (r.contains("output_max_abs") && r.contains("baseline") && r.contains("key")) {
+    if (is_training_record(r)) {
+      if (!trainings.count(rec.file)) training_files.push_back(rec.file);
+      trainings[rec.file].push_back(&rec);
+    } else if (r.contains("output_max_abs") && r.contains("baseline") && r.contains("key")) {
       compares.push_back(&rec);
     } else if (r.contains("sweep") && r["sweep"].is_object()) {
       if (!sweeps.count(rec.file)) sweep_files.push_back(rec.file);
@@ -884,6 +976,7 @@ ReportResult write_report(const ReportRequest& request, std::ostream& out) {
   result.runs = runs.size();
   result.exact = exact.size();
   result.sweeps = sweeps.size();
+  result.trainings = trainings.size();
 
   std::string stem = request.out.string();
   if (request.out.extension() == ".html") stem.resize(stem.size() - 5);
@@ -948,7 +1041,11 @@ ReportResult write_report(const ReportRequest& request, std::ostream& out) {
       ++result.compares;
     }
   }
-  if (all.size() == result.other) page.body << "<p class=\"note\">No run, sweep or comparison records.</p>\n";
+  if (!trainings.empty()) {
+    page.section("training", "Training");
+    for (const std::string& file : training_files) training_section(page, file, trainings[file]);
+  }
+  if (all.size() == result.other) page.body << "<p class=\"note\">No run, sweep, comparison or training records.</p>\n";
   result.charts = page.charts.size();
 
   // The page: everything inlined, and a policy that forbids the page any network access.
@@ -964,7 +1061,8 @@ ReportResult write_report(const ReportRequest& request, std::ostream& out) {
       << " by lminv " << LMINV_VERSION << " from " << all.size() << " records:";
   for (const std::string& s : sources) doc << " <code>" << html(s) << "</code>";
   doc << ". " << result.runs << " runs, " << result.exact << " exact inversions, " << result.sweeps << " sweeps ("
-      << result.sweep_runs << " runs), " << result.compares << " comparisons";
+      << result.sweep_runs << " runs), " << result.compares << " comparisons, " << result.trainings
+      << " training runs";
   if (result.other) doc << "; " << result.other << " records of other kinds not shown";
   doc << ". Each plot's data is in <code>" << html(result.data_dir.filename().string()) << "/</code>.</p>\n";
   if (!page.toc.empty()) {

@@ -11,7 +11,7 @@
 namespace lminv {
 
 struct ReportRequest {
-  // Records files (records.jsonl, sweep.jsonl, compare.jsonl, ...) or folders (every *.jsonl file in them).
+  // Records files (records.jsonl, sweep.jsonl, compare.jsonl, train.jsonl, ...) or folders (every *.jsonl file in them).
   std::vector<std::filesystem::path> inputs;
   std::filesystem::path out;  // the page; its plots' data go to <out without .html>-data/
   bool force = false;         // replace `out` (and its data folder) when they exist
@@ -22,7 +22,7 @@ struct ReportRequest {
 };
 
 struct ReportResult {
-  std::size_t runs = 0, exact = 0, sweeps = 0, sweep_runs = 0, compares = 0, other = 0, charts = 0;
+  std::size_t runs = 0, exact = 0, sweeps = 0, sweep_runs = 0, compares = 0, trainings = 0, other = 0, charts = 0;
   std::filesystem::path data_dir;
 };
 

@@ -18,6 +18,7 @@
 #include "lminv/schema.hpp"
 #include "progress.hpp"
 #include "report.hpp"
+#include "report_page.hpp"
 #include "safetensors.hpp"
 
 namespace lminv {
@@ -377,6 +378,7 @@ void run_train(const ExperimentConfig& experiment, const TrainConfig& config, co
                   std::to_string(trainer->steps()) + ", the checkpoint's " + std::to_string(resumed_at));
   }
 
+  const bool report = report_wanted(experiment.report, /*by_default=*/true, out);
   const Corpus corpus = build_corpus(config, tokenizer, spec.vocab_size);
   const double unigram = unigram_loss(corpus, spec.vocab_size);
 
@@ -546,6 +548,8 @@ void run_train(const ExperimentConfig& experiment, const TrainConfig& config, co
   out << "  done      " << config.steps << " steps, " << config.steps * tokens_per_step << " tokens seen; validation "
       << number(last_val) << " nats/token against the unigram baseline's " << number(unigram) << " ("
       << duration_text(total) << ")\n";
+  log_holder.reset();
+  if (report) write_records_report(log_file, dir / "report.html", out);
 }
 
 }  // namespace lminv

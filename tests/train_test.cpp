@@ -184,6 +184,7 @@ TEST_F(Train, TheLossFallsAndOneSeedGivesBitIdenticalCheckpoints) {
   EXPECT_LT(train_loss.back(), 8.0);
   EXPECT_LT(validation.back(), validation.front());
   EXPECT_EQ(log.back()["kind"], "end");
+  EXPECT_TRUE(fs::exists(dir_ / "a" / "report.html")) << o.output;  // [output] report = auto: on for train
 
   o = train("b");
   ASSERT_EQ(o.status, 0) << o.output;

@@ -4,6 +4,7 @@
 #   exact.jsonl    a sequential (exact) inversion of the tiny GPT-2, and lminv invert of states it wrote itself
 #   sweep.jsonl    the sequential search over 3 prompts at a grid of optimizer.policy x model.blocks (2 x 2)
 #   compare.jsonl  the tiny GPT-2 in f32 across backend.name=reference,torch,onednn
+#   train.jsonl    lminv train of tests/data/tiny-gpt2-train.ini (40 steps)
 # Run from anywhere: bash tests/tools/make-report-records.sh [build/bin/lminv]. Paths in the records are relative to
 # the repository. The records are data for tests: re-made only when their format changes.
 set -euo pipefail
@@ -34,4 +35,6 @@ rm -f "$out/sweep-summary.json" "$out/sweep-summary.md"
 
 "$lminv" compare tests/data/tiny-gpt2.ini "${common[@]}" --set output.dir="$work/compare" --set backend.dtype=f32 \
   --across backend.name=reference,torch,onednn --table "$out/compare.jsonl" >/dev/null
+"$lminv" train tests/data/tiny-gpt2-train.ini "${common[@]}" --set output.dir="$work/train" >/dev/null
+mv "$work/train/train.jsonl" "$out/train.jsonl"
 wc -l "$out"/*.jsonl
