@@ -542,6 +542,9 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "instead of prompts: captured states, one entry per prompt (a .jsonl manifest, a [N, T, D] tensor, or a "
       "safetensors/.npz file of [T, D] tensors); each run is an lminv invert")(
       "grid", po::value<std::vector<std::string>>()->composing(), "section.key=value1,value2,... (repeatable)")(
+      "checkpoints", po::value<std::string>(),
+      "a grid over the checkpoints of lminv train's output folder DIR (model.weights = each checkpoint-<step>, in step "
+      "order; each record gets its training step): invertibility across training")(
       "records", po::value<std::string>(), "the JSON Lines file of the runs (default <output.dir>/sweep.jsonl)")(
       "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)");
   po::positional_options_description positional;
@@ -562,6 +565,13 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
   request.overrides = overrides_of(vm);
   if (vm.count("grid"))
     for (const std::string& g : vm["grid"].as<std::vector<std::string>>()) request.grid.push_back(parse_grid(g));
+  if (vm.count("checkpoints")) {
+    std::vector<std::string> folders;
+    for (const fs::path& f : training_checkpoints(vm["checkpoints"].as<std::string>())) folders.push_back(f.string());
+    for (const auto& [key, values] : request.grid)
+      if (key == "model.weights") throw UsageError("sweep: --checkpoints and --grid model.weights=... together");
+    request.grid.push_back({"model.weights", folders});
+  }
   if (vm.count("records")) request.records = vm["records"].as<std::string>();
   request.limit = vm["limit"].as<std::int64_t>();
   if (request.limit < 0) throw UsageError("sweep: --limit must be >= 0");

@@ -209,8 +209,10 @@ class Page {
     const std::string id = "c" + std::to_string(charts.size() + 1) + "-" + name;
     spec["$schema"] = "https://vega.github.io/schema/vega-lite/v6.json";
     spec["title"] = title;
-    if (!spec.contains("width")) spec["width"] = 640;
-    if (!spec.contains("height")) spec["height"] = 240;
+    if (!spec.contains("facet")) {  // a facet's size is its panels'
+      if (!spec.contains("width")) spec["width"] = 640;
+      if (!spec.contains("height")) spec["height"] = 240;
+    }
     body << "<figure><div class=\"chart\" id=\"" << id << "\"></div><figcaption>" << caption
          << " <span class=\"files\">Data: <code>" << html(data_dir_.filename().string() + "/" + id)
          << ".csv</code>, <code>.json</code>; spec <code>.vl.json</code>.</span></figcaption></figure>\n";
@@ -536,6 +538,21 @@ void exact_detail(Page& page, const Record& rec, std::size_t index) {
   o << "</section>\n";
 }
 
+// The first step whose loss fell below the control m (inequality (4) when the metric is L1), from the record's curve;
+// NaN when it never did, when the first step is already below (a walk), or without a curve. The curve is thinned past
+// 512 steps: the step is then the first kept one below m, at most `stride` - 1 steps late.
+double first_step_below_control(const json& r) {
+  const double m = number_at(r, {"control", "metric"});
+  const json* steps = at(r, {"curve", "step"});
+  const json* losses = at(r, {"curve", "loss"});
+  if (!std::isfinite(m) || !steps || !losses || !steps->is_array() || !losses->is_array()) return NAN;
+  for (std::size_t i = 0; i < steps->size() && i < losses->size(); ++i) {
+    if (!(*losses)[i].is_number() || !(*steps)[i].is_number()) continue;
+    if ((*losses)[i].get<double>() < m) return i == 0 ? NAN : (*steps)[i].get<double>();
+  }
+  return NAN;
+}
+
 // ---- sweeps --------------------------------------------------------------------------------------------------------
 
 void sweep_section(Page& page, const std::string& file, const std::vector<const Record*>& records) {
@@ -659,6 +676,55 @@ void sweep_section(Page& page, const std::string& file, const std::vector<const 
                 {"color", colour("grid point")},
                 {"tooltip", tooltip({"grid point", "position", "candidates", "runs"})}}}},
              positions);
+  // Across training: the grid points whose weights lminv train saved (sweep --checkpoints), by training step.
+  std::map<std::pair<std::string, double>, std::vector<const json*>> by_step;
+  for (const Record* rec : records) {
+    const double step = number_at(rec->value, {"sweep", "training", "step"});
+    if (std::isfinite(step)) by_step[{str_at(rec->value, {"sweep", "config_file"}), step}].push_back(&rec->value);
+  }
+  if (!by_step.empty()) {
+    json rows = json::array();
+    o << "<h4>Across training</h4>\n<table class=\"summary\"><tr><th>config</th><th>training step</th><th>runs</th>"
+         "<th>exact match</th><th>certified unique</th><th>candidates/position</th><th>time/prompt mean (s)</th>"
+         "<th>steps to inequality (4)</th></tr>\n";
+    for (const auto& [key, runs] : by_step) {
+      const RunsSummary s = summarize_runs(runs);
+      std::vector<double> crossings;
+      for (const json* r : runs) crossings.push_back(first_step_below_control(*r));
+      const Stats c = stats_of(crossings);
+      const std::string config = fs::path(key.first).stem().string();
+      o << "<tr><td>" << html(config) << "</td><td>" << key.second << "</td><td>" << s.runs << "</td><td>"
+        << percent(s.exact_match_rate) << "</td><td>" << percent(s.unique_rate) << "</td><td>"
+        << number_text(s.candidates_per_position.mean, 4) << "</td><td>" << number_text(s.time_per_prompt.mean, 3)
+        << "</td><td>" << number_text(c.mean, 4) << "</td></tr>\n";
+      const std::pair<const char*, double> measures[] = {{"exact match (share)", s.exact_match_rate},
+                                                         {"certified unique (share)", s.unique_rate},
+                                                         {"candidates per position", s.candidates_per_position.mean},
+                                                         {"time per prompt (s)", s.time_per_prompt.mean},
+                                                         {"steps to inequality (4)", c.mean}};
+      for (const auto& [name, v] : measures)
+        if (std::isfinite(v))
+          rows.push_back({{"config", config}, {"training step", key.second}, {"measure", name}, {"value", v}});
+    }
+    o << "</table>\n";
+    page.chart("across-training", "Invertibility across training",
+               "Each measure of the sweep per checkpoint of a training run (lminv sweep --checkpoints), against the "
+               "checkpoint's training step: the exact-match and certified-unique shares, candidates verified per "
+               "position and time per prompt (token searches), and the mean first step at which a descent's loss fell "
+               "below the control m (runs with a curve that crossed). One panel per measure, each with its own axis.",
+               {{"facet", {{"row", {{"field", "measure"}, {"type", "nominal"}, {"title", ""}}}}},
+                {"spec",
+                 {{"width", 560},
+                  {"height", 120},
+                  {"mark", {{"type", "line"}, {"point", true}}},
+                  {"encoding",
+                   {{"x", q("training step", "training step")},
+                    {"y", {{"field", "value"}, {"type", "quantitative"}, {"title", ""}, {"scale", {{"zero", false}}}}},
+                    {"color", colour("config")},
+                    {"tooltip", tooltip({"config", "training step", "measure", "value"})}}}}},
+                {"resolve", {{"scale", {{"y", "independent"}}}}}},
+               rows);
+  }
   if (!heat.empty() && heat.size() == labels.size()) {
     const std::string xk = heat[0]["x_key"], yk = heat[0]["y_key"];
     bool same = true;

@@ -24,6 +24,7 @@
 #include "report_page.hpp"
 #include "run_stats.hpp"
 #include "runner.hpp"
+#include "train.hpp"
 
 namespace lminv {
 
@@ -194,6 +195,9 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
   }
 
   const bool report = report_wanted(configs.front().report, /*by_default=*/true, out);
+  std::vector<nlohmann::json> training;
+  for (const ExperimentConfig& c : configs)
+    training.push_back(c.weights == "random" ? nlohmann::json(nullptr) : training_state_of(c.weights));
   std::map<std::string, nlohmann::json> done = read_records(records);
   std::vector<std::vector<std::string>> keys(points.size());
   std::size_t todo = 0;
@@ -234,7 +238,7 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
     }
     for (std::size_t i = 0; i < prompts.size(); ++i) {
       if (done.count(keys[g][i])) continue;
-      const nlohmann::json extra = {{"sweep",
+      nlohmann::json extra = {{"sweep",
                                      {{"key", keys[g][i]},
                                       {"config_file", points[g].config_file},
                                       {"overrides", request.overrides},
@@ -244,6 +248,8 @@ void run_sweep(const SweepRequest& request, const Registry& registry, std::ostre
                                       {"prompt_index", i},
                                       {"prompt_line", prompts[i].line},
                                       {"prompt_kind", prompts[i].kind}}}};
+      // Weights that lminv train saved: the training step and losses, for invertibility across training.
+      if (training[g].is_object()) extra["sweep"]["training"] = training[g];
       const RunSummary summary = inverting ? session->invert(targets[i], out, /*quiet=*/true, records, extra)
                                            : session->run(prompts[i].ids, out, /*quiet=*/true, records, extra);
       done[keys[g][i]] = summary.record;

@@ -155,6 +155,28 @@ std::string number(double x, int digits = 4) {
 
 }  // namespace
 
+std::vector<fs::path> training_checkpoints(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw Error("--checkpoints " + dir.string() + ": not a folder");
+  std::vector<fs::path> out;
+  for (const auto& [step, folder] : checkpoints_in(dir)) out.push_back(folder);
+  if (out.empty())
+    throw Error("--checkpoints " + dir.string() + ": no checkpoint-<step> folder with a trainer_state.json (is it "
+                "lminv train's output folder?)");
+  return out;
+}
+
+json training_state_of(const fs::path& folder) {
+  std::error_code ec;
+  const fs::path file = folder / "trainer_state.json";
+  if (!fs::is_regular_file(file, ec)) return nullptr;
+  const json state = json::parse(read_regular_file(file, "trainer state", kStateLimit), json_depth_limit(file.string()));
+  json out = json::object();
+  for (const char* key : {"step", "tokens_seen", "train_loss", "validation_loss"})
+    if (state.contains(key) && state[key].is_number()) out[key] = state[key];
+  return out;
+}
+
 TrainConfig parse_train(const RawConfig& raw) {
   const Options t = raw.section("train");
   TrainConfig c;

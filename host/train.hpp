@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <iosfwd>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -67,5 +68,13 @@ double unigram_loss(const Corpus& corpus, std::int64_t vocab_size);
 // temporary folder and renamed) and <dir>/train.jsonl.
 void run_train(const ExperimentConfig& experiment, const TrainConfig& config, const Registry& registry, bool force,
                std::ostream& out);
+
+// The complete checkpoints (checkpoint-<step> folders with a trainer_state.json) of lminv train's output folder DIR,
+// in step order; an Error naming DIR when it has none.
+std::vector<std::filesystem::path> training_checkpoints(const std::filesystem::path& dir);
+
+// What a checkpoint folder's trainer_state.json says (step, tokens_seen, losses), or null when it has none (a folder
+// that lminv train did not write).
+nlohmann::json training_state_of(const std::filesystem::path& folder);
 
 }  // namespace lminv

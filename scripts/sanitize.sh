@@ -26,7 +26,7 @@ if [[ $mode == asan ]]; then
   # the nearest decoder and skinny kernels, and the lminv program end to end (cli, reliability: host + reference,
   # descent, pinv, nearest, sequential, brute-force, pez, clamped-walk plugins).
   programs=(tensor_test safetensors_test checkpoint_test config_test prompts_test states_test families_test
-    tokenizer_test registry_test nearest_test skinny_matmul_test cli_test reliability_test)
+    tokenizer_test registry_test nearest_test skinny_matmul_test cli_test reliability_test report_test progress_test)
   # LMINV_SANITIZE_ALL=1 adds the numerical suites, and those that load every backend (torch and onednn: their
   # instrumented builds alone take longer than CI's budget for this job).
   all_programs=("${programs[@]}" weights_test reference_mlp_test reference_gpt2_test reference_decoder_test

@@ -15,7 +15,7 @@ fi
 rm -rf "$out"
 mkdir -p "$out"
 data="$src/tests/data/report"
-"$lminv" report "$data/run.jsonl" "$data/exact.jsonl" "$data/sweep.jsonl" "$data/compare.jsonl" "$data/train.jsonl" \
+"$lminv" report "$data/run.jsonl" "$data/exact.jsonl" "$data/sweep.jsonl" "$data/compare.jsonl" "$data/train.jsonl" "$data/across.jsonl" \
   --out "$out/report.html" --title "lminv report (test records)"
 
 browse() {  # browse ARGS...: one headless Chromium on the page, offline
@@ -38,7 +38,8 @@ const status = JSON.parse(m[1].replace(/&quot;/g, '"').replace(/&lt;/g, '<').rep
 const charts = JSON.parse(page.match(/<script type="application\/json" id="lminv-charts">([\s\S]*?)<\/script>/)[1]);
 if (status.charts !== charts.length) fail(`status counts ${status.charts} charts, the page has ${charts.length}`);
 for (const kind of ['loss', 'walk', 'certificate', 'candidates', 'rates', 'times', 'time-histogram',
-                    'candidates-by-position', 'grid', 'compare', 'training-loss', 'training-rates'])
+                    'candidates-by-position', 'grid', 'compare', 'training-loss', 'training-rates',
+                    'across-training'])
   if (!charts.some((c) => c.id.endsWith('-' + kind))) fail(`no ${kind} chart on the page`);
 if (status.failed.length) fail('charts not drawn: ' + status.failed.join('; '));
 if (status.rendered.length !== charts.length) fail(`${status.rendered.length} of ${charts.length} charts drawn`);

@@ -106,11 +106,11 @@ class Report : public ::testing::Test {
 TEST_F(Report, EveryKindHasItsSectionChartsAndDataFiles) {
   std::ostringstream notes;
   const lminv::ReportResult r =
-      lminv::write_report(request({"run.jsonl", "exact.jsonl", "sweep.jsonl", "compare.jsonl", "train.jsonl"}), notes);
+      lminv::write_report(request({"run.jsonl", "exact.jsonl", "sweep.jsonl", "compare.jsonl", "train.jsonl", "across.jsonl"}), notes);
   EXPECT_EQ(r.runs, 2u);
   EXPECT_EQ(r.exact, 2u);  // a sequential run and an lminv invert
-  EXPECT_EQ(r.sweeps, 1u);
-  EXPECT_EQ(r.sweep_runs, 12u);
+  EXPECT_EQ(r.sweeps, 2u);  // sweep.jsonl, and across.jsonl (over training checkpoints)
+  EXPECT_EQ(r.sweep_runs, 20u);
   EXPECT_EQ(r.compares, 1u);
   EXPECT_EQ(r.trainings, 1u);
   EXPECT_EQ(r.other, 0u);
@@ -120,7 +120,7 @@ TEST_F(Report, EveryKindHasItsSectionChartsAndDataFiles) {
   // The run's snapshots, with the prompt's tokens marked; the walk; the certificate table; the sweep's summary.
   for (const char* text : {"<td>a_10</td>", "class=\"tok ok\"", "Top-3 tokens per position", "Run 2: orthogonal_walk",
                            "Inverted states", "<th>best rejected</th>", "optimizer.policy=gradient model.blocks=2",
-                           "Compare backend.name", "unigram baseline"})
+                           "Compare backend.name", "unigram baseline", "<h4>Across training</h4>"})
     EXPECT_NE(page.find(text), std::string::npos) << text;
   // Offline: everything inlined, and a policy that forbids fetching anything.
   EXPECT_NE(page.find("Content-Security-Policy\" content=\"default-src 'none'"), std::string::npos);
@@ -155,7 +155,7 @@ TEST_F(Report, EveryKindHasItsSectionChartsAndDataFiles) {
     EXPECT_EQ(spec["mark"].is_null() && spec["layer"].is_null(), false) << id;
   }
   for (const char* kind : {"loss", "walk", "certificate", "candidates", "rates", "times", "time-histogram",
-                           "candidates-by-position", "grid", "compare", "training-loss", "training-rates"})
+                           "candidates-by-position", "grid", "compare", "training-loss", "training-rates", "across-training"})
     EXPECT_TRUE(kinds.count(kind)) << kind;
 }
 

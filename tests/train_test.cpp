@@ -281,3 +281,27 @@ TEST_F(Train, BadConfigsAreClearErrorsBeforeTraining) {
   o = train("y", " --set train.steps=4 --set train.warmup=1 --set train.lr=0.001 --force");
   ASSERT_EQ(o.status, 0) << o.output;
 }
+
+// Invertibility across training, the documented workflow: lminv sweep --checkpoints over a training run's folder.
+TEST_F(Train, SweepAcrossTheCheckpointsOfATrainingRun) {
+  Outcome o = train("run", " --set train.steps=20 --set train.checkpoint_every=10 --set output.report=false");
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::string data = LMINV_TEST_DATA_DIR;
+  const fs::path records = dir_ / "across" / "sweep.jsonl";
+  o = run_lminv("sweep " + data + "/tiny-gpt2-sequential.ini --prompts " + data + "/prompts-tiny.txt --limit 1 " +
+                "--checkpoints " + (dir_ / "run").string() + " --records " + records.string());
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::vector<json> runs = records_of(records);
+  ASSERT_EQ(runs.size(), 2u);  // checkpoints 10 and 20, in step order
+  EXPECT_EQ(runs[0]["sweep"]["training"]["step"], 10);
+  EXPECT_EQ(runs[1]["sweep"]["training"]["step"], 20);
+  EXPECT_EQ(runs[1]["sweep"]["grid"]["model.weights"], (dir_ / "run" / "checkpoint-0000020").string());
+  EXPECT_EQ(runs[1]["sweep"]["training"]["tokens_seen"], 20 * 8 * 32);
+  // The page the sweep wrote has the across-training table.
+  EXPECT_NE(slurp(dir_ / "across" / "sweep-report.html").find("<h4>Across training</h4>"), std::string::npos);
+  // Not a training folder: a clear error.
+  o = run_lminv("sweep " + data + "/tiny-gpt2-sequential.ini --prompts " + data + "/prompts-tiny.txt --checkpoints " +
+                dir_.string());
+  EXPECT_EQ(o.status, 1) << o.output;
+  EXPECT_NE(o.output.find("no checkpoint-<step> folder with a trainer_state.json"), std::string::npos) << o.output;
+}

@@ -4,7 +4,9 @@
 #   exact.jsonl    a sequential (exact) inversion of the tiny GPT-2, and lminv invert of states it wrote itself
 #   sweep.jsonl    the sequential search over 3 prompts at a grid of optimizer.policy x model.blocks (2 x 2)
 #   compare.jsonl  the tiny GPT-2 in f32 across backend.name=reference,torch,onednn
-#   train.jsonl    lminv train of tests/data/tiny-gpt2-train.ini (40 steps)
+#   train.jsonl    lminv train of tests/data/tiny-gpt2-train.ini (40 steps, checkpoints at 20 and 40)
+#   across.jsonl   invertibility across training: the sequential search and a descent over those checkpoints
+#                  (lminv sweep --checkpoints), 2 prompts
 # Run from anywhere: bash tests/tools/make-report-records.sh [build/bin/lminv]. Paths in the records are relative to
 # the repository. The records are data for tests: re-made only when their format changes.
 set -euo pipefail
@@ -37,4 +39,7 @@ rm -f "$out/sweep-summary.json" "$out/sweep-summary.md"
   --across backend.name=reference,torch,onednn --table "$out/compare.jsonl" >/dev/null
 "$lminv" train tests/data/tiny-gpt2-train.ini "${common[@]}" --set output.dir="$work/train" >/dev/null
 mv "$work/train/train.jsonl" "$out/train.jsonl"
+"$lminv" sweep tests/data/tiny-gpt2-sequential.ini tests/data/tiny-gpt2.ini "${common[@]}" --checkpoints "$work/train" \
+  --prompts tests/data/prompts-tiny.txt --limit 2 --records "$out/across.jsonl" >/dev/null
+rm -f "$out/across-summary.json" "$out/across-summary.md"
 wc -l "$out"/*.jsonl
