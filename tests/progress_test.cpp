@@ -1,6 +1,8 @@
 // Progress lines (host/progress.hpp): redrawn in place on a terminal, plain lines without a carriage return
 // elsewhere (CI logs), nothing when off; and the lminv program's output when stderr is not a terminal.
 #include <gtest/gtest.h>
+
+#include "lminv_process.hpp"
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -11,6 +13,9 @@
 #include "progress.hpp"
 
 namespace {
+
+using lminv_test::Outcome;
+using lminv_test::run_lminv;
 
 // What a Progress in MODE writes for `updates` updates (at most one line per `seconds`).
 std::string written(lminv::ProgressMode mode, int updates, double seconds) {
@@ -28,16 +33,6 @@ std::string written(lminv::ProgressMode mode, int updates, double seconds) {
   return s;
 }
 
-std::string run_lminv(const std::string& args) {
-  const std::string command = std::string(LMINV_BINARY) + " " + args + " 2>&1";
-  std::string out;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (!pipe) return out;
-  std::array<char, 4096> buf{};
-  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), pipe)) out.append(buf.data(), n);
-  ::pclose(pipe);
-  return out;
-}
 
 }  // namespace
 
@@ -77,11 +72,11 @@ TEST(Progress, ModeFromTheSetting) {
 TEST(Progress, ProgramOutputToAPipeHasNoCarriageReturns) {
   const std::string config = std::string(LMINV_TEST_DATA_DIR) + "/tiny-fcnet.ini";
   const std::string isolated = " --set output.dir=" + testing::TempDir() + "lminv-progress-test --set output.report=false";
-  const std::string piped = run_lminv("run " + config + isolated + " --set output.progress=auto --set optimizer.steps=100");
+  const std::string piped = run_lminv("run " + config + isolated + " --set output.progress=auto --set optimizer.steps=100").output;
   EXPECT_NE(piped.find("record"), std::string::npos) << piped;
   EXPECT_EQ(piped.find('\r'), std::string::npos) << piped;
-  const std::string forced = run_lminv("run " + config + isolated + " --set output.progress=on --set optimizer.steps=100");
+  const std::string forced = run_lminv("run " + config + isolated + " --set output.progress=on --set optimizer.steps=100").output;
   EXPECT_NE(forced.find('\r'), std::string::npos) << forced;
-  const std::string quiet = run_lminv("run " + config + isolated + " --set output.progress=on --quiet");
+  const std::string quiet = run_lminv("run " + config + isolated + " --set output.progress=on --quiet").output;
   EXPECT_EQ(quiet.find('\r'), std::string::npos) << quiet;
 }

@@ -2,6 +2,8 @@
 // the tiny GPT-2 of tests/data/tiny-gpt2-train.ini: the loss falls, one seed gives bit-identical checkpoints, a
 // killed run resumes to the same weights, the checkpoints load in every backend, bad configs are clear errors.
 #include <gtest/gtest.h>
+
+#include "lminv_process.hpp"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,29 +31,12 @@ using nlohmann::json;
 
 namespace {
 
-std::string slurp(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using lminv_test::Outcome;
+using lminv_test::run_lminv;
+using lminv_test::slurp;
 
-struct Outcome {
-  int status = -1;
-  std::string output;
-};
 
-Outcome run_lminv(const std::string& args) {
-  const std::string command = std::string(LMINV_BINARY) + " " + args + " 2>&1";
-  Outcome o;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (!pipe) return o;
-  std::array<char, 4096> buf{};
-  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), pipe)) o.output.append(buf.data(), n);
-  const int raw = ::pclose(pipe);
-  o.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  return o;
-}
+
 
 std::vector<json> records_of(const fs::path& file) {
   std::vector<json> out;
@@ -61,22 +46,16 @@ std::vector<json> records_of(const fs::path& file) {
   return out;
 }
 
-class Train : public ::testing::Test {
+constexpr char kTrainPrefix[] = "train";
+
+class Train : public lminv_test::WithTempDir<kTrainPrefix> {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("lminv-train-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "-" +
-            std::to_string(::getpid()));
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
 
   // `lminv train` of the tiny config into dir_/NAME, with more --set options.
   Outcome train(const std::string& name, const std::string& extra = "") const {
     return run_lminv("train " + config_ + " --set output.dir=" + (dir_ / name).string() + extra);
   }
 
-  fs::path dir_;
   const std::string config_ = std::string(LMINV_TEST_DATA_DIR) + "/tiny-gpt2-train.ini";
 };
 
