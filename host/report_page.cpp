@@ -782,15 +782,23 @@ void compare_section(Page& page, const std::vector<const Record*>& rows) {
   if (bars.empty()) {
     o << "<p class=\"note\">Every value's output and gradient equal the baseline's exactly: nothing to plot.</p>\n";
   } else {
+    // Bars on a log axis start from a floor below the smallest difference (a log axis has no zero).
+    double smallest = INFINITY;
+    for (const json& b : bars) smallest = std::min(smallest, b["difference"].get<double>());
+    const double floor = std::pow(10.0, std::floor(std::log10(smallest)));
+    for (json& b : bars) b["floor"] = floor;
     page.chart("compare", "Differences from " + str_at(first, {"baseline"}),
                "max |a - b| / max |a| of the model's output and of its input gradient (a vector-Jacobian product with "
-               "one fixed random vector) against the baseline, one dot per value and quantity (log axis).",
+               "one fixed random vector) against the baseline, per value (log axis; the bars start at a power of ten below the "
+               "smallest difference).",
                {{"height", std::max<double>(60, 36.0 * static_cast<double>(rows.size()))},
-                {"mark", {{"type", "point"}, {"filled", true}, {"size", 110}}},  // no bars: a log axis has no zero
+                {"mark", "bar"},
                 {"encoding",
                  {{"y", n("value", str_at(first, {"key"}))},
                   {"yOffset", {{"field", "quantity"}}},
-                  {"x", q("difference", "normalised difference", true)},
+                  {"x", {{"field", "difference"}, {"type", "quantitative"}, {"title", "normalised difference"},
+                         {"scale", {{"type", "log"}, {"domainMin", floor}}}}},
+                  {"x2", {{"field", "floor"}}},
                   {"color", colour("quantity")},
                   {"tooltip", tooltip({"value", "quantity", "difference"})}}}},
                bars);
