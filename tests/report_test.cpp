@@ -131,7 +131,7 @@ TEST_F(Report, EveryKindHasItsSectionChartsAndDataFiles) {
       EXPECT_NE(std::find(columns.begin(), columns.end(), key), columns.end()) << id << " " << key;
     const json spec = json::parse(slurp(r.data_dir / (id + ".vl.json")));
     EXPECT_EQ(spec["data"]["url"], id + ".json");
-    EXPECT_FALSE(spec["mark"].is_null() && spec["layer"].is_null() && spec["facet"].is_null()) << id;  // something to draw
+    EXPECT_TRUE(spec.contains("mark") || spec.contains("layer") || spec.contains("facet")) << id;  // something to draw
   }
   for (const char* kind : {"loss", "walk", "certificate", "candidates", "rates", "times", "time-histogram",
                            "candidates-by-position", "grid", "compare", "training-loss", "training-rates", "across-training"})
