@@ -74,7 +74,7 @@ std::string config_fingerprint(const RawConfig& raw) {
   nlohmann::json j = nlohmann::json::object();
   for (const auto& [section, keys] : raw.sections)
     if (section != "prompt" && section != "output") j[section] = keys;
-  return fnv1a_hex(j.dump());
+  return fnv1a_hex(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));  // bytes that are not UTF-8: replaced
 }
 
 std::string run_key(const std::string& config_print, std::size_t prompt_index, const std::vector<std::int64_t>& ids) {

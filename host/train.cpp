@@ -231,7 +231,7 @@ TrainConfig parse_train(const RawConfig& raw) {
   // Not what only decides how often the run is measured and saved.
   if (j.contains("train"))
     for (const char* key : {"eval_every", "eval_batches", "checkpoint_every", "log_every"}) j["train"].erase(key);
-  c.fingerprint = fnv1a_hex(j.dump());
+  c.fingerprint = fnv1a_hex(j.dump(-1, ' ', false, json::error_handler_t::replace));  // a config may hold bytes that are not UTF-8
   return c;
 }
 
