@@ -538,10 +538,12 @@ void exact_detail(Page& page, const Record& rec, std::size_t index) {
   o << "</section>\n";
 }
 
-// The first step whose loss fell below the control m (inequality (4) when the metric is L1), from the record's curve;
-// NaN when it never did, when the first step is already below (a walk), or without a curve. The curve is thinned past
+// The first step whose loss fell below the control m (inequality (4) when the metric is L1): the record's
+// steps_to_control where it has one (exact), else from its curve; NaN when it never did, when the first step is already below (a walk), or without a curve. The curve is thinned past
 // 512 steps: the step is then the first kept one below m, at most `stride` - 1 steps late.
 double first_step_below_control(const json& r) {
+  if (const json* exact = at(r, {"steps_to_control"}); exact && exact->is_number())
+    return exact->get<double>() > 1 ? exact->get<double>() : NAN;  // below at the first step: a walk, no crossing
   const double m = number_at(r, {"control", "metric"});
   const json* steps = at(r, {"curve", "step"});
   const json* losses = at(r, {"curve", "loss"});

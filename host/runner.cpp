@@ -63,6 +63,10 @@ class HostObserver final : public Observer {
         }
     if (std::find(snapshots_.begin(), snapshots_.end(), step.index) != snapshots_.end()) snapshot(step);
     keep_curve(step);
+    double lowest = INFINITY;  // of every start
+    for (double l : step.loss)
+      if (std::isfinite(l)) lowest = std::min(lowest, l);
+    lowest_.emplace_back(step.index, lowest);
     progress_.set_total(step.total);
     std::ostringstream detail;
     detail << "loss " << std::scientific << std::setprecision(4) << last_loss_;
@@ -81,6 +85,13 @@ class HostObserver final : public Observer {
     return {{"stride", stride_}, {"step", curve_steps_}, {"loss", curve_loss_}, {"values", values}};
   }
   std::int64_t steps() const { return steps_; }
+  // The first step at which some start's loss was below `level` (0: none was). With level = the control m in the
+  // metric L1, the iterations until the study's inequality (4) held.
+  std::int64_t first_step_below(double level) const {
+    for (const auto& [index, loss] : lowest_)
+      if (loss < level) return index;
+    return 0;
+  }
   // The first step whose loss (of any start) was NaN or infinite, 0 if none: the optimization diverged there.
   std::int64_t diverged_at() const { return diverged_at_; }
   std::int64_t diverged_item() const { return diverged_item_; }
@@ -97,6 +108,7 @@ class HostObserver final : public Observer {
   }
 
   static constexpr std::size_t kCurvePoints = 512;
+  std::vector<std::pair<std::int64_t, double>> lowest_;  // per step: its index and the lowest finite loss
 
   void keep_curve(const Step& step) {
     const bool last = step.total > 0 && step.index == step.total;
@@ -459,6 +471,10 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
       {"output_distance", {{"l1", out_l1}, {"l2", out_l2}, {"metric", out_metric}}},
       {"control", {{"sigma", config.control_sigma}, {"l1", m_l1}, {"metric", m_metric}}},
       {"inequality_4", out_l1 < m_l1},
+      // The first step at which a start's loss fell below the control m in the optimizer's metric: with L1, the
+      // iterations until (4) held (null: it never did during the steps).
+      {"steps_to_control", observer.first_step_below(m_metric) > 0 ? nlohmann::json(observer.first_step_below(m_metric))
+                                                                    : nlohmann::json(nullptr)},
       {"input_distance_l2", in_l2},
       {"ratio_input_output_l2", out_l2 > 0 ? nlohmann::json(in_l2 / out_l2) : nlohmann::json(nullptr)},
       {"input_distance_l1", in_l1},

@@ -447,9 +447,9 @@ void run_train(const ExperimentConfig& experiment, const TrainConfig& config, co
       << " documents); unigram baseline " << number(unigram) << " nats/token\n"
       << "  schedule  " << config.steps << " steps of " << config.batch << " x " << config.seq_len << " tokens, lr "
       << config.lr << " (warm-up " << config.warmup << ", cosine to " << config.min_lr << ")\n"
-      << "  output    " << dir.string() << (resumed_at ? "  (resuming after step " + std::to_string(resumed_at) + ")" : "")
+      << "  output    " << dir.string() << (resume_from.empty() ? "" : "  (resuming after step " + std::to_string(resumed_at) + ")")
       << "\n" << std::flush;
-  if (!resumed_at)
+  if (resume_from.empty())
     log->append({{"kind", "start"},
                  {"step", 0},
                  {"time", utc_timestamp()},
@@ -517,6 +517,16 @@ void run_train(const ExperimentConfig& experiment, const TrainConfig& config, co
     fs::rename(tmp, final_dir);
     return final_dir;
   };
+
+  // With checkpoints along the way, the first is the starting weights (step 0): the across-training sweep then
+  // measures the untrained model of the same run beside its trained ones.
+  if (resume_from.empty() && config.checkpoint_every > 0) {
+    const double val0 = validation_loss();
+    log->append({{"kind", "validation"}, {"step", 0}, {"loss", val0}, {"tokens_seen", 0}});
+    const fs::path saved = save(0, NAN, val0);
+    out << "  step 0/" << config.steps << "  validation " << number(val0) << "\n  saved     " << saved.string()
+        << "\n" << std::flush;
+  }
 
   Progress progress(progress_mode(experiment.progress), "step", config.steps);
   double window_loss = 0;

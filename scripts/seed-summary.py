@@ -7,6 +7,7 @@ For each config, the newest record of each seed; a figure over several seeds is 
   exact, tokens    exact recoveries (k/n) and the mean share of positions right
   below m          runs whose output L1 is below the control m (the study's inequality 4)
   next token       runs whose recovered prompt has the prompt's next token, and the model it came from
+  steps to m       the first step some start's loss was below m (with metric L1: iterations until inequality 4)
   r (L1)           input L1 / output L1 of the result (the study's ratios are L1 / L1)
   walk             orthogonal walk: max |g.v| and d_o / d_i = output L1 / input L1; clamped walk: r (L1) against the
                    control's
@@ -74,6 +75,9 @@ for path in paths:
         spread([r["output_distance"]["l1"] for r in runs]),
         spread([r["control"]["l1"] for r in runs]),
         count([r.get("inequality_4") for r in runs]),
+        spread([r.get("steps_to_control") for r in runs]) + (
+            "" if all(r.get("steps_to_control") is not None for r in runs) else
+            f" ({sum(1 for r in runs if r.get('steps_to_control') is None)} never)"),
         spread([r.get("input_distance_l1") for r in runs]),
         spread([r.get("ratio_input_output_l1") for r in runs]),
         next_token,
@@ -81,7 +85,7 @@ for path in paths:
         f"{first['steps']} / {statistics.mean(r['time_s']['total'] for r in runs):.0f} s",
     ])
 
-head = ["config", "seeds", "decoded (lowest seed)", "exact", "tokens", "output L1", "control m L1", "below m",
+head = ["config", "seeds", "decoded (lowest seed)", "exact", "tokens", "output L1", "control m L1", "below m", "steps to m",
         "input L1", "r (L1)", "next token agrees", "walk", "steps / time per run"]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))

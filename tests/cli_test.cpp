@@ -167,6 +167,15 @@ TEST_F(Cli, QuickstartRecoversThePromptExactly) {
   ASSERT_EQ(r.size(), 1u);
   EXPECT_TRUE(r[0]["exact_match"].get<bool>());
   EXPECT_EQ(r[0]["model"]["n_embd"], 768);
+  // The iterations until the loss fell below the control m: the curve (every step kept, 60 < 512) crosses there.
+  ASSERT_TRUE(r[0]["steps_to_control"].is_number()) << r[0].dump();
+  const std::int64_t crossed = r[0]["steps_to_control"];
+  const double m = r[0]["control"]["metric"];
+  const nlohmann::json& loss = r[0]["curve"]["loss"];
+  ASSERT_EQ(r[0]["curve"]["step"][crossed - 1], crossed);
+  EXPECT_LT(loss[crossed - 1].get<double>(), m);
+  ASSERT_GT(crossed, 1);
+  EXPECT_GE(loss[crossed - 2].get<double>(), m);
 }
 
 TEST_F(Cli, InitWritesAHuggingFaceFolderThatRunsLikeTheRandomModel) {

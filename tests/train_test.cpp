@@ -157,7 +157,7 @@ TEST_F(Train, TheLossFallsAndOneSeedGivesBitIdenticalCheckpoints) {
     if (r["kind"] == "validation") validation.push_back(r["loss"]);
   }
   ASSERT_EQ(train_loss.size(), 8u);  // every 5 steps
-  ASSERT_EQ(validation.size(), 2u);  // steps 20 and 40
+  ASSERT_EQ(validation.size(), 3u);  // steps 0 (the starting weights' checkpoint), 20 and 40
   // From about ln 50257 = 10.8 nats to below 8 within 40 steps.
   EXPECT_GT(train_loss.front(), 10.0);
   EXPECT_LT(train_loss.back(), 8.0);
@@ -173,6 +173,10 @@ TEST_F(Train, TheLossFallsAndOneSeedGivesBitIdenticalCheckpoints) {
   o = train("a");
   ASSERT_EQ(o.status, 0) << o.output;
   EXPECT_NE(o.output.find("already trained"), std::string::npos) << o.output;
+  // The first checkpoint is the starting weights: the config's model as lminv init writes it.
+  o = run_lminv("init " + config_ + " --out " + (dir_ / "init").string());
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_EQ(slurp(dir_ / "a" / "checkpoint-0000000" / "model.safetensors"), slurp(dir_ / "init" / "model.safetensors"));
 }
 
 TEST_F(Train, AKilledRunResumesToTheSameWeights) {
@@ -271,11 +275,12 @@ TEST_F(Train, SweepAcrossTheCheckpointsOfATrainingRun) {
                 "--checkpoints " + (dir_ / "run").string() + " --records " + records.string());
   ASSERT_EQ(o.status, 0) << o.output;
   const std::vector<json> runs = records_of(records);
-  ASSERT_EQ(runs.size(), 2u);  // checkpoints 10 and 20, in step order
-  EXPECT_EQ(runs[0]["sweep"]["training"]["step"], 10);
-  EXPECT_EQ(runs[1]["sweep"]["training"]["step"], 20);
-  EXPECT_EQ(runs[1]["sweep"]["grid"]["model.weights"], (dir_ / "run" / "checkpoint-0000020").string());
-  EXPECT_EQ(runs[1]["sweep"]["training"]["tokens_seen"], 20 * 8 * 32);
+  ASSERT_EQ(runs.size(), 3u);  // checkpoints 0 (the starting weights), 10 and 20, in step order
+  EXPECT_EQ(runs[0]["sweep"]["training"]["step"], 0);
+  EXPECT_EQ(runs[1]["sweep"]["training"]["step"], 10);
+  EXPECT_EQ(runs[2]["sweep"]["training"]["step"], 20);
+  EXPECT_EQ(runs[2]["sweep"]["grid"]["model.weights"], (dir_ / "run" / "checkpoint-0000020").string());
+  EXPECT_EQ(runs[2]["sweep"]["training"]["tokens_seen"], 20 * 8 * 32);
   // The page the sweep wrote has the across-training table.
   EXPECT_NE(slurp(dir_ / "across" / "sweep-report.html").find("<h4>Across training</h4>"), std::string::npos);
   // Not a training folder: a clear error.
@@ -283,4 +288,33 @@ TEST_F(Train, SweepAcrossTheCheckpointsOfATrainingRun) {
                 dir_.string());
   EXPECT_EQ(o.status, 1) << o.output;
   EXPECT_NE(o.output.find("no checkpoint-<step> folder with a trainer_state.json"), std::string::npos) << o.output;
+}
+
+// Exact inversion on trained weights (issue #15, item 5). After 40 steps the tokens training moved (the frequent ones:
+// " the", ",", " a", " is", ...) lie far out from the bulk of the embeddings, and the map contracts them: a single
+// first-order model at the mean embedding predicts them worst of all and ranked them among the last of 50,257 (12,601
+// candidates per position on the 6 prompts, measured with `anchors = 1`). The piecewise linearization (a J at each of
+// 16 k-means anchors) ranks them near the top.
+TEST_F(Train, ExactInversionOnTrainedWeightsNeedsFewCandidates) {
+  Outcome o = train("t", " --set output.report=false");
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::string data = LMINV_TEST_DATA_DIR;
+  const fs::path records = dir_ / "exact" / "sweep.jsonl";
+  o = run_lminv("sweep " + data + "/tiny-gpt2-sequential.ini --prompts " + data + "/prompts-tiny.txt --set model.weights=" +
+                (dir_ / "t" / "checkpoint-0000040").string() + " --records " + records.string() +
+                " --set output.report=false");
+  ASSERT_EQ(o.status, 0) << o.output;
+  const std::vector<json> runs = records_of(records);
+  ASSERT_EQ(runs.size(), 6u);
+  double candidates = 0, positions = 0, anchor_jacobians = 0;
+  for (const json& r : runs) {
+    EXPECT_EQ(r["certificate"]["verdict"], "unique") << r.dump();
+    for (const json& p : r["certificate"]["positions"]) {
+      candidates += p["candidates"].get<double>();
+      ++positions;
+    }
+    anchor_jacobians += r["values"].value("anchor_jacobians", 0.0);
+  }
+  EXPECT_LT(candidates / positions, 1000.0);  // 84.2 measured; 12,601 with one J
+  EXPECT_GT(anchor_jacobians, 0.0);           // the piecewise ranking did the work
 }

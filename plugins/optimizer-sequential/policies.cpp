@@ -99,6 +99,8 @@ struct Ranking {
   }
 };
 
+struct Clusters;
+
 // What the token embeddings give every linearization: their mean (the first point e), each row's squared norm (the
 // scalar ranking) and their spread about the mean (the finite-difference step).
 struct EmbeddingStats {
@@ -109,6 +111,9 @@ struct EmbeddingStats {
   // over the embeddings, bound by memory bandwidth (154 MB for GPT-2 small in f32), and half the bytes take half the
   // time. A ranking only orders candidates, so its scores need not be exact.
   std::vector<std::uint16_t> half;
+  // The piecewise linearization's groups, made on first use (for `clusters_k` groups).
+  mutable std::shared_ptr<const Clusters> clusters;
+  mutable Index clusters_k = 0;
 };
 
 #ifdef LMINV_RANK_F16
@@ -220,6 +225,83 @@ std::vector<float> quadratic_term(const float* wte, Index V, const RowMatrixF& J
   return q;
 }
 
+// P (n, m) = A (n, d) B^T for row-major A and B (m, d): oneDNN's sgemm where it is built in, else Eigen's.
+RowMatrixF times_transposed(const float* a, Index n, const RowMatrixF& b) {
+  const Index d = b.cols(), m = b.rows();
+  RowMatrixF p(n, m);
+#ifdef LMINV_HAVE_DNNL
+  const dnnl_status_t status = dnnl_sgemm('N', 'T', n, m, d, 1.0f, a, d, b.data(), d, 0.0f, p.data(), m);
+  if (status != dnnl_success)
+    throw Error("policy linearized: oneDNN's sgemm failed (dnnl_status_t " + std::to_string(status) + ")");
+#else
+  p.noalias() = Embeddings(a, n, d) * b.transpose();
+#endif
+  return p;
+}
+
+// The token embeddings in K groups, for the piecewise linearization: k-means (10 Lloyd iterations) seeded with the
+// mean embedding and then, one at a time, the row farthest from every seed so far. The seeding gives the rows far
+// from the bulk their own groups: in a trained model those are the tokens training moved most (the frequent ones),
+// and they are exactly where a single linearization at the mean extrapolates worst.
+struct Clusters {
+  std::vector<VectorF> anchors;  // K centroids
+  std::vector<Index> members;    // token ids, grouped by cluster (ascending within one)
+  std::vector<Index> offsets;    // cluster k's members: members[offsets[k] .. offsets[k + 1])
+  RowMatrixF rows;               // wte's rows in the order of `members`
+};
+
+Clusters cluster_embeddings(const float* wte, Index V, Index d, Index K, const VectorF& mean) {
+  const Embeddings W(wte, V, d);
+  K = std::max<Index>(1, std::min(K, V));
+  std::vector<VectorF> C{mean};
+  Eigen::VectorXf nearest = (W.rowwise() - mean.transpose()).rowwise().squaredNorm();
+  while (static_cast<Index>(C.size()) < K) {
+    Index far = 0;
+    nearest.maxCoeff(&far);
+    C.emplace_back(W.row(far).transpose());
+    nearest = nearest.cwiseMin((W.rowwise() - C.back().transpose()).rowwise().squaredNorm());
+  }
+  std::vector<Index> assign(static_cast<std::size_t>(V), 0);
+  auto assign_all = [&] {
+    RowMatrixF centers(K, d);
+    for (Index k = 0; k < K; ++k) centers.row(k) = C[k].transpose();
+    const Eigen::VectorXf c_sq = centers.rowwise().squaredNorm();
+    constexpr Index kChunk = 4096;
+    for (Index c0 = 0; c0 < V; c0 += kChunk) {
+      const Index n = std::min(kChunk, V - c0);
+      const RowMatrixF dots = times_transposed(wte + c0 * d, n, centers);  // (n, K)
+      for (Index i = 0; i < n; ++i) {
+        Index best = 0;
+        (c_sq.transpose() - 2.0f * dots.row(i)).minCoeff(&best);
+        assign[c0 + i] = best;
+      }
+    }
+  };
+  for (int iteration = 0; iteration < 10; ++iteration) {
+    assign_all();
+    std::vector<Eigen::VectorXd> sum(static_cast<std::size_t>(K), Eigen::VectorXd::Zero(d));
+    std::vector<Index> count(static_cast<std::size_t>(K), 0);
+    for (Index id = 0; id < V; ++id) {
+      sum[assign[id]] += W.row(id).transpose().cast<double>();
+      ++count[assign[id]];
+    }
+    for (Index k = 0; k < K; ++k)
+      if (count[k]) C[k] = (sum[k] / static_cast<double>(count[k])).cast<float>();  // an empty one keeps its place
+  }
+  assign_all();
+  Clusters c;
+  c.anchors = std::move(C);
+  c.offsets.assign(static_cast<std::size_t>(K + 1), 0);
+  for (Index id = 0; id < V; ++id) ++c.offsets[assign[id] + 1];
+  for (Index k = 0; k < K; ++k) c.offsets[k + 1] += c.offsets[k];
+  c.members.resize(static_cast<std::size_t>(V));
+  std::vector<Index> fill(c.offsets.begin(), c.offsets.end() - 1);
+  for (Index id = 0; id < V; ++id) c.members[fill[assign[id]]++] = id;
+  c.rows.resize(V, d);
+  for (Index i = 0; i < V; ++i) c.rows.row(i) = W.row(c.members[i]);
+  return c;
+}
+
 std::string spec_key(const ModelSpec& s) {
   // Everything that changes the map from an input row to the output, except seq_len (a causal model's output at t
   // does not depend on it). Doubles in hexadecimal: exact.
@@ -305,6 +387,7 @@ class Linearized final : public CandidateSource {
     jacobians_here_ = 0;
     since_rank_ = 0;
     gradient_here_ = false;
+    pieces_here_ = false;
     if (!lin_) {
       // The first searched position: its linearization depends on the model and the prefix only (empty, or the
       // known prefix), the same for every prompt of a session.
@@ -348,6 +431,9 @@ class Linearized final : public CandidateSource {
       gradient_here_ = true;
       const VectorF g = gradient_at(v);
       rank(v, &g);
+    } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ >= 1 && s_.anchors > 1 && !pieces_here_) {
+      // This position's own J at the mean failed too: J at every cluster's anchor (below), ranked beside it.
+      linearize_pieces(v);
     } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ < s_.max_jacobians) {
       if (jacobians_here_ == 0) {
         linearize(v, stats_->mean);  // the reused J failed: a fresh one at the mean embedding
@@ -391,6 +477,7 @@ class Linearized final : public CandidateSource {
 
   std::map<std::string, double> totals() const override {
     return {{"jacobians", static_cast<double>(jacobians_)},
+            {"anchor_jacobians", static_cast<double>(anchor_jacobians_)},
             {"jacobians_cached", static_cast<double>(cached_jacobians_)},
             {"gradients", static_cast<double>(gradients_)},
             {"fd_step", h_}};
@@ -466,26 +553,30 @@ class Linearized final : public CandidateSource {
   }
 
   // J and F at e by forward differences: rows e, e + h u_0, ..., e + h u_{d-1}, after the prefix (or `context`).
-  std::shared_ptr<const Linearization> differences(Verifier& v, const VectorF& e, const Tensor* context = nullptr) {
+  RowMatrixF jacobian(Verifier& v, const VectorF& e, VectorF& f_e, const Tensor* context = nullptr) {
     const Index d = e.size(), D = v.out_width();
     Tensor rows(v.spec().dtype, {d + 1, d});
     for (Index r = 0; r <= d; ++r)
       for (Index j = 0; j < d; ++j) rows.set(r * d + j, e[j] + (r == j + 1 ? h_ : 0.0));
     const Tensor out =
         context ? v.outputs_after(*context, rows, s_.jacobian_batch) : v.outputs(rows, s_.jacobian_batch);
-    auto lin = std::make_shared<Linearization>();
-    lin->e = e;
-    lin->f_e = row_of(out, 0, D);
+    f_e = row_of(out, 0, D);
     // Differences in double from the backend's values (rows e + h u_i carry the step's rounding in the model's dtype:
     // the actual step is (e + h) - e as stored).
     std::vector<double> step(static_cast<std::size_t>(d));
     for (Index i = 0; i < d; ++i) step[i] = rows.get((i + 1) * d + i) - rows.get(i);
-    lin->J.resize(D, d);
+    RowMatrixF J(D, d);
     for (Index i = 0; i < d; ++i)
-      for (Index j = 0; j < D; ++j)
-        lin->J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / step[i]);
+      for (Index j = 0; j < D; ++j) J(j, i) = static_cast<float>((out.get((i + 1) * D + j) - out.get(j)) / step[i]);
+    return J;
+  }
+
+  std::shared_ptr<const Linearization> differences(Verifier& v, const VectorF& e, const Tensor* context = nullptr) {
+    auto lin = std::make_shared<Linearization>();
+    lin->e = e;
+    lin->J = jacobian(v, e, lin->f_e, context);
     lin->quadratic = quadratic_term(wte_, V_, lin->J, lin->e);
-    lin->scale = D == d ? lin->J.trace() / static_cast<float>(d) : 0.0f;
+    lin->scale = lin->J.rows() == lin->J.cols() ? lin->J.trace() / static_cast<float>(lin->J.cols()) : 0.0f;
     return lin;
   }
 
@@ -501,7 +592,7 @@ class Linearized final : public CandidateSource {
 
   // 2 when the scalar ranking runs beside the J ranking.
   int rankings() const {
-    return s_.scalar_ranking && lin_ && lin_->scale > 0 && std::isfinite(lin_->scale) ? 2 : 1;
+    return pieces_here_ || (s_.scalar_ranking && lin_ && lin_->scale > 0 && std::isfinite(lin_->scale)) ? 2 : 1;
   }
 
   // The rankings of every token at this position, from the current linearization and F(e), r = F(e) - y_t:
@@ -514,7 +605,7 @@ class Linearized final : public CandidateSource {
     const Index V = V_, d = d_;
     const Linearization& lin = *lin_;
     const VectorF r = residual(v);
-    const bool scalar = rankings() == 2;
+    const bool scalar = rankings() == 2 && !pieces_here_;
     const VectorF g = gradient ? *gradient : VectorF(lin.J.transpose() * r);
     const VectorF a = scalar ? VectorF(lin.e - r / lin.scale) : VectorF::Zero(d);
     const float eg = lin.e.dot(g);
@@ -536,9 +627,48 @@ class Linearized final : public CandidateSource {
     }
 #endif
     orders_[0].assign(score);
-    if (scalar) orders_[1].assign(score2);
-    else orders_[1].clear();
-    next_[0] = next_[1] = 0;
+    next_[0] = 0;
+    if (!pieces_here_) {  // the piecewise ranking, once made at this position, stays beside each new J ranking
+      if (scalar) orders_[1].assign(score2);
+      else orders_[1].clear();
+      next_[1] = 0;
+    }
+    since_rank_ = 0;
+  }
+
+  // The piecewise linearization at this position: the tokens in `anchors` clusters (cluster_embeddings), each
+  // cluster's tokens scored by the first-order model at its own centroid a_k,
+  //   ||F(a_k) + J_k (w_v - a_k) - y_t||^2 = ||J_k (w_v - a_k)||^2 + 2 <w_v - a_k, J_k^T r_k> + ||r_k||^2,
+  // r_k = F(a_k) - y_t, all in one order, interleaved with the J ranking. One J at the mean models the tokens near
+  // the mean well; on trained weights the tokens far from it (the ones training moved: the frequent ones, which real
+  // text is made of) are mapped far less than it predicts (layer norms and trained blocks contract them), so a
+  // single J ranks exactly them last. K more Jacobians (K (d + 1) rows) fix that: see docs/exact-inversion.md.
+  void linearize_pieces(Verifier& v) {
+    if (!stats_->clusters || stats_->clusters_k != s_.anchors) {
+      stats_->clusters = std::make_shared<const Clusters>(cluster_embeddings(wte_, V_, d_, s_.anchors, stats_->mean));
+      stats_->clusters_k = s_.anchors;
+    }
+    const Clusters& c = *stats_->clusters;
+    const Index D = v.out_width(), d = d_;
+    const std::vector<double>& y = v.target_row();
+    std::vector<float> score(static_cast<std::size_t>(V_));
+    for (std::size_t k = 0; k + 1 < c.offsets.size(); ++k) {
+      const Index from = c.offsets[k], n = c.offsets[k + 1] - from;
+      if (n == 0) continue;
+      VectorF f_a;
+      const RowMatrixF J = jacobian(v, c.anchors[k], f_a);
+      ++anchor_jacobians_;
+      VectorF r(D);
+      for (Index j = 0; j < D; ++j) r[j] = static_cast<float>(f_a[j] - y[j]);
+      const VectorF g = J.transpose() * r;
+      const float constant = r.squaredNorm() - 2.0f * c.anchors[k].dot(g);
+      const std::vector<float> q = quadratic_term(c.rows.data() + from * d, n, J, c.anchors[k]);
+      const RowMatrixF wg = times_transposed(c.rows.data() + from * d, n, RowMatrixF(g.transpose()));  // (n, 1)
+      for (Index i = 0; i < n; ++i) score[c.members[from + i]] = q[i] + 2.0f * wg(i, 0) + constant;
+    }
+    orders_[1].assign(score);
+    next_[1] = 0;
+    pieces_here_ = true;
     since_rank_ = 0;
   }
 
@@ -612,6 +742,8 @@ class Linearized final : public CandidateSource {
   mutable std::uint32_t stamp_ = 0;
   Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0, cached_jacobians_ = 0, gradients_ = 0;
   bool gradient_here_ = false;  // this position's ranking has had its exact gradient
+  bool pieces_here_ = false;    // orders_[1] holds this position's piecewise ranking
+  Index anchor_jacobians_ = 0;
 };
 
 // ---- gradient -----------------------------------------------------------------------------------------------------
@@ -701,6 +833,8 @@ void LinearizedSettings::read(const Options& o) {
   scalar_ranking = o.get_bool("scalar_ranking", scalar_ranking);
   session_cache = o.get_bool("session_cache", session_cache);
   gradient_fallback = o.get_bool("gradient_fallback", gradient_fallback);
+  anchors = o.get_int("anchors", anchors);
+  if (anchors < 1) o.fail("anchors", "must be at least 1 (1: no piecewise linearization)");
 }
 
 void GradientSettings::read(const Options& o) {

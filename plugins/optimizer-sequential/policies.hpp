@@ -17,7 +17,9 @@ namespace lminv::sequential {
 // when that ranking fails. With `scalar_ranking` (outputs as wide as the embeddings), a second ranking by the same
 // model with J replaced by its scalar part (tr J / d) I is interleaved with the first: it needs no Jacobian of its
 // own, so it stays right where a reused J has gone stale (the residual stream carries the input through every
-// block). Needs input = embedding.
+// block). When this position's own J at the mean fails as well, the piecewise ranking takes the scalar ranking's
+// place: the embeddings in `anchors` k-means clusters, each cluster's tokens scored by the first-order model at its
+// centroid (trained embeddings are far from linear around the mean). Needs input = embedding.
 struct LinearizedSettings {
   double fd_step = 0.01;           // finite-difference step, relative to the spread of the token embeddings
   bool reuse_jacobian = true;
@@ -27,6 +29,8 @@ struct LinearizedSettings {
   bool scalar_ranking = true;      // interleave the ranking by J ~ (tr J / d) I (when D = d)
   bool session_cache = true;       // keep the first positions' linearizations for the session's next prompts
   bool gradient_fallback = true;   // when a reused J's ranking fails: J_t^T r by a backward pass before a new J
+  Index anchors = 16;              // when this position's own J at the mean fails too: J at each of this many
+                                   // clusters' centroids, each ranking its cluster's tokens (1: off)
   void read(const Options& o);
 };
 
