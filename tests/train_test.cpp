@@ -315,6 +315,6 @@ TEST_F(Train, ExactInversionOnTrainedWeightsNeedsFewCandidates) {
     }
     anchor_jacobians += r["values"].value("anchor_jacobians", 0.0);
   }
-  EXPECT_LT(candidates / positions, 1000.0);  // 84.2 measured; 12,601 with one J
+  EXPECT_LT(candidates / positions, 1000.0);  // 60.8 measured; 12,601 with one J
   EXPECT_GT(anchor_jacobians, 0.0);           // the piecewise ranking did the work
 }

@@ -387,7 +387,8 @@ class Linearized final : public CandidateSource {
     jacobians_here_ = 0;
     since_rank_ = 0;
     gradient_here_ = false;
-    pieces_here_ = false;
+    const bool pieces_before = pieces_here_;  // the previous position needed the piecewise ranking
+    pieces_here_ = pieces_fresh_ = false;
     if (!lin_) {
       // The first searched position: its linearization depends on the model and the prefix only (empty, or the
       // known prefix), the same for every prompt of a session.
@@ -419,6 +420,9 @@ class Linearized final : public CandidateSource {
       const Tensor out = v.outputs(point_rows(v, lin_->e), 1);
       f_e_ = row_of(out, 0, v.out_width());
       rank(v);
+      // On weights where one J is not enough (the previous position needed the groups), the groups' earlier
+      // Jacobians start this position beside it at once: only their F(a_k) are recomputed (`anchors` rows).
+      if (pieces_before && !pieces_.empty()) rank_pieces(v, /*fresh=*/false);
     } else {
       linearize(v, stats_->mean);
     }
@@ -431,9 +435,9 @@ class Linearized final : public CandidateSource {
       gradient_here_ = true;
       const VectorF g = gradient_at(v);
       rank(v, &g);
-    } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ >= 1 && s_.anchors > 1 && !pieces_here_) {
+    } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ >= 1 && s_.anchors > 1 && !pieces_fresh_) {
       // This position's own J at the mean failed too: J at every cluster's anchor (below), ranked beside it.
-      linearize_pieces(v);
+      rank_pieces(v, /*fresh=*/true);
     } else if (since_rank_ >= s_.relinearize_after && jacobians_here_ < s_.max_jacobians) {
       if (jacobians_here_ == 0) {
         linearize(v, stats_->mean);  // the reused J failed: a fresh one at the mean embedding
@@ -643,28 +647,44 @@ class Linearized final : public CandidateSource {
   // the mean well; on trained weights the tokens far from it (the ones training moved: the frequent ones, which real
   // text is made of) are mapped far less than it predicts (layer norms and trained blocks contract them), so a
   // single J ranks exactly them last. K more Jacobians (K (d + 1) rows) fix that: see docs/exact-inversion.md.
-  void linearize_pieces(Verifier& v) {
+  // `fresh`: new J_k at this position; else the latest ones, with only F(a_k) recomputed (K rows).
+  void rank_pieces(Verifier& v, bool fresh) {
     if (!stats_->clusters || stats_->clusters_k != s_.anchors) {
       stats_->clusters = std::make_shared<const Clusters>(cluster_embeddings(wte_, V_, d_, s_.anchors, stats_->mean));
       stats_->clusters_k = s_.anchors;
     }
     const Clusters& c = *stats_->clusters;
-    const Index D = v.out_width(), d = d_;
+    const Index K = static_cast<Index>(c.anchors.size()), D = v.out_width(), d = d_;
+    if (fresh || static_cast<Index>(pieces_.size()) != K) {
+      pieces_.assign(static_cast<std::size_t>(K), Piece{});
+      for (Index k = 0; k < K; ++k) {
+        const Index from = c.offsets[k], n = c.offsets[k + 1] - from;
+        if (n == 0) continue;
+        Piece& p = pieces_[k];
+        p.J = jacobian(v, c.anchors[k], p.f_a);
+        p.quadratic = quadratic_term(c.rows.data() + from * d, n, p.J, c.anchors[k]);
+        ++anchor_jacobians_;
+      }
+      pieces_fresh_ = true;
+    } else {  // the earlier Jacobians; F(a_k) at this position, one call for all
+      Tensor rows(v.spec().dtype, {K, d});
+      for (Index k = 0; k < K; ++k)
+        for (Index j = 0; j < d; ++j) rows.set(k * d + j, c.anchors[k][j]);
+      const Tensor out = v.outputs(rows, s_.jacobian_batch);
+      for (Index k = 0; k < K; ++k) pieces_[k].f_a = row_of(out, k, D);
+    }
     const std::vector<double>& y = v.target_row();
     std::vector<float> score(static_cast<std::size_t>(V_));
-    for (std::size_t k = 0; k + 1 < c.offsets.size(); ++k) {
+    for (Index k = 0; k < K; ++k) {
       const Index from = c.offsets[k], n = c.offsets[k + 1] - from;
       if (n == 0) continue;
-      VectorF f_a;
-      const RowMatrixF J = jacobian(v, c.anchors[k], f_a);
-      ++anchor_jacobians_;
+      const Piece& p = pieces_[k];
       VectorF r(D);
-      for (Index j = 0; j < D; ++j) r[j] = static_cast<float>(f_a[j] - y[j]);
-      const VectorF g = J.transpose() * r;
+      for (Index j = 0; j < D; ++j) r[j] = static_cast<float>(p.f_a[j] - y[j]);
+      const VectorF g = p.J.transpose() * r;
       const float constant = r.squaredNorm() - 2.0f * c.anchors[k].dot(g);
-      const std::vector<float> q = quadratic_term(c.rows.data() + from * d, n, J, c.anchors[k]);
       const RowMatrixF wg = times_transposed(c.rows.data() + from * d, n, RowMatrixF(g.transpose()));  // (n, 1)
-      for (Index i = 0; i < n; ++i) score[c.members[from + i]] = q[i] + 2.0f * wg(i, 0) + constant;
+      for (Index i = 0; i < n; ++i) score[c.members[from + i]] = p.quadratic[i] + 2.0f * wg(i, 0) + constant;
     }
     orders_[1].assign(score);
     next_[1] = 0;
@@ -742,7 +762,14 @@ class Linearized final : public CandidateSource {
   mutable std::uint32_t stamp_ = 0;
   Index since_rank_ = 0, jacobians_here_ = 0, jacobians_ = 0, cached_jacobians_ = 0, gradients_ = 0;
   bool gradient_here_ = false;  // this position's ranking has had its exact gradient
-  bool pieces_here_ = false;    // orders_[1] holds this position's piecewise ranking
+  bool pieces_here_ = false;    // orders_[1] holds the piecewise ranking at this position
+  bool pieces_fresh_ = false;   // ... from Jacobians taken at this position
+  struct Piece {
+    RowMatrixF J;                // (D, d) at the group's centroid
+    VectorF f_a;                 // F(a_k) at the current position
+    std::vector<float> quadratic;  // ||J (w_v - a_k)||^2 for the group's tokens, in Clusters::members order
+  };
+  std::vector<Piece> pieces_;    // the groups' latest Jacobians (empty before the first piecewise ranking)
   Index anchor_jacobians_ = 0;
 };
 
