@@ -7,6 +7,8 @@
 #   bash scripts/run-exact.sh policies   # the paper's gradient policy against linearized
 #   bash scripts/run-exact.sh long       # 50 prompts of 100 tokens at block 12
 #   bash scripts/run-exact.sh sizes      # GPT-2 medium and large shapes at their last block, 10 prompts
+#   bash scripts/run-exact.sh trained [MODEL]  # a model lminv trained (default: the last checkpoint of
+#                                        # configs/train/gpt2-d128-12blocks.ini), its step-0 weights beside it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prompts=tests/data/prompts-20.txt
@@ -44,4 +46,24 @@ if [[ $what == all || $what == sizes ]]; then
     --set model.n_embd=1024 --set model.n_head=16 --set model.blocks=24 --records runs/exact/sizes/gpt2-medium-block24.jsonl
   lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 10 --set model.n_layer=36 \
     --set model.n_embd=1280 --set model.n_head=20 --set model.blocks=36 --records runs/exact/sizes/gpt2-large-block36.jsonl
+fi
+if [[ $what == trained ]]; then
+  # Issue #15, item 5: trained weights at the first, middle and last block, both policies, and the same model's
+  # starting weights (checkpoint 0) for the untrained figure of the same shape.
+  run=models/lminv-gpt2-d128
+  model=${2:-$(ls -d $run/checkpoint-* | sort | tail -1)}
+  start=$run/checkpoint-0000000
+  [[ -f $model/config.json ]] || { echo "run-exact: no trained model at $model: lminv train configs/train/gpt2-d128-12blocks.ini" >&2; exit 1; }
+  out=runs/exact/trained
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 20 --set model.weights=$model \
+    --grid model.blocks=1,6,12 --records $out/linearized.jsonl
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 20 --set model.weights=$start \
+    --grid model.blocks=1,6,12 --records $out/linearized-step0.jsonl
+  # The paper's gradient policy ranks poorly on these weights (docs/exact-inversion.md): 2 prompts at block 1 only
+  # (at block 12 one prompt took over 10 minutes on checkpoint 880 and was stopped).
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 2 --set model.weights=$model \
+    --set optimizer.policy=gradient --set model.blocks=1 --records $out/gradient-block1.jsonl
+  # The single-J ranking of before the piecewise one (anchors = 1), on 3 prompts: what item 5 had to fix.
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 3 --set model.weights=$model \
+    --set optimizer.anchors=1 --grid model.blocks=1,12 --records $out/linearized-anchors1.jsonl
 fi
