@@ -9,7 +9,7 @@
 # With --weights PATH every run reads that Hugging Face folder (--set model.weights=PATH; the folder's config.json
 # gives the sizes), and its records go to runs/seed-LABEL/ (--label LABEL, default the folder's name): the trained
 # half of the study on a model lminv trained (docs/training.md). Configs asking for more blocks than the model has
-# are skipped with a note.
+# are skipped with a note. --set section.key=value (repeatable) is passed to every run.
 #   bash scripts/run-seed.sh --weights models/lminv-gpt2-d128/checkpoint-0002200 --label trained configs/seed/trained/*.ini
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +17,13 @@ configs=()
 trained=0
 weights=""
 label=""
+sets=()  # more --set options for every run
 while (($#)); do
   case "$1" in
     --trained) trained=1 ;;
     --weights) weights=${2:?--weights needs a folder}; shift ;;
     --label) label=${2:?--label needs a name}; shift ;;
+    --set) sets+=(--set "${2:?--set needs section.key=value}"); shift ;;
     *) configs+=("$1") ;;
   esac
   shift
@@ -58,7 +60,7 @@ for config in "${configs[@]}"; do
     t0=$SECONDS
     echo "== $name (seed $seed)"
     set +e
-    build/bin/lminv run "$config" --set output.progress=off --set model.seed="$seed" "${extra[@]}" \
+    build/bin/lminv run "$config" --set output.progress=off --set model.seed="$seed" "${extra[@]}" "${sets[@]}" \
       --set output.dir="$runs/$name" 2>&1 | tee -a "$runs/$name/log.txt" >"$runs/$name/last.txt"
     status=${PIPESTATUS[0]}
     set -e

@@ -777,9 +777,36 @@ class Linearized final : public CandidateSource {
 
 class Gradient final : public CandidateSource {
  public:
-  explicit Gradient(const GradientSettings& s) : s_(s) {}
+  Gradient(const GradientSettings& s, std::unique_ptr<CandidateSource> fallback)
+      : s_(s), fallback_(std::move(fallback)) {}
+
+  std::vector<Index> next(Verifier& v, Index n) override {
+    if (!falling_back_ && fallback_ && taken_ >= s_.fallback_after && !v.certifying() &&
+        v.spec().input == InputSpace::embedding) {
+      fallback_->begin(v);  // the linearized rankings from here on at this position
+      falling_back_ = true;
+      ++fallbacks_;
+    }
+    if (falling_back_) return fallback_->next(v, n);
+    std::vector<Index> ids = ranking_.take(v, n);
+    taken_ += static_cast<Index>(ids.size());
+    return ids;
+  }
+
+  Index rank_of(Index id) const override {
+    if (falling_back_) return -1;  // two orders in turn: no single place
+    return ranking_.place.empty() ? -1 : ranking_.place[id];
+  }
+
+  std::map<std::string, double> totals() const override {
+    std::map<std::string, double> t = fallback_ ? fallback_->totals() : std::map<std::string, double>{};
+    t["fallbacks"] = static_cast<double>(fallbacks_);
+    return t;
+  }
 
   void begin(Verifier& v) override {
+    falling_back_ = false;
+    taken_ = 0;
     const ModelSpec& spec = v.spec();
     const Index T = v.seq_len(), t = v.position(), w = v.width(), D = v.out_width(), V = v.vocab();
     const bool embedding = spec.input == InputSpace::embedding;
@@ -837,12 +864,12 @@ class Gradient final : public CandidateSource {
     ranking_.sort(score);
   }
 
-  std::vector<Index> next(Verifier& v, Index n) override { return ranking_.take(v, n); }
-  Index rank_of(Index id) const override { return ranking_.place.empty() ? -1 : ranking_.place[id]; }
-
  private:
   GradientSettings s_;
   Ranking ranking_;
+  std::unique_ptr<CandidateSource> fallback_;  // linearized, or null (fallback_after = 0)
+  bool falling_back_ = false;                  // at this position
+  Index taken_ = 0, fallbacks_ = 0;
 };
 
 }  // namespace
@@ -869,12 +896,18 @@ void GradientSettings::read(const Options& o) {
   if (proxy_steps < 0) o.fail("proxy_steps", "must be >= 0");
   proxy_lr = o.get_double("proxy_lr", proxy_lr);
   if (!(proxy_lr > 0) || !std::isfinite(proxy_lr)) o.fail("proxy_lr", "must be a positive number");
+  fallback_after = o.get_int("fallback_after", fallback_after);
+  if (fallback_after < 0) o.fail("fallback_after", "must be >= 0 (0: never fall back to the linearized rankings)");
 }
 
 std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& s,
                                                  std::shared_ptr<LinearizationCache> cache) {
   return std::make_unique<Linearized>(s, std::move(cache));
 }
-std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& s) { return std::make_unique<Gradient>(s); }
+std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& s, const LinearizedSettings& fallback,
+                                               std::shared_ptr<LinearizationCache> cache) {
+  return std::make_unique<Gradient>(
+      s, s.fallback_after > 0 ? std::make_unique<Linearized>(fallback, std::move(cache)) : nullptr);
+}
 
 }  // namespace lminv::sequential

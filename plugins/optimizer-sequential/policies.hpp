@@ -48,11 +48,19 @@ std::unique_ptr<CandidateSource> make_linearized(const LinearizedSettings& setti
 // `gradient` (the paper's policy): a continuous proxy p at position t, started at the mean token embedding and
 // descended with Adam for `proxy_steps` steps on ||F_t(p) - y_t|| / ||y_t|| (gradients by the backend's backward
 // pass over the whole padded sequence); tokens ranked by ||w_v - p|| (embedding input) or by -p_v (vocab input).
+//
+// On trained weights the descended proxy often lands on a continuous input whose output is as close to y_t as the
+// token's, far from every token's embedding (the map contracts the tokens training moved), and its nearest tokens
+// are not the answer. So after `fallback_after` candidates fail under the proxy's ranking, a position continues with
+// the `linearized` policy's rankings (its settings; input = embedding only; 0: never, the proxy's ranking to the
+// end).
 struct GradientSettings {
   Index proxy_steps = 50;
   double proxy_lr = 0.01;
+  Index fallback_after = 64;
   void read(const Options& o);
 };
-std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& settings);
+std::unique_ptr<CandidateSource> make_gradient(const GradientSettings& settings, const LinearizedSettings& fallback,
+                                               std::shared_ptr<LinearizationCache> cache = nullptr);
 
 }  // namespace lminv::sequential

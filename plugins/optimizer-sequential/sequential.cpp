@@ -21,7 +21,7 @@ void SequentialOptimizer::configure(const Options& o) {
 Result SequentialOptimizer::run(Problem& problem, Observer& observer) {
   std::unique_ptr<CandidateSource> source;
   if (policy_ == "linearized") source = make_linearized(linearized_, linearization_cache_);
-  else if (policy_ == "gradient") source = make_gradient(gradient_);
+  else if (policy_ == "gradient") source = make_gradient(gradient_, linearized_, linearization_cache_);
   else source = make_random_order(problem.rng.fork("sequential/random"));
   try {
     return run_search(problem, observer, search_, *source, "sequential");
