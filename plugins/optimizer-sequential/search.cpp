@@ -72,6 +72,8 @@ void SearchOptions::read(const Options& o) {
   relax = o.get_bool("relax", relax);
   relax_after = o.get_int("relax_after", relax_after);
   if (relax_after < 1) o.fail("relax_after", "must be at least 1");
+  relax_after_exact = o.get_int("relax_after_exact", relax_after_exact);
+  if (relax_after_exact < 1) o.fail("relax_after_exact", "must be at least 1");
   unique_ratio = o.get_double("unique_ratio", unique_ratio);
   if (!(unique_ratio > 1) || !std::isfinite(unique_ratio)) o.fail("unique_ratio", "must be a number > 1");
   level_factor = o.get_double("level_factor", level_factor);
@@ -262,6 +264,7 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
   Index candidates_total = 0, unverified = 0, relaxed_count = 0, ambiguous = 0;
   double worst_margin = std::numeric_limits<double>::infinity(), largest_eps = 0, total_distance = 0;
   double level = 0;  // the largest distance accepted so far: how closely this model reproduces the target
+  Index matched = 0;  // positions (known prefix included) accepted within eps_floor
   std::vector<std::vector<Candidate>> ties;
 
   auto keep_row = [&](Index t, Index id) {
@@ -289,6 +292,7 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
                   " (epsilon_max " + std::to_string(options.epsilon_max) +
                   "); were the states made with this prefix (BOS, [prompt] prefix)?");
     level = std::max(level, dist);
+    if (dist <= eps_floor) ++matched;
     v.accept(id);
     keep_row(t, id);
     record("distance", dist);
@@ -332,7 +336,12 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
         after_accepted = static_cast<Index>(ids.size() - 1 - at);
         break;
       }
-      if (options.relax && v.verified_count() >= options.relax_after) {
+      // While every position so far matched within the floor, the target is this computation's own: a miss here
+      // is the ranking's, not a sign of states made elsewhere, so a clear winner above epsilon waits longer (on
+      // trained weights a wrong token can stand 4x clear of the other 63 candidates while the right one is 0 away).
+      const bool own_target = matched > 0 && level <= eps_floor;
+      const Index relax_at = own_target ? std::max(options.relax_after, options.relax_after_exact) : options.relax_after;
+      if (options.relax && v.verified_count() >= relax_at) {
         // A clear winner above epsilon: the target was made by another computation (or dtype) than this one.
         const Index best = closest_verified(-1), second = closest_verified(best);
         if (best >= 0 && v.distance(best) <= options.epsilon_max &&
@@ -361,6 +370,7 @@ Result run_search(Problem& problem, Observer& observer, const SearchOptions& opt
     const double dist = v.distance(accepted);
     const bool ok = dist <= eps;
     if (ok) level = std::max(level, dist);
+    if (ok && dist <= eps_floor) ++matched;
     const double tolerance = std::max(eps, options.unique_ratio * dist);
     double best_rejected = std::numeric_limits<double>::infinity();
     std::vector<Candidate> rivals;

@@ -39,6 +39,7 @@ struct SearchOptions {
   // Tolerance to other implementations' rounding (states captured elsewhere):
   bool relax = true;            // accept a clear winner above epsilon (see below) and let epsilon follow the level
   Index relax_after = 64;       // candidates verified at a position before a clear winner above epsilon is taken
+  Index relax_after_exact = 4096;  // the same while every position so far matched within the dtype's epsilon
   double unique_ratio = 3;      // a rival within unique_ratio x the accepted distance is a tie (and no clear winner)
   double level_factor = 2;      // epsilon >= level_factor x the largest accepted distance so far (with relax)
   // The certificate: candidates verified after the accepted one, in the policy's order (rivals the policy ranks
@@ -47,8 +48,8 @@ struct SearchOptions {
   Index max_candidates = 0;     // per position; 0: the whole vocabulary (a complete search)
   Index max_ties = 16;          // rivals listed per position (all are counted)
 
-  // Reads batch, epsilon, epsilon_growth, epsilon_max, cache, relax, relax_after, unique_ratio, level_factor,
-  // certify_next, max_candidates.
+  // Reads batch, epsilon, epsilon_growth, epsilon_max, cache, relax, relax_after, relax_after_exact, unique_ratio,
+  // level_factor, certify_next, max_candidates.
   void read(const Options& o);
 };
 
@@ -150,8 +151,10 @@ std::unique_ptr<CandidateSource> make_random_order(Rng rng);
 // the target's own rounding (Problem::target_rounding: states stored in bf16 or f16 cannot come closer), and, with
 // relax, level_factor x the observed level (the largest distance accepted so far, known prefix included: how far
 // this implementation's states lie from the target's for the right tokens). With relax, once relax_after candidates
-// are verified without one within epsilon, the closest is accepted when every other verified candidate lies at least
-// unique_ratio times farther (a clear winner; epsilon becomes its distance); otherwise the search goes on through
+// are verified without one within epsilon (relax_after_exact while every position so far, known prefix included,
+// matched within the dtype's epsilon: the target is then this computation's own and a miss is the ranking's), the
+// closest is accepted when every other verified candidate lies at least unique_ratio times farther (a clear winner;
+// epsilon becomes its distance); otherwise the search goes on through
 // the whole vocabulary (or max_candidates), as without relax.
 Result run_search(Problem& problem, Observer& observer, const SearchOptions& options, CandidateSource& source,
                   const std::string& who);
