@@ -59,10 +59,12 @@ if [[ $what == trained ]]; then
     --grid model.blocks=1,6,12 --records $out/linearized.jsonl
   lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 20 --set model.weights=$start \
     --grid model.blocks=1,6,12 --records $out/linearized-step0.jsonl
-  # The paper's gradient policy ranks poorly on these weights (docs/exact-inversion.md): 2 prompts at block 1 only
-  # (at block 12 one prompt took over 10 minutes on checkpoint 880 and was stopped).
+  # The paper's gradient policy (its proxy ranks poorly on these weights and hands over to the linearized rankings:
+  # docs/exact-inversion.md): 2 prompts at block 1, 5 at blocks 6 and 12.
   lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 2 --set model.weights=$model \
     --set optimizer.policy=gradient --set model.blocks=1 --records $out/gradient-block1.jsonl
+  lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 5 --set model.weights=$model \
+    --set optimizer.policy=gradient --grid model.blocks=6,12 --records $out/gradient-blocks-6-12.jsonl
   # The single-J ranking of before the piecewise one (anchors = 1), what item 5 had to fix: 2 prompts at block 1
   # (at block 12 a position can verify most of the vocabulary, minutes each).
   lminv sweep configs/exact/gpt2-small-block12.ini --prompts $prompts --limit 2 --set model.weights=$model \
