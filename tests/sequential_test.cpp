@@ -443,6 +443,109 @@ TEST(Sequential, RelaxFollowsTheObservedLevel) {
   EXPECT_GT(r.result.values.at("observed_level"), 1e-9);
 }
 
+// A policy with a fixed order at one position (the test's), vocabulary order elsewhere.
+class FixedOrder final : public sequential::CandidateSource {
+ public:
+  FixedOrder(sequential::Index position, std::vector<sequential::Index> order)
+      : position_(position), fixed_(std::move(order)) {}
+  void begin(sequential::Verifier& v) override {
+    order_.clear();
+    at_ = 0;
+    if (v.position() == position_) order_ = fixed_;
+    else
+      for (sequential::Index id = 0; id < v.vocab(); ++id) order_.push_back(id);
+  }
+  std::vector<sequential::Index> next(sequential::Verifier& v, sequential::Index n) override {
+    std::vector<sequential::Index> ids;
+    while (at_ < order_.size() && static_cast<sequential::Index>(ids.size()) < n) {
+      const sequential::Index id = order_[at_++];
+      if (!v.verified(id)) ids.push_back(id);
+    }
+    return ids;
+  }
+
+ private:
+  sequential::Index position_;
+  std::vector<sequential::Index> fixed_, order_;
+  std::size_t at_ = 0;
+};
+
+// The clear-winner rule on a target this computation made itself (every earlier position matched within epsilon):
+// the policy hands out first a wrong token that stands clear (by unique_ratio) of the next 7 it hands out, and the
+// prompt's own token last. Taken as a clear winner after relax_after = 8 candidates, the wrong token would be
+// accepted (as relax_after_exact = 8 shows); by default the rule waits for relax_after_exact (4096) candidates, so
+// the search reaches the right token (found this way on trained weights: docs/exact-inversion.md).
+TEST(Sequential, AClearWinnerWaitsWhileTheTargetIsThisComputationsOwn) {
+  const ModelSpec spec = [] {
+    ModelSpec s = small_gpt2(DType::f64);
+    s.seq_len = 3;
+    return s;
+  }();
+  const std::vector<std::int64_t> ids = random_ids(3, spec.vocab_size, 21);
+  const std::shared_ptr<const WeightSet> w = weights_for(spec);
+  std::unique_ptr<Model> model = backend("reference")->create_model(spec, w);
+  const Tensor x = embed(ids, spec, *w);
+  const Tensor target = model->forward(x);
+  // Every token's relative distance at position 1 after the prompt's first token.
+  const std::int64_t V = spec.vocab_size, d = spec.n_embd, D = target.dim(-1);
+  ModelSpec two = spec;
+  two.seq_len = 2;
+  std::unique_ptr<Model> pair_model = backend("reference")->create_model(two, w);
+  const Tensor& wte = w->get("wte.weight");
+  Tensor pairs(DType::f64, {V, 2, d});
+  for (std::int64_t v = 0; v < V; ++v)
+    for (std::int64_t j = 0; j < d; ++j) {
+      pairs.set((v * 2) * d + j, wte.get(ids[0] * d + j));
+      pairs.set((v * 2 + 1) * d + j, wte.get(v * d + j));
+    }
+  const Tensor out = pair_model->forward(pairs);
+  double y_norm = 0;
+  for (std::int64_t j = 0; j < D; ++j) y_norm += target.get(D + j) * target.get(D + j);
+  std::vector<std::pair<double, std::int64_t>> dist;
+  for (std::int64_t v = 0; v < V; ++v) {
+    if (v == ids[1]) continue;
+    double sq = 0;
+    for (std::int64_t j = 0; j < D; ++j) {
+      const double e = out.get((v * 2 + 1) * D + j) - target.get(D + j);
+      sq += e * e;
+    }
+    dist.emplace_back(std::sqrt(sq / y_norm), v);
+  }
+  std::sort(dist.begin(), dist.end());
+  // The decoy: the closest wrong token, then the 7 farthest, the rest, and the prompt's token last. On random weights
+  // the wrong tokens lie closer together than on trained ones, so unique_ratio is set between the decoy's distance
+  // and the nearest of the 7 (the default 3 on trained weights).
+  std::vector<sequential::Index> order{dist[0].second};
+  for (std::size_t i = dist.size() - 7; i < dist.size(); ++i) order.push_back(dist[i].second);
+  for (std::size_t i = 1; i + 7 < dist.size(); ++i) order.push_back(dist[i].second);
+  order.push_back(ids[1]);
+  ASSERT_EQ(static_cast<std::int64_t>(order.size()), V);
+  const double gap = dist[dist.size() - 7].first / dist[0].first;
+  ASSERT_GT(gap, 1.1);
+  const std::string ratio = std::to_string((1 + gap) / 2);
+
+  auto search = [&](const std::map<std::string, std::string>& settings) {
+    sequential::SearchOptions options;
+    options.read(Options("optimizer", "sequential_test", settings));
+    FixedOrder policy(1, order);
+    NoDecoder decoder;
+    Problem problem{*model, target, x, ids, decoder, w, Rng(5), {}, 0};
+    Quiet observer;
+    return sequential::run_search(problem, observer, options, policy, "test");
+  };
+  const std::map<std::string, std::string> base{
+      {"relax_after", "8"}, {"batch", "8"}, {"unique_ratio", ratio}, {"epsilon_max", "10"}};
+  std::map<std::string, std::string> hasty_settings = base;
+  hasty_settings["relax_after_exact"] = "8";
+  const Result hasty = search(hasty_settings);
+  EXPECT_EQ(hasty.ids[1], dist[0].second);  // the wrong token, taken as a clear winner
+  EXPECT_EQ(hasty.series.at("relaxed")[1], 1.0);
+  const Result patient = search(base);
+  EXPECT_EQ(patient.ids, ids);
+  EXPECT_EQ(patient.series.at("relaxed")[1], 0.0);
+  EXPECT_EQ(patient.series.at("candidates")[1], V);  // it went on to the last, the right one
+}
+
 // A known prefix is checked and fixed, never searched; a wrong one is an error naming the position.
 TEST(Sequential, KnownPrefixIsFixedAndChecked) {
   const ModelSpec spec = small_gpt2(DType::f64);
