@@ -9,6 +9,7 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <omp.h>
 #include <optional>
 #include <sstream>
 
@@ -27,6 +28,8 @@
 #include "report.hpp"
 #include "report_page.hpp"
 #include "runner.hpp"
+#include "mpi.hpp"
+#include "scale_out.hpp"
 #include "sweep.hpp"
 #include "train.hpp"
 #include "safetensors.hpp"
@@ -535,7 +538,10 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "--records FILE) as it finishes; running the same command again skips the runs already recorded, so an "
       "interrupted sweep resumes where it stopped. At the end: per grid point the exact-match rate, token accuracy, "
       "inversion time per prompt (mean, median, max) and candidates verified per position, printed and written next "
-      "to the records (-summary.md, -summary.json).\n\noptions");
+      "to the records (-summary.md, -summary.json).\n\nOn many processes (docs/scale-out.md): `mpirun -n N lminv "
+      "sweep ...` hands the runs out to N ranks, rank 0 writing the one records file; --shard I/N runs one of N "
+      "disjoint parts (for job arrays, no MPI), and --merge gathers the shards' records into the sweep's file."
+      "\n\noptions");
   visible.add(common_options()).add(config_options());
   visible.add_options()("prompts", po::value<std::string>(), "the prompt file")(
       "states", po::value<std::string>(),
@@ -546,7 +552,11 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "a grid over the checkpoints of lminv train's output folder DIR (model.weights = each checkpoint-<step>, in step "
       "order; each record gets its training step): invertibility across training")(
       "records", po::value<std::string>(), "the JSON Lines file of the runs (default <output.dir>/sweep.jsonl)")(
-      "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)");
+      "limit", po::value<std::int64_t>()->default_value(0), "only the first N prompts (0: all)")(
+      "shard", po::value<std::string>(),
+      "I/N: only the runs r with r mod N = I (I from 0), into <records>.shard-I-of-N.jsonl; for a job array")(
+      "merge", "run nothing: append the records of every <records>.shard-*-of-*.jsonl to the records file (each "
+      "run once; records of another sweep are refused), then print the summary");
   po::positional_options_description positional;
   po::options_description hidden;
   hidden.add_options()("configs", po::value<std::vector<std::string>>());
@@ -575,9 +585,50 @@ int cmd_sweep(const std::vector<std::string>& args, std::ostream& out, std::ostr
   if (vm.count("records")) request.records = vm["records"].as<std::string>();
   request.limit = vm["limit"].as<std::int64_t>();
   if (request.limit < 0) throw UsageError("sweep: --limit must be >= 0");
-  const Registry registry = make_registry(vm);
-  warn_rejected(registry, err);
-  run_sweep(request, registry, out);
+  if (vm.count("shard")) request.shard = parse_shard(vm["shard"].as<std::string>());
+  request.merge = vm.count("merge") > 0;
+  if (request.shard && request.merge) throw UsageError("sweep: --shard and --merge together (merge after the shards)");
+
+  // Under an MPI launcher: join the job first, and place this rank (its cores, its GPU) before any plugin loads
+  // (CUDA reads CUDA_VISIBLE_DEVICES when the torch plugin first asks for devices).
+  const std::unique_ptr<MpiWorld> world = MpiWorld::join_if_launched();
+  if (!world) {
+    const Registry registry = make_registry(vm);
+    warn_rejected(registry, err);
+    run_sweep(request, registry, out);
+    return 0;
+  }
+  // From here on a failure on any rank ends every rank with its message (no rank is left waiting).
+  try {
+    if (world->size() > 1 && (request.shard || request.merge))
+      throw UsageError(std::string("sweep: --") + (request.shard ? "shard" : "merge") +
+                       " is for sweeps without MPI (job arrays); under mpirun the ranks share the runs themselves");
+    const Placement placement = place_rank(world->local_rank(), world->local_size(), affinity_cpus(), online_cpus(),
+                                           visible_gpus());
+    if (placement.gpu) ::setenv("CUDA_VISIBLE_DEVICES", placement.gpu->c_str(), 1);
+    // A backend's "all cores" (threads = 0) is OpenMP's team size: the rank's share, unless OMP_NUM_THREADS says.
+    int threads = placement.threads;
+    if (const char* omp = std::getenv("OMP_NUM_THREADS"); omp && std::atoi(omp) > 0) threads = std::atoi(omp);
+    omp_set_num_threads(threads);
+    Placement shown = placement;
+    shown.threads = threads;
+    request.world = world.get();
+    request.placement = shown.describe();
+    const Registry registry = make_registry(vm);
+    std::ostringstream silent;
+    if (world->rank() == 0) warn_rejected(registry, err);
+    run_sweep(request, registry, world->rank() == 0 ? out : silent);
+  } catch (const SetupFailed& failed) {
+    if (world->rank() == 0) err << setup_errors_text(failed.errors) << std::flush;
+    return 1;
+  } catch (const std::exception& e) {
+    // Before the ranks agreed that their set-up went well, every rank gets there (MpiWorld::agree); after, a rank
+    // that fails cannot wait for the others, and the job ends.
+    if (world->agreed()) world->abort(e.what());
+    const std::vector<std::string> errors = world->agree(e.what());
+    if (world->rank() == 0) err << setup_errors_text(errors) << std::flush;
+    return 1;
+  }
   return 0;
 }
 

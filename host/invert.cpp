@@ -59,7 +59,7 @@ RunSummary run_invert(const InvertRequest& request, const Registry& registry, st
   RecordsFile records(request.records.empty() ? fs::path(config.output_dir) / "records.jsonl" : request.records, &out);
   ExperimentSession session(config, registry);
   const CapturedTarget target = captured_target(states, session, config);
-  return session.invert(target, out, /*quiet=*/false, records);
+  return session.invert(target, out, /*quiet=*/false, &records);
 }
 
 }  // namespace lminv

@@ -273,7 +273,7 @@ RunSummary run_experiment(const ExperimentConfig& config, const Registry& regist
   const bool report = report_wanted(config.report, /*by_default=*/false, out);
   ExperimentSession session(config, registry);
   const std::vector<std::int64_t> ids = config_prompt_ids(config, session.tokenizer());
-  RunSummary summary = session.run(ids, out, /*quiet=*/false, records);
+  RunSummary summary = session.run(ids, out, /*quiet=*/false, &records);
   if (report) write_records_report(records.path(), fs::path(config.output_dir) / "report.html", out);
   return summary;
 }
@@ -296,7 +296,7 @@ const Tokenizer& ExperimentSession::tokenizer() const { return factory_->tokeniz
 std::int64_t ExperimentSession::vocab_size() const { return factory_->vocab_size(); }
 
 RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ostream& shown, bool quiet,
-                                  RecordsFile& records, const nlohmann::json& extra) {
+                                  RecordsFile* records, const nlohmann::json& extra) {
   const auto run_start = Clock::now();
   const ExperimentConfig& config = config_;
   Backend* backend = backend_.get();
@@ -512,8 +512,10 @@ RunSummary ExperimentSession::run(const std::vector<std::int64_t>& ids, std::ost
                             : nlohmann::json(nullptr)},
   };
   for (const auto& [key, value] : extra.items()) summary.record[key] = value;
-  records.append(summary.record);
-  out << "  record    " << records.path().string() << "\n";
+  if (records) {
+    records->append(summary.record);
+    out << "  record    " << records->path().string() << "\n";
+  }
   return summary;
 }
 
@@ -527,7 +529,7 @@ std::int64_t ExperimentSession::output_width() {
 std::int64_t ExperimentSession::max_positions() { return factory_->build_unknown(1).spec.n_positions; }
 
 RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostream& shown, bool quiet,
-                                     RecordsFile& records, const nlohmann::json& extra) {
+                                     RecordsFile* records, const nlohmann::json& extra) {
   const auto run_start = Clock::now();
   const ExperimentConfig& config = config_;
   std::ostringstream silent;
@@ -652,8 +654,10 @@ RunSummary ExperimentSession::invert(const CapturedTarget& captured, std::ostrea
       {"time_s", {{"total", seconds_since(run_start)}, {"optimize", optimize_seconds}}},
   };
   for (const auto& [key, value] : extra.items()) summary.record[key] = value;
-  records.append(summary.record);
-  out << "  record    " << records.path().string() << "\n";
+  if (records) {
+    records->append(summary.record);
+    out << "  record    " << records->path().string() << "\n";
+  }
   return summary;
 }
 

@@ -57,15 +57,16 @@ class ExperimentSession {
   std::int64_t vocab_size() const;
 
   // Runs the prompt. With `quiet`, prints nothing (the caller reports); else the run's header, steps and summary.
-  // The record gets the fields of `extra` and is appended to `records`.
+  // The record gets the fields of `extra` and is appended to `records` (when null, the caller does: a sweep's rank
+  // sends it to the rank that writes).
   RunSummary run(const std::vector<std::int64_t>& ids, std::ostream& out, bool quiet,
-                 RecordsFile& records, const nlohmann::json& extra = nlohmann::json::object());
+                 RecordsFile* records, const nlohmann::json& extra = nlohmann::json::object());
 
   // Inverts states captured elsewhere (lminv invert): the prompt is unknown, T comes from the states, the config's
   // known prefix (BOS, [prompt] prefix) is fixed and checked. The optimizer must be a token search (sequential,
   // brute_force). Prints the certificate table unless quiet; the record (prompt unknown: no control, no exact
-  // match unless the file gave the true ids) is appended to `records`.
-  RunSummary invert(const CapturedTarget& target, std::ostream& out, bool quiet, RecordsFile& records,
+  // match unless the file gave the true ids) is appended to `records` (or left to the caller, as for run).
+  RunSummary invert(const CapturedTarget& target, std::ostream& out, bool quiet, RecordsFile* records,
                     const nlohmann::json& extra = nlohmann::json::object());
 
   // The width D of the model's output rows (n_embd, the vocabulary for lm_head, more with extra layers).

@@ -5,13 +5,17 @@
 #include <cstdint>
 #include <filesystem>
 #include <iosfwd>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "registry.hpp"
+#include "scale_out.hpp"
 
 namespace lminv {
+
+class MpiWorld;
 
 struct SweepRequest {
   // One or more configs (several: a comparison, e.g. sequential against its baselines); each runs at every point.
@@ -24,6 +28,14 @@ struct SweepRequest {
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;
   std::filesystem::path records;  // JSON Lines; empty: <output.dir>/sweep.jsonl of the first config
   std::int64_t limit = 0;         // the first N prompts only; 0: all
+  // --shard I/N: only the runs of that shard, into <records>.shard-I-of-N.jsonl (scale_out.hpp).
+  std::optional<Shard> shard;
+  // --merge: run nothing; append every shard file's records to the records file, then the summary.
+  bool merge = false;
+  // Under mpirun: this process's place in the job (null: one process, as without MPI). Only rank 0 writes records
+  // and prints; the others return when every run is done.
+  MpiWorld* world = nullptr;
+  std::string placement;  // this rank's threads and GPU, as the header and records show them
 };
 
 // Runs every (grid point, prompt) whose record is not in the records file yet (a record whose config, prompt index

@@ -17,6 +17,7 @@ case "$action" in run | test | build | bench) ;; *) echo "usage: $0 run|test|bui
 packages=(cmake g++ make ccache npm libboost-dev libboost-program-options-dev libgtest-dev libeigen3-dev
   nlohmann-json3-dev libopenblas0-pthread ocl-icd-opencl-dev libdnnl-dev libtorch-dev libpcre2-dev libutf8proc-dev
   libzip-dev
+  libopenmpi-dev openmpi-bin  # mpirun -n N lminv sweep (docs/scale-out.md); lminv builds without them, as one process
   fortunes wordnet-base)  # text for lminv train's corpus (docs/training.md)
 # The benchmarks only: the plain PyTorch peer (bench/peer_pytorch.py, Debian's Python LibTorch 1.13).
 [[ $action == bench ]] && packages+=(python3-torch python3-numpy)

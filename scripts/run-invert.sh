@@ -9,6 +9,10 @@
 # Resumable: a set already made is kept, a sweep already recorded is skipped. Then the summary table.
 #   bash scripts/run-invert.sh [N] [sets]   (N prompts, default 10; the noise sets use min(N, 5); "sets": only make
 #                                            the states sets, no inversions)
+#   bash scripts/run-invert.sh [N] families the other families (Llama, Mistral, Qwen2, GPT-NeoX): an untrained model of
+#                                            each, 8 blocks of d 512 (lminv init), its states after the last block from
+#                                            capture_states.py in float64, float32 and bfloat16, each inverted by the
+#                                            sequential search on onednn f32; then their table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-10}
@@ -19,10 +23,60 @@ capture() { $py -B tests/tools/capture_states.py "$@"; }
 lminv() { build/bin/lminv "$@" 2>&1 | grep --line-buffered -v "^lminv: warning: refused plugin"; }
 mkdir -p $out/sets
 
-[[ -f $out/gpt2-small/config.json ]] || lminv init $config --out $out/gpt2-small
 head -n "$n" tests/data/prompts-20.txt > $out/prompts.jsonl
 head -n "$(( n < 5 ? n : 5 ))" tests/data/prompts-20.txt > $out/prompts-noise.jsonl
 
+if [[ ${2:-all} == families ]]; then
+  fam_out=$out/families
+  mkdir -p $fam_out/sets $fam_out/records
+  for family in llama mistral qwen2 gpt_neox; do
+    ini=$fam_out/$family.ini
+    if [[ $family == gpt_neox ]]; then shape="n_inner = 2048"; else shape=$'n_inner = 1376\nn_kv_head = 2'; fi
+    cat > $ini <<INI
+# Written by scripts/run-invert.sh: an untrained $family of 8 blocks, d 512, the exact-inversion settings of
+# configs/exact/gpt2-small-block12.ini.
+[model]
+family = $family
+weights = random
+seed = 0
+n_layer = 8
+n_embd = 512
+n_head = 8
+$shape
+n_positions = 64
+blocks = 8
+head = none
+input = embedding
+
+[backend]
+name = onednn
+dtype = f32
+
+[optimizer]
+name = sequential
+policy = linearized
+batch = 16
+
+[decoder]
+name = nearest
+
+[output]
+dir = $fam_out/$family-runs
+INI
+    [[ -f $fam_out/$family/config.json ]] || lminv init $ini --out $fam_out/$family
+    for compute in float64 float32 bfloat16; do
+      set=$family-pytorch-$compute
+      [[ -f $fam_out/sets/$set.jsonl ]] || capture --model $fam_out/$family --blocks 8 --prompts $out/prompts.jsonl \
+        --compute $compute --store $compute --out $fam_out/sets/$set.jsonl
+      lminv sweep $ini --states $fam_out/sets/$set.jsonl --set model.weights=$fam_out/$family \
+        --records $fam_out/records/$set.jsonl
+    done
+  done
+  $py scripts/invert-summary.py $fam_out/records/*.jsonl
+  exit 0
+fi
+
+[[ -f $out/gpt2-small/config.json ]] || lminv init $config --out $out/gpt2-small
 make_set() {  # NAME ARGS...: a states set made by capture_states.py, once
   local name=$1; shift
   [[ -f $out/sets/$name.jsonl ]] || capture --model $out/gpt2-small --blocks 12 --out $out/sets/$name.jsonl "$@"
@@ -50,6 +104,7 @@ if [[ ! -f $out/sets/lminv-torch-bf16.jsonl ]]; then
 fi
 
 [[ ${2:-all} == sets ]] && exit 0
+
 
 # The inversions (torch f32). Noisy sets: at most 512 candidates per position, so that a position whose state no
 # token reproduces costs seconds, not the whole vocabulary.

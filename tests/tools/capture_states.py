@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Hidden states of a GPT-2 checkpoint computed by PyTorch, independently of lminv, for `lminv invert`.
+"""Hidden states of a checkpoint computed by PyTorch, independently of lminv, for `lminv invert`.
+
+GPT-2 is computed by this file's own model (below). Llama, Mistral, Qwen2 and GPT-NeoX folders are computed by
+make_family_golden.py's Hugging Face-semantics model (hf_model: its modules follow transformers' modeling files, and
+its golden fixtures are checked against lminv's second implementation there), in float64, float32 or bfloat16.
 
 The states are what lminv calls `head = none` with `blocks = k`: the residual stream after k blocks, without the final
 layer norm (docs/architecture.md; sdk/include/lminv/architecture.hpp): h_0 = wte[ids] + wpe[0:T], h_i =
@@ -184,14 +188,67 @@ def block(h, W, i, cfg, r):
     return r(h + linear(m, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"], r))
 
 
-def hidden_states(ids, W, cfg, blocks, arithmetic):
-    """h_blocks [T, d] as float64 (computed in `arithmetic`), for token ids `ids`."""
+# The other families: config.json as Hugging Face writes it, tensors under their Hugging Face names.
+FAMILY_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+
+
+def load_model(folder):
+    """(cfg, W, family): GPT-2 through load_gpt2, the other families' config.json and tensors as stored."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    family = config.get("model_type")
+    if family == "gpt2":
+        cfg, W = load_gpt2(folder)
+        return cfg, W, family
+    if family not in FAMILY_TYPES:
+        sys.exit(f"{folder}/config.json: model_type {family!r}: this script computes gpt2, " + ", ".join(FAMILY_TYPES))
+    if config.get("rope_scaling"):
+        sys.exit(f"{folder}/config.json: rope_scaling {config['rope_scaling']!r} is not computed here")
+    act = config.get("hidden_act", "gelu" if family == "gpt_neox" else "silu")
+    if act != ("gelu" if family == "gpt_neox" else "silu"):
+        sys.exit(f"{folder}/config.json: hidden_act {act!r} is not computed here for {family}")
+    config.setdefault("rope_theta", 10000.0)
+    config.setdefault("rotary_emb_base", 10000.0)
+    config.setdefault("use_parallel_residual", True)
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not files:
+        sys.exit(f"{folder}: no .safetensors file")
+    W = {}
+    for name in files:
+        tensors, _, _ = read_safetensors(os.path.join(folder, name))
+        W.update({k: torch.from_numpy(a.copy()) for k, a in tensors.items()})
+    cfg = {"n_layer": config["num_hidden_layers"], "vocab_size": config["vocab_size"],
+           "n_positions": config.get("max_position_embeddings", 2048), "config": config}
+    return cfg, W, family
+
+
+def family_hidden_states(ids, W, cfg, blocks, arithmetic):
+    """h_blocks [T, d] as float64 for a Llama, Mistral, Qwen2 or GPT-NeoX model, by make_family_golden.hf_model."""
+    if arithmetic.name == "float16":
+        sys.exit("--compute float16 is emulated for GPT-2 only; use float64, float32 or bfloat16")
+    check_prompt(ids, cfg, blocks)
+    sys.path.insert(0, HERE)
+    import make_family_golden as family
+    c = cfg["config"]
+    Wc = {k: v.to(arithmetic.dtype) for k, v in W.items()}
+    embed = Wc["gpt_neox.embed_in.weight" if c["model_type"] == "gpt_neox" else "model.embed_tokens.weight"]
+    x = embed[torch.tensor(ids)].unsqueeze(0)
+    with torch.no_grad():
+        return family.hf_model(x, Wc, c, blocks, "none", "embedding")[0].to(torch.float64)
+
+
+def check_prompt(ids, cfg, blocks):
     if not 0 <= blocks <= cfg["n_layer"]:
         sys.exit(f"--blocks {blocks}: the model has {cfg['n_layer']} blocks")
     if not 1 <= len(ids) <= cfg["n_positions"]:
         sys.exit(f"a prompt of {len(ids)} tokens: the model takes 1 .. {cfg['n_positions']}")
     if any(not 0 <= i < cfg["vocab_size"] for i in ids):
         sys.exit(f"token ids {ids}: outside the vocabulary 0 .. {cfg['vocab_size'] - 1}")
+
+
+def hidden_states(ids, W, cfg, blocks, arithmetic):
+    """h_blocks [T, d] as float64 (computed in `arithmetic`), for token ids `ids` (GPT-2)."""
+    check_prompt(ids, cfg, blocks)
     r = arithmetic.round
     Wc = {k: r(v.to(arithmetic.dtype)) for k, v in W.items()}
     x = Wc["wte.weight"][torch.tensor(ids)]
@@ -326,12 +383,13 @@ def read_prompts(args):
 
 
 def capture(args):
-    cfg, W = load_gpt2(args.model)
+    cfg, W, family = load_model(args.model)
     prompts = read_prompts(args)
     arithmetic = Arithmetic(args.compute)
     generator = torch.Generator().manual_seed(args.seed)
-    states = [add_noise(hidden_states(ids, W, cfg, args.blocks, arithmetic), args.sigma, generator) for ids in prompts]
-    metadata = {"blocks": str(args.blocks), "head": "none", "model": "gpt2", "compute": args.compute,
+    compute = hidden_states if family == "gpt2" else family_hidden_states
+    states = [add_noise(compute(ids, W, cfg, args.blocks, arithmetic), args.sigma, generator) for ids in prompts]
+    metadata = {"blocks": str(args.blocks), "head": "none", "model": family, "compute": args.compute,
                 "stored": STORED_NAMES[args.store], "sigma": repr(args.sigma), "seed": str(args.seed),
                 "source": "tests/tools/capture_states.py (PyTorch " + torch.__version__ + ")"}
     write_states(args.out, prompts, states, args.store, metadata, args.stack, args.batch_dim, args.member_format)
@@ -437,7 +495,8 @@ def make_fixtures(out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a Hugging Face GPT-2 folder (config.json, model.safetensors)")
+    ap.add_argument("--model", help="a Hugging Face folder (config.json, *.safetensors) of model_type gpt2, llama, "
+                    "mistral, qwen2 or gpt_neox")
     ap.add_argument("--ids", help="one prompt's token ids, comma-separated")
     ap.add_argument("--prompts", help="JSON Lines of {\"ids\": [...]}: one prompt a line")
     ap.add_argument("--blocks", type=int, help="the states after this many blocks (head none)")
