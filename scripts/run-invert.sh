@@ -72,6 +72,35 @@ INI
         --records $fam_out/records/$set.jsonl
     done
   done
+  # Qwen2's q/k/v biases start at zero (as Hugging Face initialises them), which makes its states a Llama's: the same
+  # folder with biases drawn from N(0, 0.02) checks the bias path too (float32).
+  if [[ ! -f $fam_out/qwen2-bias/model.safetensors ]]; then
+    $py - $fam_out/qwen2 $fam_out/qwen2-bias <<'PY'
+import os, shutil, sys
+sys.path.insert(0, "tests/tools")
+import numpy as np
+import capture_states as c
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+for f in os.listdir(src):
+    if f != "model.safetensors":
+        shutil.copy(os.path.join(src, f), dst)
+tensors, _, dtypes = c.read_safetensors(os.path.join(src, "model.safetensors"))
+rng = np.random.default_rng(7)
+out = {}
+for name, a in tensors.items():
+    if name.endswith(".bias"):
+        a = rng.normal(0, 0.02, a.shape)
+    out[name] = (dtypes[name], list(a.shape), a.astype("<f4").tobytes())
+c.write_safetensors(os.path.join(dst, "model.safetensors"), out, {"format": "pt"})
+PY
+  fi
+  sed "s#^dir = .*#dir = $fam_out/qwen2-bias-runs#" $fam_out/qwen2.ini > $fam_out/qwen2-bias.ini
+  set=qwen2-biases-pytorch-float32
+  [[ -f $fam_out/sets/$set.jsonl ]] || capture --model $fam_out/qwen2-bias --blocks 8 --prompts $out/prompts.jsonl \
+    --compute float32 --store float32 --out $fam_out/sets/$set.jsonl
+  lminv sweep $fam_out/qwen2-bias.ini --states $fam_out/sets/$set.jsonl --set model.weights=$fam_out/qwen2-bias \
+    --records $fam_out/records/$set.jsonl
   $py scripts/invert-summary.py $fam_out/records/*.jsonl
   exit 0
 fi

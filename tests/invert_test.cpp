@@ -191,6 +191,38 @@ TEST_F(Invert, StatesOfAnotherBackendInBf16AreRecoveredUnderARelaxedEpsilon) {
   EXPECT_GT(r["certificate"]["observed_level"].get<double>(), 1e-4);
 }
 
+// States of the other families computed by PyTorch, not by lminv (tests/tools/capture_states.py --family-fixtures:
+// make_family_golden.py's Hugging Face-semantics model on tests/data/family-golden's folders, float32 and bfloat16),
+// inverted by the reference backend in f64 without the prompt: each recovered exactly and certified unique.
+TEST_F(Invert, StatesOfEveryFamilyFromTheIndependentPyTorchModelAreRecovered) {
+  const fs::path data = LMINV_TEST_DATA_DIR;
+  const std::vector<std::int64_t> ids = {5, 17, 17, 42, 3, 47, 1, 33};  // capture_states.py FAMILY_FIXTURE_IDS
+  for (const char* name : {"llama-float32", "llama-bfloat16", "mistral-float32", "qwen2-float32", "gpt_neox-float32"}) {
+    SCOPED_TRACE(name);
+    const std::string family = std::string(name).substr(0, std::string(name).find('-'));
+    const fs::path config = dir_ / (family + ".ini");
+    std::ofstream(config) << "[model]\nfamily = " << family << "\nweights = " << (data / "family-golden" / family).string()
+                          << "\nhead = none\ninput = embedding\n\n[backend]\nname = reference\ndtype = f64\n\n"
+                             "[optimizer]\nname = sequential\npolicy = linearized\n\n[decoder]\nname = nearest\n\n"
+                             "[output]\nprogress = off\n";
+    fs::remove_all(dir_ / "out");
+    const Outcome o = run_lminv("invert " + config.string() + " --states " +
+                                (data / "states" / "families" / (std::string(name) + ".safetensors")).string() +
+                                isolated());
+    ASSERT_EQ(o.status, 0) << o.output;
+    const std::vector<nlohmann::json> r = read_records(records());
+    ASSERT_EQ(r.size(), 1u);
+    EXPECT_EQ(r[0]["decoded"]["ids"].get<std::vector<std::int64_t>>(), ids);
+    EXPECT_EQ(r[0]["exact_match"], true);
+    expect_unique(r[0]);
+    // Another computation: above the f64 floor, at float32's or bfloat16's rounding, and marked relaxed.
+    const double level = r[0]["certificate"]["observed_level"].get<double>();
+    const double above = std::string(name).find("bfloat16") != std::string::npos ? 1e-4 : 1e-8;
+    EXPECT_GT(level, above) << o.output;
+    EXPECT_LT(level, 0.05) << o.output;
+  }
+}
+
 TEST_F(Invert, TwoTokensWithTheSameEmbeddingAreReportedAmbiguous) {
   // A checkpoint in which token 4171 (" blue") has the embedding of token 2266 (" red").
   const fs::path folder = dir_ / "model";

@@ -493,6 +493,27 @@ def make_fixtures(out_dir):
     print(f"wrote the fixtures in {out_dir}")
 
 
+FAMILY_FIXTURE_IDS = [5, 17, 17, 42, 3, 47, 1, 33]
+
+
+def make_family_fixtures(out_dir):
+    """States of tests/data/family-golden's Llama, Mistral, Qwen2 and GPT-NeoX folders after their last block, for
+    FAMILY_FIXTURE_IDS, computed here in float32 (and Llama's also in bfloat16): invert_test inverts them with lminv."""
+    os.makedirs(out_dir, exist_ok=True)
+    golden = os.path.join(ROOT, "tests", "data", "family-golden")
+    for family, computes in (("llama", ("float32", "bfloat16")), ("mistral", ("float32",)), ("qwen2", ("float32",)),
+                             ("gpt_neox", ("float32",))):
+        cfg, W, _ = load_model(os.path.join(golden, family))
+        for compute in computes:
+            h = family_hidden_states(FAMILY_FIXTURE_IDS, W, cfg, cfg["n_layer"], Arithmetic(compute))
+            metadata = {"blocks": str(cfg["n_layer"]), "head": "none", "model": family, "compute": compute,
+                        "stored": STORED_NAMES[compute], "sigma": "0.0", "seed": "0",
+                        "source": "tests/tools/capture_states.py --family-fixtures (PyTorch " + torch.__version__ + ")"}
+            out = os.path.join(out_dir, f"{family}-{compute}.safetensors")
+            write_states(out, [FAMILY_FIXTURE_IDS], [h], compute, metadata)
+            print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a Hugging Face folder (config.json, *.safetensors) of model_type gpt2, llama, "
@@ -512,6 +533,8 @@ def main():
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two states files and exit")
     ap.add_argument("--check-only", action="store_true", help="run the self-checks and exit")
     ap.add_argument("--fixtures", action="store_true", help="write the reader's test fixtures and exit")
+    ap.add_argument("--family-fixtures", action="store_true",
+                    help="write tests/data/states/families/ (invert_test's states of the other families) and exit")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "data", "states"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -521,6 +544,8 @@ def main():
         return self_check()
     if args.fixtures:
         return make_fixtures(args.out_dir)
+    if args.family_fixtures:
+        return make_family_fixtures(os.path.join(args.out_dir, "families"))
     if not args.model or args.blocks is None or not args.out or bool(args.ids) == bool(args.prompts):
         ap.error("give --model, --blocks, --out and one of --ids or --prompts")
     self_check()
