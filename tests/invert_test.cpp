@@ -191,17 +191,20 @@ TEST_F(Invert, StatesOfAnotherBackendInBf16AreRecoveredUnderARelaxedEpsilon) {
   EXPECT_GT(r["certificate"]["observed_level"].get<double>(), 1e-4);
 }
 
-// States of the other families computed by PyTorch, not by lminv (tests/tools/capture_states.py --family-fixtures:
-// make_family_golden.py's Hugging Face-semantics model on tests/data/family-golden's folders, float32 and bfloat16),
-// inverted by the reference backend in f64 without the prompt: each recovered exactly and certified unique.
+// States of every family computed by PyTorch, not by lminv (tests/tools/capture_states.py --family-fixtures: its
+// GPT-2 model on tests/data/gpt2-golden, make_family_golden.py's Hugging Face-semantics model on
+// tests/data/family-golden's folders; float32, and bfloat16 for Llama), inverted by the reference backend in f64
+// without the prompt: each recovered exactly and certified unique.
 TEST_F(Invert, StatesOfEveryFamilyFromTheIndependentPyTorchModelAreRecovered) {
   const fs::path data = LMINV_TEST_DATA_DIR;
   const std::vector<std::int64_t> ids = {5, 17, 17, 42, 3, 47, 1, 33};  // capture_states.py FAMILY_FIXTURE_IDS
-  for (const char* name : {"llama-float32", "llama-bfloat16", "mistral-float32", "qwen2-float32", "gpt_neox-float32"}) {
+  for (const char* name : {"gpt2-float32", "llama-float32", "llama-bfloat16", "mistral-float32", "qwen2-float32",
+                           "gpt_neox-float32"}) {
     SCOPED_TRACE(name);
     const std::string family = std::string(name).substr(0, std::string(name).find('-'));
+    const fs::path folder = family == "gpt2" ? data / "gpt2-golden" / "checkpoint-f64" : data / "family-golden" / family;
     const fs::path config = dir_ / (family + ".ini");
-    std::ofstream(config) << "[model]\nfamily = " << family << "\nweights = " << (data / "family-golden" / family).string()
+    std::ofstream(config) << "[model]\nfamily = " << family << "\nweights = " << folder.string()
                           << "\nhead = none\ninput = embedding\n\n[backend]\nname = reference\ndtype = f64\n\n"
                              "[optimizer]\nname = sequential\npolicy = linearized\n\n[decoder]\nname = nearest\n\n"
                              "[output]\nprogress = off\n";

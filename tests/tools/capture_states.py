@@ -493,19 +493,22 @@ def make_fixtures(out_dir):
     print(f"wrote the fixtures in {out_dir}")
 
 
-FAMILY_FIXTURE_IDS = [5, 17, 17, 42, 3, 47, 1, 33]
+FAMILY_FIXTURE_IDS = [5, 17, 17, 42, 3, 47, 1, 33]  # within every fixture model's vocabulary (GPT-2's: 50)
 
 
 def make_family_fixtures(out_dir):
-    """States of tests/data/family-golden's Llama, Mistral, Qwen2 and GPT-NeoX folders after their last block, for
-    FAMILY_FIXTURE_IDS, computed here in float32 (and Llama's also in bfloat16): invert_test inverts them with lminv."""
+    """States of tests/data/gpt2-golden's GPT-2 and tests/data/family-golden's Llama, Mistral, Qwen2 and GPT-NeoX
+    folders after their last block, for FAMILY_FIXTURE_IDS, computed here in float32 (Llama's also in bfloat16):
+    invert_test inverts them with lminv."""
     os.makedirs(out_dir, exist_ok=True)
     golden = os.path.join(ROOT, "tests", "data", "family-golden")
-    for family, computes in (("llama", ("float32", "bfloat16")), ("mistral", ("float32",)), ("qwen2", ("float32",)),
-                             ("gpt_neox", ("float32",))):
-        cfg, W, _ = load_model(os.path.join(golden, family))
+    folders = {"gpt2": os.path.join(ROOT, "tests", "data", "gpt2-golden", "checkpoint-f64")}
+    for family, computes in (("gpt2", ("float32",)), ("llama", ("float32", "bfloat16")), ("mistral", ("float32",)),
+                             ("qwen2", ("float32",)), ("gpt_neox", ("float32",))):
+        cfg, W, _ = load_model(folders.get(family, os.path.join(golden, family)))
+        compute_states = hidden_states if family == "gpt2" else family_hidden_states
         for compute in computes:
-            h = family_hidden_states(FAMILY_FIXTURE_IDS, W, cfg, cfg["n_layer"], Arithmetic(compute))
+            h = compute_states(FAMILY_FIXTURE_IDS, W, cfg, cfg["n_layer"], Arithmetic(compute))
             metadata = {"blocks": str(cfg["n_layer"]), "head": "none", "model": family, "compute": compute,
                         "stored": STORED_NAMES[compute], "sigma": "0.0", "seed": "0",
                         "source": "tests/tools/capture_states.py --family-fixtures (PyTorch " + torch.__version__ + ")"}
