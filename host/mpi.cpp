@@ -194,23 +194,7 @@ MpiWorld::~MpiWorld() { MPI_Finalize(); }
 
 std::vector<std::string> MpiWorld::agree(const std::string& error) {
   agreed_ = true;
-  const int length = static_cast<int>(error.size());
-  std::vector<int> lengths(static_cast<std::size_t>(size_));
-  check(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
-  std::vector<int> offsets(lengths.size());
-  int total = 0;
-  for (std::size_t r = 0; r < lengths.size(); ++r) {
-    offsets[r] = total;
-    total += lengths[r];
-  }
-  std::string all(static_cast<std::size_t>(total), '\0');
-  check(MPI_Allgatherv(error.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(), MPI_CHAR,
-                       MPI_COMM_WORLD),
-        "MPI_Allgatherv");
-  std::vector<std::string> errors;
-  for (std::size_t r = 0; r < lengths.size(); ++r)
-    errors.push_back(all.substr(static_cast<std::size_t>(offsets[r]), static_cast<std::size_t>(lengths[r])));
-  return errors;
+  return gather(error);
 }
 
 void MpiWorld::broadcast(std::string& text) const {
@@ -225,22 +209,22 @@ void MpiWorld::broadcast(std::string& text) const {
 }
 
 std::vector<std::string> MpiWorld::gather(const std::string& text) const {
-  const int size = static_cast<int>(text.size());
-  std::vector<int> sizes(rank_ == 0 ? static_cast<std::size_t>(size_) : 0);
-  check(MPI_Gather(&size, 1, MPI_INT, sizes.data(), 1, MPI_INT, 0, MPI_COMM_WORLD), "MPI_Gather");
-  std::vector<int> offsets(sizes.size());
+  const int length = static_cast<int>(text.size());
+  std::vector<int> lengths(static_cast<std::size_t>(size_));
+  check(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
+  std::vector<int> offsets(lengths.size());
   int total = 0;
-  for (std::size_t r = 0; r < sizes.size(); ++r) {
+  for (std::size_t r = 0; r < lengths.size(); ++r) {
     offsets[r] = total;
-    total += sizes[r];
+    total += lengths[r];
   }
   std::string all(static_cast<std::size_t>(total), '\0');
-  check(MPI_Gatherv(text.data(), size, MPI_CHAR, all.data(), sizes.data(), offsets.data(), MPI_CHAR, 0,
-                    MPI_COMM_WORLD),
-        "MPI_Gatherv");
+  check(MPI_Allgatherv(text.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(), MPI_CHAR,
+                       MPI_COMM_WORLD),
+        "MPI_Allgatherv");
   std::vector<std::string> texts;
-  for (std::size_t r = 0; r < sizes.size(); ++r)
-    texts.push_back(all.substr(static_cast<std::size_t>(offsets[r]), static_cast<std::size_t>(sizes[r])));
+  for (std::size_t r = 0; r < lengths.size(); ++r)
+    texts.push_back(all.substr(static_cast<std::size_t>(offsets[r]), static_cast<std::size_t>(lengths[r])));
   return texts;
 }
 

@@ -48,7 +48,7 @@ class MpiWorld {
   bool agreed() const { return agreed_; }
   // Rank 0's TEXT, on every rank.
   void broadcast(std::string& text) const;
-  // Every rank's TEXT, in rank order, on rank 0 (empty on the others).
+  // Every rank's TEXT, in rank order, on every rank (a collective call).
   std::vector<std::string> gather(const std::string& text) const;
   // Prints "lminv: error (rank R of N on HOST): MESSAGE" to stderr and ends the whole job (MPI_Abort): a rank that
   // fails cannot leave the others waiting for it.
