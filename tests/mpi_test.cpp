@@ -21,9 +21,11 @@ constexpr char kPrefix[] = "mpi";
 class MpiSweep : public lminv_test::WithTempDir<kPrefix> {
  protected:
   // mpirun with N ranks on this machine: more ranks than cores allowed (CI has 2), as root where the test runs as
-  // root, and a time limit so that a hang fails the test instead of stalling CI.
+  // root, a time limit so that a hang fails the test instead of stalling CI, and shared-memory messages copied
+  // through the shared segment (containers often forbid the cross-process reads of Open MPI's default, CMA).
   static std::string mpirun(int ranks) {
-    std::string command = std::string(LMINV_MPIEXEC) + " -n " + std::to_string(ranks) + " --oversubscribe --timeout 300";
+    std::string command = std::string(LMINV_MPIEXEC) + " -n " + std::to_string(ranks) +
+                          " --oversubscribe --timeout 300 --mca btl_vader_single_copy_mechanism none";
     if (::geteuid() == 0) command += " --allow-run-as-root";
     return command + " " + LMINV_BINARY + " ";
   }
