@@ -326,7 +326,10 @@ Cell make_cell(const Machine& m, const std::string& backend, DType dtype, double
 // limits it, the time over the bound, the peak resident memory.
 void print_cell(std::ostream& out, const Cell& c, bool& below_bound) {
   const double rate = c.flops / c.seconds;
-  out << std::setw(11) << std::setprecision(4) << c.seconds << std::setw(9) << std::setprecision(1) << rate / 1e9;
+  // Its own alignment and notation: what was printed before (the machine's lines, a progress line) may have left
+  // the stream left-aligned.
+  out << std::right << std::fixed << std::setw(11) << std::setprecision(4) << c.seconds << std::setw(9)
+      << std::setprecision(1) << rate / 1e9;
   if (c.own_gemm > 0)
     out << std::setw(8) << std::setprecision(0) << 100.0 * rate / c.own_gemm;
   else

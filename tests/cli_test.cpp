@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 #include <nlohmann/json.hpp>
@@ -82,6 +83,30 @@ TEST_F(Cli, TokenizePrintsIdsAndPieces) {
   ASSERT_EQ(o.status, 0) << o.output;
   EXPECT_EQ(o.output.substr(0, o.output.find('\n')), "464 6766 318 4171 13");
   EXPECT_NE(o.output.find("6766  \" sky\""), std::string::npos) << o.output;
+}
+
+// lminv bench's tables keep their columns whatever lines come before a row: a skipped backend's line (printed
+// left-aligned) left the final table's numbers left-aligned and run together ("10.0394" for B 1, 0.0394 s).
+TEST_F(Cli, BenchTablesKeepTheirColumnsAfterASkippedBackend) {
+  const Outcome o = lminv("bench --backends nosuch,reference --dtypes f32 --models 1block --batches 1 --cache-batches "
+                          "none --repeat 1 -q");
+  ASSERT_EQ(o.status, 0) << o.output;
+  EXPECT_NE(o.output.find("nosuch"), std::string::npos) << o.output;
+  std::istringstream lines(o.output);
+  std::string line;
+  std::size_t header_end = std::string::npos;
+  int rows = 0;
+  while (std::getline(lines, line)) {
+    if (line.rfind("backend    dtype", 0) == 0) header_end = line.find("s/call") + 6;
+    if (line.rfind("reference  f32", 0) != 0 || header_end == std::string::npos) continue;
+    ++rows;
+    // "reference  f32       1block              1     0.0044 ...": the batch, then the seconds ending under "s/call".
+    ASSERT_GE(line.size(), header_end) << line;
+    EXPECT_NE(line[header_end - 1], ' ') << "seconds not under s/call:\n" << line;
+    EXPECT_EQ(line[header_end], ' ') << line;
+    EXPECT_NE(line.find("     1 "), std::string::npos) << "the batch stands apart: " << line;
+  }
+  EXPECT_EQ(rows, 2) << "the cell, and again against the best limits of the run:\n" << o.output;
 }
 
 TEST_F(Cli, EveryCommandHasHelp) {
