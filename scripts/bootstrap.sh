@@ -30,10 +30,11 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # npm may come from elsewhere than Debian (nodesource, nvm): then it is not missing.
-if [[ " ${missing[*]} " == *" npm "* ]] && command -v npm >/dev/null; then
-  missing=("${missing[@]/npm/}")
+if command -v npm >/dev/null; then
+  kept=()
+  for p in ${missing[@]+"${missing[@]}"}; do [[ $p == npm ]] || kept+=("$p"); done
+  missing=(${kept[@]+"${kept[@]}"})
 fi
-missing=(${missing[@]+"${missing[@]}"})
 if ((${#missing[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo
