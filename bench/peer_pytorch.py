@@ -382,6 +382,15 @@ def best_time(repeat, f):
     return best
 
 
+def gemm_rate(dtype, n=2048, repeat=3):
+    """torch.mm of two n x n matrices in `dtype`, FLOP/s (best of `repeat`): the rate of the BLAS LibTorch calls, in
+    the thread setting the steps run with (OpenBLAS follows OPENBLAS_CORETYPE where the environment sets it)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    with torch.no_grad():
+        seconds = best_time(repeat, lambda: torch.mm(a, b))
+    return 2.0 * n ** 3 / seconds
+
+
 def positive_ints(text, option):
     out = []
     for word in text.split(","):
@@ -416,7 +425,16 @@ def bench(args):
           f"{'torch default' if args.threads is None else 'torch.set_num_threads'}), BLAS threads "
           f"{blas_threads if blas_threads is not None else '?'}, {args.tokens} tokens, one step = forward + l2 loss + "
           f"autograd.grad on the input, best of {args.repeat}")
-    print(f"BLAS: {blas}\n")
+    print(f"BLAS: {blas}")
+    gemm = {d: gemm_rate(DTYPES[d]) for d in dtypes if d in ("f32", "f64")}
+    print("GEMM  (torch.mm 2048^3, LibTorch's BLAS, GFLOP/s): " +
+          "  ".join(f"{d} {rate / 1e9:.0f}" for d, rate in gemm.items()) + "\n")
+    if args.out:
+        with open(args.out, "a") as f:
+            for d, rate in gemm.items():
+                f.write(json.dumps({"kind": "peer_gemm", "backend": "pytorch", "dtype": d, "n": 2048,
+                                    "flop_per_s": rate, "blas": blas, "threads": threads,
+                                    "blas_threads": blas_threads}) + "\n")
     print(f"{'backend':<11}{'dtype':<6}{'model':<17}{'B':>4}{'s/step':>11}{'GFLOP/s':>10}")
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]

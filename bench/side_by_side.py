@@ -8,6 +8,7 @@ Every file may hold any of these records, in any order (a later record of the sa
                    (backend "pytorch"); read: backend, dtype, model, batch, tokens, seconds_per_step, flops_per_step
   kind "machine"   lminv bench's machine measurements: its numeric fields are printed as they come
   kind "loop"      bench/peer_loop.py's inversion loop: backend, dtype, model, steps, seconds, steps_per_s
+  kind "peer_gemm" bench/peer_pytorch.py's torch.mm rate per dtype (flop_per_s): LibTorch's BLAS in that process
   no kind          an `lminv run` record (records.jsonl): backend, model.dtype, steps, time_s.optimize, steps_per_s
 Other kinds (prefix_cache, ...) and keys are passed over, so new fields in lminv's records change nothing here.
 
@@ -161,6 +162,10 @@ def main():
     if peer_info:
         print(f"{PEER}: torch {peer_info.get('torch_version', '?')}, {peer_info.get('threads', '?')} threads, BLAS "
               f"threads {peer_info.get('blas_threads', '?')}; {peer_info.get('blas', '?')}")
+    rates = [r for r in records if r.get("kind") == "peer_gemm"]
+    if rates:
+        print(f"{PEER} GEMM (torch.mm 2048^3, LibTorch's BLAS): " +
+              ", ".join(f"{r['dtype']} {r['flop_per_s'] / 1e9:.0f} GFLOP/s" for r in rates))
     print("\nstep: seconds per step (forward + loss + input gradient); lminv / peer below 1: lminv faster\n")
     print(step_table(records))
     loops = loop_table(records)

@@ -3,9 +3,10 @@
 // in other architecture settings (Llama-, Qwen2-, GPT-NeoX-, Mistral-like, head_dim != d / nh, layer_norm without
 // bias), every head, input space and extra-layer setting, and the MLP kinds, in f64 (1e-10 relative), f32 (1e-4) and
 // bf16 (loosely); any length on one model; the prefix cache against forward; one copy of the weights for the models
-// on one WeightSet; batches against items one by one; the metrics' conventions at o = t and |t| = 0; the errors it
-// raises; loading it as the "torch" plugin. Run with --gtest_also_run_disabled_tests for GPT-2 small timings. (The
-// shared backend conformance suite is conformance_test.cpp; this one covers what is particular to torch.)
+// on one WeightSet; batches against items one by one; the metrics' conventions
+// at o = t and |t| = 0; the errors it raises; loading it as the "torch" plugin. Run with
+// --gtest_also_run_disabled_tests for GPT-2 small timings. (The shared backend conformance suite is
+// conformance_test.cpp; this one covers what is particular to torch.)
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -27,6 +28,7 @@
 #include "lminv/schema.hpp"
 #include "reference_backend.hpp"
 #include "registry.hpp"
+#include "skinny_matmul.hpp"
 #include "torch_backend.hpp"
 #include "weights_init.hpp"
 
@@ -259,13 +261,13 @@ Tensor input_for(const ModelSpec& spec, std::int64_t B, std::uint64_t seed) {
 }
 
 // Forward, backward with a random output gradient, and loss_and_grad (l1, l2, cosine; target of one item and of B)
-// of the torch model in `spec.dtype` on `spec.device` against the reference in f64, within `tolerance` relative.
-void expect_matches_reference(const ModelSpec& spec, double tolerance, bool with_l1 = true) {
-  SCOPED_TRACE(describe(spec));
+// of the torch model in `spec.dtype` on `spec.device` against the reference in f64, within `tolerance` relative, on
+// a batch of B.
+void expect_matches_reference(const ModelSpec& spec, double tolerance, bool with_l1 = true, std::int64_t B = 2) {
+  SCOPED_TRACE(describe(spec) + ", batch " + std::to_string(B));
   const auto weights = weights_for(spec);
   const auto torch = torch_model(spec, weights);
   const auto ref = reference_model(spec, weights);
-  const std::int64_t B = 2;
   const Tensor x = input_for(spec, B, 11);
 
   const Tensor expected = ref->forward(x);
@@ -316,6 +318,22 @@ TEST(TorchBackend, MatchesTheReferenceInF32) {
     for (ModelSpec spec : all_specs(DType::f32)) {
       spec.device = device;
       expect_matches_reference(spec, 1e-4);
+    }
+}
+
+// A batch of 6 puts more rows in each matrix product than the streaming kernels take (kernels::kSkinnyRows = 16:
+// 18 rows for the MLPs, 30 for the decoders), so that the products go where large batches go: oneDNN's sgemm and
+// matmul in f32 on the CPU (torch_networks.cpp, DnnlAffine, where the build has oneDNN), LibTorch's BLAS otherwise.
+TEST(TorchBackend, MatchesTheReferenceWithMoreRowsThanTheStreamingKernelsTake) {
+  static_assert(6 * 3 > kernels::kSkinnyRows, "the MLPs' rows must exceed the streaming kernels'");
+  for (const std::string& device : devices())
+    for (DType dtype : {DType::f32, DType::f64}) {
+      std::vector<ModelSpec> specs = all_specs(dtype);
+      for (const ModelSpec& spec : arch_specs(dtype)) specs.push_back(spec);
+      for (ModelSpec spec : specs) {
+        spec.device = device;
+        expect_matches_reference(spec, dtype == DType::f32 ? 1e-4 : 1e-10, /*with_l1=*/true, /*B=*/6);
+      }
     }
 }
 

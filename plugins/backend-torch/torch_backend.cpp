@@ -107,10 +107,12 @@ const OpenBlasThreads& openblas_threads() {
 // in the same process (`lminv compare` runs several) must not find its "all cores" turned into one.
 //
 // With Debian's pthreads OpenBLAS there are two pools of busy-waiting threads, ATen's for element-wise kernels and
-// OpenBLAS's for matrix products, and on the same cores they slow each other down (GPT-2 small, f32, 2 cores:
-// loss_and_grad at batch 32 took 1.5 s with both pools at 2 threads, 0.82 s with ATen at 1 and OpenBLAS at 2,
-// 3.4 s the other way round). So there the matrix products get the threads and ATen one, unless aten_threads says
-// otherwise. An OpenMP OpenBLAS shares ATen's pool, and other BLAS libraries are LibTorch's business: ATen gets them.
+// OpenBLAS's for matrix products, and on the same cores they slow each other down (GPT-2 small + lm_head, f64,
+// 2 cores, 2026-12-04: loss_and_grad at batch 32 took 2.32 s with both pools at 2 threads, 1.43 s with ATen at 1
+// and OpenBLAS at 2). So where a model's products go to that OpenBLAS the products get the threads and ATen one,
+// unless aten_threads says otherwise. Where they do not (CPU f32 with oneDNN, ThreadSettings::blas_products), and
+// for an OpenMP OpenBLAS, which shares ATen's pool, ATen gets them all (f32, batch 32: 0.32 s against 0.35 s with
+// ATen at 1); other BLAS libraries are LibTorch's business: ATen gets them too.
 class ThreadScope {
  public:
   explicit ThreadScope(const ThreadSettings& settings) {
@@ -119,8 +121,15 @@ class ThreadScope {
     omp_before_ = omp_get_max_threads();
     static const int all = omp_before_;  // "all cores" as the reference backend counts them (OMP_NUM_THREADS or all)
     const int n = settings.threads > 0 ? settings.threads : all;
-    const int aten = settings.aten_threads > 0 ? settings.aten_threads : (openblas_parallel() == 1 ? 1 : n);
-    at::set_num_threads(aten);
+    const int aten = settings.aten_threads > 0                                  ? settings.aten_threads
+                     : settings.blas_products && openblas_parallel() == 1 ? 1
+                                                                          : n;
+    // ATen's OpenMP parallel_for takes its team from the OpenMP setting, so that is the one to set, once ATen has
+    // made its first-use setting in this thread (get_num_threads). Not at::set_num_threads: in LibTorch 1.13 that
+    // also rebuilds caffe2's pthreadpool at the new size on every call, and the fresh pool's spinning worker took a
+    // core from the kernels (GPT-2 small at batch 1: 0.065-0.083 s per step against 0.047 s).
+    (void)at::get_num_threads();
+    omp_set_num_threads(aten);
     const OpenBlasThreads& blas = openblas_threads();
     if (blas.get) {
       blas_before_ = blas.get();
@@ -258,13 +267,13 @@ class TorchMatmulProbe final : public MatmulProbe {
       at::NoGradGuard no_grad;
       const at::TensorOptions o = options_.dtype(scalar_type(dtype));
       const at::Tensor a = at::randn({m, k}, o), b = at::randn({k, n}, o);
-      at::Tensor c = at::mm(a, b);
+      at::Tensor c = large_product(a, b);
       const bool cuda = options_.device().is_cuda();
       double best = INFINITY;
       for (int r = 0; r < std::max(1, repeat); ++r) {
         if (cuda) torch::cuda::synchronize();
         const auto start = std::chrono::steady_clock::now();
-        c = at::mm(a, b);
+        c = large_product(a, b);
         if (cuda) torch::cuda::synchronize();
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
@@ -772,7 +781,12 @@ std::unique_ptr<Model> TorchBackend::create_model(const ModelSpec& spec, std::sh
     std::unique_ptr<Network> network = spec.kind == ModelKind::decoder
                                            ? make_decoder_network(spec, weights, std::move(shared))
                                            : make_mlp_network(spec, weights, std::move(shared));
-    return std::make_unique<TorchModel>(spec, std::move(network), options, threads_, weights);
+    ThreadSettings model_threads = threads_;
+#ifdef LMINV_TORCH_DNNL_SGEMM
+    // f32 on the CPU: the products go to oneDNN's sgemm (or the streaming kernels), on the OpenMP pool ATen uses.
+    model_threads.blas_products = !(spec.device == "cpu" && spec.dtype == DType::f32);
+#endif
+    return std::make_unique<TorchModel>(spec, std::move(network), options, model_threads, weights);
   });
 }
 

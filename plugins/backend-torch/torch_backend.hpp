@@ -27,13 +27,17 @@ bool cuda_available();
 
 // Threads, from the [backend] keys:
 //   threads       0 = all cores (omp_get_max_threads(), as the reference backend counts them), or how many
-//   aten_threads  LibTorch's intra-op (OpenMP) pool; 0 = automatic: 1 when LibTorch's BLAS is a pthreads OpenBLAS
-//                 (Debian's: OpenBLAS then gets `threads` for the matrix products, and two pools of busy-waiting
-//                 threads do not fight over the same cores), else `threads`
+//   aten_threads  LibTorch's intra-op (OpenMP) pool; 0 = automatic: 1 when the model's matrix products go to a
+//                 pthreads OpenBLAS as LibTorch's BLAS (Debian's: OpenBLAS then gets `threads` for the products, and
+//                 two pools of busy-waiting threads do not fight over the same cores), else `threads`
 // Both are process-wide settings: each model call sets them for its duration and puts the previous values back.
+// `blas_products` is the model's own: false where its matrix products do not go to LibTorch's BLAS (CPU f32 with
+// oneDNN's sgemm, torch_networks.cpp), so that there is no second pool to keep ATen's off the cores and automatic
+// aten_threads is `threads`.
 struct ThreadSettings {
   int threads = 0;
   int aten_threads = 0;
+  bool blas_products = true;
 };
 
 // The ATen weight tensors that a backend's live models hold (TorchBackend::weight_cache_stats): `sets` distinct

@@ -61,6 +61,17 @@
 #include "int8_weights.hpp"
 #include "skinny_matmul.hpp"
 
+#ifdef LMINV_TORCH_DNNL_SGEMM
+#include <omp.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+#include <unordered_map>
+#endif
+
 namespace lminv::torch_backend {
 
 namespace {
@@ -234,23 +245,181 @@ struct SkinnyAffine : public torch::autograd::Function<SkinnyAffine> {
   }
 };
 
+#ifdef LMINV_TORCH_DNNL_SGEMM
+// oneDNN's matmul primitive for C [M, N] = A [M, K] B^T (+ bias) with B stored [N, K], made once per shape and kept
+// (a handful: a model's products have few shapes). For that layout the primitive ran at 350-380 GFLOP/s where
+// dnnl_sgemm('T') packed B at 180-350 (2 cores, AVX-512; [160, 3072] x [3072, 768]^T: 206 against 380).
+class TransposedProducts {
+ public:
+  void run(float* c, const float* a, const float* b, const float* bias, std::int64_t M, std::int64_t N,
+           std::int64_t K) {
+    using dnnl::memory;
+    const std::shared_ptr<const Entry> found = entry(M, N, K, bias != nullptr);
+    const Entry& e = *found;
+    memory am(e.a, engine_, const_cast<float*>(a)), bm(e.b, engine_, const_cast<float*>(b)), cm(e.c, engine_, c);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
+    if (bias) args.emplace(DNNL_ARG_BIAS, memory(e.bias, engine_, const_cast<float*>(bias)));
+    dnnl::stream stream(engine_);
+    e.product.execute(stream, args);
+    stream.wait();
+  }
+
+ private:
+  struct Entry {
+    dnnl::memory::desc a, b, bias, c;
+    dnnl::matmul product;
+  };
+
+  // Shared, so that a caller keeps its entry while another thread starts the cache over.
+  std::shared_ptr<const Entry> entry(std::int64_t M, std::int64_t N, std::int64_t K, bool with_bias) {
+    using dnnl::memory;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto key = std::make_tuple(M, N, K, with_bias);
+    if (auto found = entries_.find(key); found != entries_.end()) return found->second;
+    if (entries_.size() >= kKept) entries_.clear();  // shapes beyond a model's few: start over rather than grow
+    auto made = std::make_shared<Entry>();
+    Entry& e = *made;
+    e.a = memory::desc({M, K}, memory::data_type::f32, memory::format_tag::ab);
+    e.b = memory::desc({K, N}, memory::data_type::f32, memory::format_tag::ba);  // B^T [K, N] is B [N, K] stored
+    e.c = memory::desc({M, N}, memory::data_type::f32, memory::format_tag::ab);
+    if (with_bias) e.bias = memory::desc({1, N}, memory::data_type::f32, memory::format_tag::ab);
+    const dnnl::matmul::desc d = with_bias ? dnnl::matmul::desc(e.a, e.b, e.bias, e.c) : dnnl::matmul::desc(e.a, e.b, e.c);
+    e.product = dnnl::matmul(dnnl::matmul::primitive_desc(d, engine_));
+    entries_.emplace(key, made);
+    return made;
+  }
+
+  static constexpr std::size_t kKept = 64;
+  dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
+  std::mutex mutex_;
+  std::map<std::tuple<std::int64_t, std::int64_t, std::int64_t, bool>, std::shared_ptr<const Entry>> entries_;
+};
+
+// C [M, N] = A op(B) (+ bias [N] on every row) in f32 by oneDNN, row-major: A [M, K], B stored [K, N] (trans_b 'N':
+// dnnl_sgemm) or [N, K] ('T': TransposedProducts). oneDNN picks its kernels from the CPU it runs on, where the
+// OpenBLAS that LibTorch calls is held to the core type the environment names (OPENBLAS_CORETYPE=Haswell on AVX-512
+// EPYCs: half their rate, bench/RESULTS.md). It runs on the OpenMP team of kernel_threads(), the caller's setting
+// restored after.
+void dnnl_product(float* c, const float* a, const float* b, char trans_b, const float* bias, std::int64_t M,
+                  std::int64_t N, std::int64_t K) {
+  static TransposedProducts transposed;
+  const int before = omp_get_max_threads();
+  const int threads = kernel_threads() > 0 ? kernel_threads() : before;
+  if (threads != before) omp_set_num_threads(threads);
+  struct Restore {
+    int threads, before;
+    ~Restore() {
+      if (threads != before) omp_set_num_threads(before);
+    }
+  } restore{threads, before};
+  if (trans_b == 'T') {
+    try {
+      transposed.run(c, a, b, bias, M, N, K);
+    } catch (const dnnl::error& e) {
+      throw Error(std::string(kWho) + ": oneDNN matmul failed (" + e.what() + ") for [" + std::to_string(M) + ", " +
+                  std::to_string(K) + "] x [" + std::to_string(N) + ", " + std::to_string(K) + "]^T");
+    }
+    return;
+  }
+  float beta = 0.0f;
+  if (bias) {
+    for (std::int64_t m = 0; m < M; ++m) std::memcpy(c + m * N, bias, static_cast<std::size_t>(N) * sizeof(float));
+    beta = 1.0f;
+  }
+  const dnnl_status_t status = dnnl_sgemm('N', 'N', M, N, K, 1.0f, a, K, b, N, beta, c, N);
+  if (status != dnnl_success)
+    throw Error(std::string(kWho) + ": oneDNN sgemm failed (status " + std::to_string(static_cast<int>(status)) +
+                ") for [" + std::to_string(M) + ", " + std::to_string(K) + "] x [" + std::to_string(K) + ", " +
+                std::to_string(N) + "]");
+}
+
+// The products with more rows than kSkinnyRows on the CPU in f32, by dnnl_product, as an autograd node like
+// SkinnyAffine: y = x W (+ b) for W [in, out], x W^T (+ b) for W [out, in]; the input gradient dy W^T or dy W.
+struct DnnlAffine : public torch::autograd::Function<DnnlAffine> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, std::int64_t layout) {
+    ctx->save_for_backward({weight});
+    ctx->saved_data["layout"] = layout;
+    const at::Tensor xc = x.contiguous();
+    const bool in_out = static_cast<Layout>(layout) == Layout::in_out;
+    const std::int64_t M = xc.size(0), K = xc.size(1), N = in_out ? weight.size(1) : weight.size(0);
+    at::Tensor y = at::empty({M, N}, xc.options());
+    dnnl_product(y.data_ptr<float>(), xc.data_ptr<float>(), weight.data_ptr<float>(), in_out ? 'N' : 'T',
+                 bias.numel() > 0 ? bias.data_ptr<float>() : nullptr, M, N, K);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor weight = ctx->get_saved_variables()[0];
+    const bool in_out = static_cast<Layout>(ctx->saved_data["layout"].toInt()) == Layout::in_out;
+    const at::Tensor dy = grads[0].contiguous();
+    const std::int64_t M = dy.size(0), N = dy.size(1), K = in_out ? weight.size(0) : weight.size(1);  // dx [M, K]
+    at::Tensor dx = at::empty({M, K}, dy.options());
+    // in_out: dx = dy W^T with W [K, N]; out_in: dx = dy W with W [N, K].
+    dnnl_product(dx.data_ptr<float>(), dy.data_ptr<float>(), weight.data_ptr<float>(), in_out ? 'T' : 'N', nullptr,
+                 M, K, N);
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
+// The most rows of x for the streaming kernels. In f32 with oneDNN taking the rest, 8: oneDNN's sgemm and matmul
+// were faster from 9 rows on (GPT-2 small + lm_head, T = 5, batch 2: 10 rows, 0.075 s per step through the kernels
+// against 0.068 s at batch 4 through oneDNN, bench/RESULTS.md); otherwise kSkinnyRows, where LibTorch's BLAS takes
+// the rest.
+std::int64_t skinny_rows(const at::Tensor& x) {
+#ifdef LMINV_TORCH_DNNL_SGEMM
+  if (x.scalar_type() == at::kFloat) return std::min<std::int64_t>(8, kernels::kSkinnyRows);
+#endif
+  (void)x;
+  return kernels::kSkinnyRows;
+}
+
+// Whether a product of x with this weight may go through the backend's own kernels (SkinnyAffine, DnnlAffine):
+// on the CPU, f32 or f64, dense operands, and a weight that needs no gradient (a trainer's goes through ATen,
+// since these differentiate the input only).
+bool own_kernels(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  return x.device().is_cpu() && !weight.requires_grad() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && weight.scalar_type() == x.scalar_type() &&
+         weight.is_contiguous() && (!bias.defined() || bias.is_contiguous());
+}
+
 // x [rows, in] times a weight, plus bias (when defined): x W + b for a weight stored [in, out] (Conv1D, the
 // canonical decoder layout, wte for a vocabulary-space input), x W^T + b for one stored [out, in] (nn.Linear, the
-// lm_head). Up to kSkinnyRows rows on the CPU in f32 or f64, the streaming kernels (SkinnyAffine); otherwise the
-// GEMM of LibTorch's BLAS.
+// lm_head). Up to skinny_rows(x) rows on the CPU in f32 or f64, the streaming kernels (SkinnyAffine); more rows in
+// f32 on the CPU, oneDNN (DnnlAffine, where the build has it); otherwise the GEMM of LibTorch's BLAS.
 at::Tensor affine(const at::Tensor& x, const at::Tensor& weight, Layout layout, const at::Tensor& bias = {}) {
-  // Not for a weight that requires a gradient (a trainer's): SkinnyAffine differentiates the input only.
-  const bool skinny = x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() && !weight.requires_grad() &&
-                      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-                      weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
-                      (!bias.defined() || bias.is_contiguous());
+  const bool own = own_kernels(x, weight, bias);
   // (An undefined tensor cannot cross Function::apply: no bias goes as an empty one.)
-  if (skinny)
+  if (own && x.size(0) <= skinny_rows(x))
     return SkinnyAffine::apply(x, weight, bias.defined() ? bias : at::empty({0}, x.options()),
                                static_cast<std::int64_t>(layout));
+#ifdef LMINV_TORCH_DNNL_SGEMM
+  if (own && x.scalar_type() == at::kFloat)
+    return DnnlAffine::apply(x, weight, bias.defined() ? bias : at::empty({0}, x.options()),
+                             static_cast<std::int64_t>(layout));
+#endif
   const at::Tensor w = layout == Layout::in_out ? weight : weight.t();  // [in, out]
   return bias.defined() ? at::addmm(bias, x, w) : at::mm(x, w);
 }
+
+}  // namespace
+
+at::Tensor large_product(const at::Tensor& a, const at::Tensor& b) {
+#ifdef LMINV_TORCH_DNNL_SGEMM
+  if (a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) {
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    at::Tensor c = at::empty({a.size(0), b.size(1)}, ac.options());
+    dnnl_product(c.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), 'N', nullptr, a.size(0), b.size(1),
+                 a.size(1));
+    return c;
+  }
+#endif
+  return at::mm(a, b);
+}
+
+namespace {
 
 // ---- int8 block weights -------------------------------------------------------------------------------------------
 
@@ -289,8 +458,9 @@ at::Tensor dequantised(const at::Tensor& q, const at::Tensor& scale) {
 
 // Whether the streaming int8 kernels take x [rows, in] (plugins/common/skinny_matmul.hpp: few rows, on the CPU, f32
 // or f64): they dequantise each element in registers, reading the integers once.
+// Up to skinny_rows(x), as the plain weights: so the two give the same products, in the same order, for every batch.
 bool skinny_int8(const at::Tensor& x, const at::Tensor& scale) {
-  return x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() && x.scalar_type() == scale.scalar_type() &&
+  return x.size(0) <= skinny_rows(x) && x.device().is_cpu() && x.scalar_type() == scale.scalar_type() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 

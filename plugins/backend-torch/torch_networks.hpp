@@ -125,6 +125,10 @@ c10::ScalarType scalar_type(DType dtype);
 int kernel_threads();
 void set_kernel_threads(int threads);
 
+// a [m, k] times b [k, n] as the networks multiply an activation with more rows than the streaming kernels take by
+// a weight: oneDNN's sgemm for CPU f32 where the build has it, else LibTorch's at::mm (the matmul_probe times this).
+at::Tensor large_product(const at::Tensor& a, const at::Tensor& b);
+
 // A copy of `t` as an ATen tensor with `options` (dtype and device); the lminv tensor is not referenced afterwards.
 at::Tensor to_aten(const Tensor& t, const at::TensorOptions& options);
 

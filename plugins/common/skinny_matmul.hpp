@@ -17,9 +17,10 @@
 // plugins/common/int8_weights.hpp): the integers q stored as W would be and one scale per column of the stored
 // matrix. Each element is dequantised in registers as T(q) * s[column], the very value a dequantised copy of the
 // matrix holds, and then used as a weight is, in the same order: the results equal the plain kernels' on the
-// dequantised matrix bit for bit, while the kernels read a quarter (f32) or an eighth (f64) of the bytes. The rounding differs from a GEMM's
-// (other summation orders, fused multiply-adds): these are for the fast backends, never for the reference's exact
-// kernels. Rows beyond kSkinnyRows are left to the GEMM library, which is faster there.
+// dequantised matrix bit for bit, while the kernels read a quarter (f32) or an eighth (f64) of the bytes. The
+// rounding differs from a GEMM's (other summation orders, fused multiply-adds): these are for the fast backends,
+// never for the reference's exact kernels. Rows beyond kSkinnyRows are left to a GEMM library, which is faster
+// there (oneDNN's in f32 for both fast backends where the build has it, LibTorch's BLAS otherwise).
 #pragma once
 
 #include <immintrin.h>
@@ -36,7 +37,8 @@ namespace lminv::kernels {
 using Index = std::int64_t;
 
 // Up to this many rows the kernels below beat OpenBLAS 0.3.21 or match it (bench/RESULTS.md); oneDNN's matmul on
-// prepacked weights catches up at about 12 rows, so the onednn backend uses them up to 8.
+// prepacked weights catches up at about 12 rows, so the onednn backend uses them up to 8, and so does torch in f32
+// where its larger products go to oneDNN (torch_networks.cpp, skinny_rows).
 inline constexpr Index kSkinnyRows = 16;
 
 namespace detail {
@@ -76,6 +78,8 @@ struct Dense {
   Index ld;
   typename Vec<T>::type load(Index r, Index c) const { return Vec<T>::load(w + r * ld + c); }
   T at(Index r, Index c) const { return w[r * ld + c]; }
+  // A hint to fetch the line `ahead` elements past [r, c] (never dereferenced: past the end is harmless).
+  void prefetch(Index r, Index c, Index ahead) const { __builtin_prefetch(w + r * ld + c + ahead); }
 };
 
 // int8 integers with one scale per column, dequantised as they are read: T(q[r, c]) * s[c].
@@ -109,11 +113,19 @@ struct Quantised {
     return __builtin_convertvector(v, typename Vec<T>::type);
   }
   T at(Index r, Index c) const { return static_cast<T>(q[r * ld + c]) * s[c]; }
+  void prefetch(Index r, Index c, Index ahead) const { __builtin_prefetch(q + r * ld + c + ahead); }
 };
 
+// How far ahead of the loads the kernels ask for W's lines, in elements of the stream (4 KiB of f32 for the dot
+// products, 1 KiB per row for the scaled rows). The hardware prefetcher alone kept the loads of these kernels, which
+// do up to 8 multiply-adds per element loaded, at a third of the read bandwidth of an AVX-512 EPYC (60 GB/s): the
+// hints doubled the rate at 5 to 8 rows (bench/RESULTS.md, issue #12).
+inline constexpr Index kDotsAhead = 1024;
+inline constexpr Index kAxpysAhead = 256;
+
 // y[m * ldy + r] = <W[n + r, :], x[m, :]> for R consecutive rows of W (row length K) from row n and MB rows of x (row
-// length K). R MB accumulators and R + 1 loads in flight: with R (MB + 1) <= 15 they stay in the 16 vector registers
-// of AVX2.
+// length K). R MB accumulators and R + 1 loads in flight: rows_for keeps R (MB + 1) + 1 <= 16, the vector registers
+// of AVX2. Each (r, m) sums in the same order whatever R and MB are.
 template <class T, int R, int MB, class W>
 inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __restrict__ x, Index K) {
   using V = Vec<T>;
@@ -123,6 +135,8 @@ inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __r
   for (; i + L <= K; i += L) {
     typename V::type wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w.load(n + r, i);
+    if ((i / L) % 2 == 0)  // one hint per 64-byte line (two 32-byte vectors) of each row
+      for (int r = 0; r < R; ++r) w.prefetch(n + r, i, kDotsAhead);
     for (int m = 0; m < MB; ++m) {
       const typename V::type xm = V::load(x + m * K + i);
       for (int r = 0; r < R; ++r) acc[r][m] += wr[r] * xm;
@@ -136,47 +150,79 @@ inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __r
     }
 }
 
-// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows), in blocks of 4 rows of W by 2 rows of x.
+// Rows of W per block for MB rows of x (see dots).
+constexpr int rows_for(int MB) { return MB <= 2 ? 4 : MB <= 3 ? 3 : MB <= 6 ? 2 : 1; }
+
+// Rows [n, n1) of y = x W^T for the MB rows of x.
+template <class T, int MB, class W>
+inline void dots_rows(T* y, const T* x, const W& w, Index N, Index K, Index n, Index n1) {
+  constexpr int R = rows_for(MB);
+  for (; n + R <= n1; n += R) dots<T, R, MB>(y + n, N, w, n, x, K);
+  for (; n < n1; ++n) dots<T, 1, MB>(y + n, N, w, n, x, K);
+}
+
 template <class T, class W>
-inline void dots_range(T* y, const T* x, const W& w, Index M, Index N, Index K, Index n0, Index n1) {
-  constexpr int R = 4;  // four rows of W in flight (measured a little faster than two on AVX2: bench/RESULTS.md)
-  Index n = n0;
-  for (; n + R <= n1; n += R) {
-    Index m = 0;
-    for (; m + 2 <= M; m += 2) dots<T, R, 2>(y + m * N + n, N, w, n, x + m * K, K);
-    if (m < M) dots<T, R, 1>(y + m * N + n, N, w, n, x + m * K, K);
-  }
-  for (; n < n1; ++n) {
-    Index m = 0;
-    for (; m + 4 <= M; m += 4) dots<T, 1, 4>(y + m * N + n, N, w, n, x + m * K, K);
-    for (; m < M; ++m) dots<T, 1, 1>(y + m * N + n, N, w, n, x + m * K, K);
+inline void dots_pass(Index mb, T* y, const T* x, const W& w, Index N, Index K, Index n0, Index n1) {
+  switch (mb) {
+    case 1: return dots_rows<T, 1>(y, x, w, N, K, n0, n1);
+    case 2: return dots_rows<T, 2>(y, x, w, N, K, n0, n1);
+    case 3: return dots_rows<T, 3>(y, x, w, N, K, n0, n1);
+    case 4: return dots_rows<T, 4>(y, x, w, N, K, n0, n1);
+    case 5: return dots_rows<T, 5>(y, x, w, N, K, n0, n1);
+    case 6: return dots_rows<T, 6>(y, x, w, N, K, n0, n1);
+    case 7: return dots_rows<T, 7>(y, x, w, N, K, n0, n1);
+    default: return dots_rows<T, 8>(y, x, w, N, K, n0, n1);
   }
 }
 
-// y[m, :] += sum over rows k in [k0, k1) of x[m, k] W[k, :] (row length N), four rows of W per pass so that each
-// element of y is loaded and stored once per four of them.
+// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows): every row of x in one pass over W when M <= 8,
+// which reads each vector of W from memory once. More rows go in passes of at most 8 over slabs of W small enough
+// (16 KiB) to be read again from the first-level cache.
+template <class T, class W>
+inline void dots_range(T* y, const T* x, const W& w, Index M, Index N, Index K, Index n0, Index n1) {
+  const Index passes = (M + 7) / 8;
+  const Index slab =
+      passes == 1 ? n1 - n0 : std::max<Index>(4, 16384 / (K * static_cast<Index>(sizeof(T))) / 4 * 4);
+  for (Index s = n0; s < n1; s += slab) {
+    const Index e = std::min(n1, s + slab);
+    for (Index m = 0, left = passes; m < M; --left) {
+      const Index mb = (M - m + left - 1) / left;  // the rows left shared evenly among the passes left
+      dots_pass(mb, y + m * N, x + m * K, w, N, K, s, e);
+      m += mb;
+    }
+  }
+}
+
+// y[m, :] += sum over rows k in [k0, k1) of x[m, k] W[k, :] (row length N), eight rows of W per pass so that each
+// element of y is loaded and stored once per eight of them (measured faster than four at 5 and 8 rows of x).
 template <class T, class W>
 inline void axpys_range(T* __restrict__ y, const T* __restrict__ x, const W& w, Index M, Index K, Index N, Index k0,
                         Index k1) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
+  constexpr int RR = 8;
   Index k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    // Each vector of the four rows is loaded (for int8: dequantised) once and used for every row of x.
+  for (; k + RR <= k1; k += RR) {
+    // Each vector of the eight rows is loaded (for int8: dequantised) once and used for every row of x.
     Index c = 0;
     for (; c + L <= N; c += L) {
-      const typename V::type w0 = w.load(k, c), w1 = w.load(k + 1, c), w2 = w.load(k + 2, c), w3 = w.load(k + 3, c);
+      typename V::type wr[RR];
+      for (int r = 0; r < RR; ++r) wr[r] = w.load(k + r, c);
+      if ((c / L) % 2 == 0)  // one hint per 64-byte line of each row
+        for (int r = 0; r < RR; ++r) w.prefetch(k + r, c, kAxpysAhead);
       for (Index m = 0; m < M; ++m) {
         const T* xm = x + m * K + k;
         T* __restrict__ ym = y + m * N + c;
-        V::store(ym, V::load(ym) + V::splat(xm[0]) * w0 + V::splat(xm[1]) * w1 + V::splat(xm[2]) * w2 +
-                         V::splat(xm[3]) * w3);
+        typename V::type acc = V::load(ym);
+        for (int r = 0; r < RR; ++r) acc += V::splat(xm[r]) * wr[r];
+        V::store(ym, acc);
       }
     }
     for (; c < N; ++c)
       for (Index m = 0; m < M; ++m) {
-        const T* xm = x + m * K + k;
-        y[m * N + c] += xm[0] * w.at(k, c) + xm[1] * w.at(k + 1, c) + xm[2] * w.at(k + 2, c) + xm[3] * w.at(k + 3, c);
+        T acc = y[m * N + c];
+        for (int r = 0; r < RR; ++r) acc += x[m * K + k + r] * w.at(k + r, c);
+        y[m * N + c] = acc;
       }
   }
   for (; k < k1; ++k) {
@@ -227,7 +273,7 @@ void times(T* y, const T* x, const W& w, const T* bias, Index M, Index K, Index 
 #pragma omp parallel num_threads(team)
   {
     const Index parts = omp_get_num_threads(), part = omp_get_thread_num();
-    const Index per = ((K + parts - 1) / parts + 3) / 4 * 4;  // multiples of 4 rows, but for the last range
+    const Index per = ((K + parts - 1) / parts + 7) / 8 * 8;  // multiples of 8 rows, but for the last range
     const Index k0 = std::min(K, part * per), k1 = std::min(K, k0 + per);
     T* mine = part == 0 ? y : partials + static_cast<std::size_t>(part - 1) * block;
     std::fill(mine, mine + block, T(0));
