@@ -181,8 +181,8 @@ std::shared_ptr<WeightSet> dequantised_f32(const WeightSet& w) {
   return out;
 }
 
-// B prompts: B T rows through every product (2: the streaming kernels' few rows; 5: beyond kSkinnyRows, where the
-// weight is dequantised for a GEMM).
+// B prompts: B T rows through every product (2: 10 rows, the streaming kernels' few rows, which the plain f32 weights
+// of the torch backend leave to oneDNN from 9 on; 5: beyond kSkinnyRows, where the weight is dequantised for a GEMM).
 Tensor input_for(const ModelSpec& spec, std::int64_t B = 2) {
   std::mt19937_64 rng(5);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -242,9 +242,11 @@ TEST_P(Int8Backend, EqualsTheModelOnDequantisedWeights) {
     const Tensor x = input_for(spec, B);
     const Tensor y_q = quantised->forward(x), y = plain->forward(x);
     const double forward_error = normalised_error(y_q, y);
-    // The same target for both: the plain model's output at a shifted input.
+    // The same target for both: the plain model's output at a moved input. Moved by a pattern, not a constant: a
+    // constant shift of every element is removed by GPT-2's first layer norm, which left a loss of f32 rounding
+    // (~1e-6) whose gradients only bit-identical products could match.
     Tensor shifted = x;
-    for (std::int64_t i = 0; i < shifted.numel(); ++i) shifted.set(i, x.get(i) + 0.1);
+    for (std::int64_t i = 0; i < shifted.numel(); ++i) shifted.set(i, x.get(i) + (i % 3 == 0 ? 0.1 : -0.05));
     const Tensor target = plain->forward(shifted);
     const LossAndGrad g_q = quantised->loss_and_grad(x, target, Metric::l2);
     const LossAndGrad g = plain->loss_and_grad(x, target, Metric::l2);

@@ -513,7 +513,7 @@ class DecoderModel final : public Model {
   }
 
   // The step of dst = src @ w (+ bias) (+ *added) for a plan's forward or backward pass: with few source rows
-  // (kernels::kSkinnyRows) the streaming kernels of plugins/common/skinny_matmul.hpp on w's stored bytes, which read
+  // (up to 8, skinny_step) the streaming kernels of plugins/common/skinny_matmul.hpp on w's stored bytes, which read
   // the weight once where oneDNN's gemm-based matmul packs it first (at 5 rows it read GPT-2's weights at a third to
   // half of the machine's bandwidth: bench/RESULTS.md); otherwise, or for layouts the kernels do not take, `mm`.
   static Step matmul_step(const WeightMatmul& mm, const memory& src, const Matrix& w, const memory& bias,

@@ -458,9 +458,13 @@ at::Tensor dequantised(const at::Tensor& q, const at::Tensor& scale) {
 
 // Whether the streaming int8 kernels take x [rows, in] (plugins/common/skinny_matmul.hpp: few rows, on the CPU, f32
 // or f64): they dequantise each element in registers, reading the integers once.
-// Up to skinny_rows(x), as the plain weights: so the two give the same products, in the same order, for every batch.
+// Up to kSkinnyRows (16) in every dtype, although plain f32 weights leave the streaming kernels at 8 rows: from 9
+// rows the alternative here is dequantising the whole matrix before oneDNN's product, which made int8 steps at batch 2
+// and 3 (10 and 15 rows) take 0.104-0.115 s against 0.061-0.083 s through these kernels (GPT-2 small + lm_head,
+// bench/RESULTS.md). Between 9 and 16 rows an int8 model's products are then summed in another order than its
+// dequantised twin's (oneDNN's), equal to f32 rounding, not bit for bit.
 bool skinny_int8(const at::Tensor& x, const at::Tensor& scale) {
-  return x.size(0) <= skinny_rows(x) && x.device().is_cpu() && x.scalar_type() == scale.scalar_type() &&
+  return x.size(0) <= kernels::kSkinnyRows && x.device().is_cpu() && x.scalar_type() == scale.scalar_type() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 

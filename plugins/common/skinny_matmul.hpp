@@ -50,20 +50,42 @@ inline int team(int threads, Index madds) {
   return static_cast<int>(std::min<Index>(wanted, useful));
 }
 
-// 32 bytes of T as one value (GCC/Clang vector extensions: an AVX register on x86-64, two SSE or NEON registers
-// elsewhere), loaded and stored unaligned.
+#ifndef LMINV_SKINNY_VECTOR_BYTES
+#ifdef __AVX512F__
+#define LMINV_SKINNY_VECTOR_BYTES 64
+#else
+#define LMINV_SKINNY_VECTOR_BYTES 32
+#endif
+#endif
+inline constexpr int kVectorBytes = LMINV_SKINNY_VECTOR_BYTES;
+inline constexpr int kVectorRegisters = kVectorBytes == 64 ? 32 : 16;
+
+// kVectorBytes of T as one value (GCC/Clang vector extensions: a ZMM register where the build targets AVX-512, an
+// AVX register on other x86-64, two SSE or NEON registers elsewhere), loaded and stored unaligned.
 template <class T>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int lanes = 32 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void store(T* p, type v) { std::memcpy(p, &v, sizeof v); }
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+  // The same vector aligned as T is: loads and stores through it are single unaligned vector moves (GCC 12 splits a
+  // 64-byte memcpy into narrower moves when it tunes for an AVX2 core).
+  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(alignof(T)), may_alias));
+  static type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
   static type splat(T a) { return type{} + a; }
+  // The lanes summed. With AVX-512 by halving the vector (log2(lanes) shuffles and adds): the chain of 16 scalar adds
+  // through memory, kept for narrower vectors, cost as much as the dot products of 768 it ends.
   static T sum(type v) {
+#ifdef __AVX512F__
+    if constexpr (kVectorBytes == 64 && std::is_same_v<T, float>) {
+      __m512 r;
+      std::memcpy(&r, &v, sizeof r);
+      return _mm512_reduce_add_ps(r);
+    } else if constexpr (kVectorBytes == 64 && std::is_same_v<T, double>) {
+      __m512d r;
+      std::memcpy(&r, &v, sizeof r);
+      return _mm512_reduce_add_pd(r);
+    }
+#endif
     T s = 0;
     for (int j = 0; j < lanes; ++j) s += v[j];
     return s;
@@ -94,12 +116,23 @@ struct Quantised {
   // turns the generic __builtin_convertvector of 8 bytes into scalar code, 6 times slower than the f32 kernel).
   static typename Vec<T>::type widened(const std::int8_t* p) {
     typename Vec<T>::type out;
+#ifdef __AVX512F__
+    if constexpr (kVectorBytes == 64 && std::is_same_v<T, float>) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&out, &v, sizeof out);
+      return out;
+    } else if constexpr (kVectorBytes == 64 && std::is_same_v<T, double>) {
+      const __m512d v = _mm512_cvtepi32_pd(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&out, &v, sizeof out);
+      return out;
+    }
+#endif
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kVectorBytes == 32 && std::is_same_v<T, float>) {
       const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
       std::memcpy(&out, &v, sizeof out);
       return out;
-    } else if constexpr (std::is_same_v<T, double>) {
+    } else if constexpr (kVectorBytes == 32 && std::is_same_v<T, double>) {
       std::int32_t four;
       std::memcpy(&four, p, sizeof four);
       const __m256d v = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four)));
@@ -116,16 +149,20 @@ struct Quantised {
   void prefetch(Index r, Index c, Index ahead) const { __builtin_prefetch(q + r * ld + c + ahead); }
 };
 
-// How far ahead of the loads the kernels ask for W's lines, in elements of the stream (4 KiB of f32 for the dot
-// products, 1 KiB per row for the scaled rows). The hardware prefetcher alone kept the loads of these kernels, which
-// do up to 8 multiply-adds per element loaded, at a third of the read bandwidth of an AVX-512 EPYC (60 GB/s): the
-// hints doubled the rate at 5 to 8 rows (bench/RESULTS.md, issue #12).
-inline constexpr Index kDotsAhead = 1024;
+// How far ahead of the loads the kernels ask for W's lines, in elements of the stream: for the dot products of R rows
+// of W with AVX2, 4 KiB of f32 further along the same row; with AVX-512, the same place in the next block of R rows,
+// 1 KiB further (measured better there: 36-44 GB/s at 5 rows against 30-34 without the block's offset); 1 KiB per
+// row for the scaled rows. The hardware prefetcher alone kept the loads of these kernels, which do up to 8
+// multiply-adds per element loaded, at a third of the read bandwidth of an AVX-512 EPYC (60 GB/s): the hints doubled
+// the rate at 5 to 8 rows (bench/RESULTS.md, issue #12).
+inline constexpr Index kDotsAhead = kVectorBytes == 64 ? 256 : 1024;
+inline constexpr Index kDotsRowsAhead = kVectorBytes == 64 ? 1 : 0;
 inline constexpr Index kAxpysAhead = 256;
+inline constexpr int kVectorsPerLine = kVectorBytes >= 64 ? 1 : 64 / kVectorBytes;
 
 // y[m * ldy + r] = <W[n + r, :], x[m, :]> for R consecutive rows of W (row length K) from row n and MB rows of x (row
-// length K). R MB accumulators and R + 1 loads in flight: rows_for keeps R (MB + 1) + 1 <= 16, the vector registers
-// of AVX2. Each (r, m) sums in the same order whatever R and MB are.
+// length K). R MB accumulators and R + 1 loads in flight: rows_for keeps R (MB + 1) + 1 within the vector
+// registers (16 with AVX2, 32 with AVX-512). Each (r, m) sums in the same order whatever R and MB are.
 template <class T, int R, int MB, class W>
 inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __restrict__ x, Index K) {
   using V = Vec<T>;
@@ -135,8 +172,8 @@ inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __r
   for (; i + L <= K; i += L) {
     typename V::type wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w.load(n + r, i);
-    if ((i / L) % 2 == 0)  // one hint per 64-byte line (two 32-byte vectors) of each row
-      for (int r = 0; r < R; ++r) w.prefetch(n + r, i, kDotsAhead);
+    if ((i / L) % kVectorsPerLine == 0)  // one hint per 64-byte line of each row
+      for (int r = 0; r < R; ++r) w.prefetch(n + r + kDotsRowsAhead * R, i, kDotsAhead);
     for (int m = 0; m < MB; ++m) {
       const typename V::type xm = V::load(x + m * K + i);
       for (int r = 0; r < R; ++r) acc[r][m] += wr[r] * xm;
@@ -151,7 +188,12 @@ inline void dots(T* __restrict__ y, Index ldy, const W& w, Index n, const T* __r
 }
 
 // Rows of W per block for MB rows of x (see dots).
-constexpr int rows_for(int MB) { return MB <= 2 ? 4 : MB <= 3 ? 3 : MB <= 6 ? 2 : 1; }
+// Chosen by measurement on a Zen 5 pair with AVX-512: at 5 rows of x, blocks of 5 rows of W streamed at 36-44 GB/s and
+// blocks of 4 at 18-21 (on any row length from 768 to 3072; not understood, so measured rather than derived).
+constexpr int rows_for(int MB) {
+  if (kVectorRegisters >= 32) return MB <= 1 ? 8 : MB <= 2 ? 10 : MB <= 3 ? 7 : MB <= 4 ? 6 : MB <= 5 ? 5 : 3;
+  return MB <= 2 ? 4 : MB <= 3 ? 3 : MB <= 6 ? 2 : 1;
+}
 
 // Rows [n, n1) of y = x W^T for the MB rows of x.
 template <class T, int MB, class W>
@@ -175,14 +217,27 @@ inline void dots_pass(Index mb, T* y, const T* x, const W& w, Index N, Index K, 
   }
 }
 
-// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows): every row of x in one pass over W when M <= 8,
-// which reads each vector of W from memory once. More rows go in passes of at most 8 over slabs of W small enough
-// (16 KiB) to be read again from the first-level cache.
+// Rows of x per pass over W: one pass reads each vector of W from memory once and multiplies it with that many rows.
+// With AVX-512, passes of more than 5 rows ran slower (at 6 to 8 rows 15-19 GB/s, against 36-44 at 5, in isolation on
+// a Zen 5 core pair): more rows go in passes over slabs of W that the second pass reads from the second-level cache.
+inline constexpr Index kPassRows = kVectorRegisters >= 32 ? 5 : 8;
+
+// Rows of W per slab when M needs more than one pass: 16 KiB (the first-level cache) with AVX2; with AVX-512, about
+// 192 KiB (the second-level cache), a multiple of 60 rows so that every block size rows_for picks divides it.
+template <class T>
+Index slab_rows(Index K) {
+  const Index row = K * static_cast<Index>(sizeof(T));
+  if (kVectorRegisters >= 32) return std::max<Index>(60, 196608 / row / 60 * 60);
+  return std::max<Index>(4, 16384 / row / 4 * 4);
+}
+
+// Rows [n0, n1) of y = x W^T for every row of x (M <= kSkinnyRows): every row of x in one pass over W when M <=
+// kPassRows, which reads each vector of W from memory once; more rows in passes over slabs of W (slab_rows). Each
+// (row of W, row of x) is summed in the same order however M is split.
 template <class T, class W>
 inline void dots_range(T* y, const T* x, const W& w, Index M, Index N, Index K, Index n0, Index n1) {
-  const Index passes = (M + 7) / 8;
-  const Index slab =
-      passes == 1 ? n1 - n0 : std::max<Index>(4, 16384 / (K * static_cast<Index>(sizeof(T))) / 4 * 4);
+  const Index passes = (M + kPassRows - 1) / kPassRows;
+  const Index slab = passes == 1 ? n1 - n0 : slab_rows<T>(K);
   for (Index s = n0; s < n1; s += slab) {
     const Index e = std::min(n1, s + slab);
     for (Index m = 0, left = passes; m < M; --left) {
@@ -208,7 +263,7 @@ inline void axpys_range(T* __restrict__ y, const T* __restrict__ x, const W& w, 
     for (; c + L <= N; c += L) {
       typename V::type wr[RR];
       for (int r = 0; r < RR; ++r) wr[r] = w.load(k + r, c);
-      if ((c / L) % 2 == 0)  // one hint per 64-byte line of each row
+      if ((c / L) % kVectorsPerLine == 0)  // one hint per 64-byte line of each row
         for (int r = 0; r < RR; ++r) w.prefetch(k + r, c, kAxpysAhead);
       for (Index m = 0; m < M; ++m) {
         const T* xm = x + m * K + k;
