@@ -26,7 +26,8 @@ if [[ $mode == asan ]]; then
   # the nearest decoder and skinny kernels, and the lminv program end to end (cli, reliability: host + reference,
   # descent, pinv, nearest, sequential, brute-force, pez, clamped-walk plugins).
   programs=(tensor_test safetensors_test checkpoint_test config_test prompts_test states_test families_test
-    tokenizer_test registry_test nearest_test skinny_matmul_test cli_test reliability_test report_test progress_test)
+    tokenizer_test registry_test nearest_test skinny_matmul_vec32_test skinny_matmul_vec64_test cli_test
+    reliability_test report_test progress_test)
   # LMINV_SANITIZE_ALL=1 adds the numerical suites, and those that load every backend (torch and onednn: their
   # instrumented builds alone take longer than CI's budget for this job).
   all_programs=("${programs[@]}" weights_test reference_mlp_test reference_gpt2_test reference_decoder_test
@@ -43,8 +44,8 @@ else
   # shared between threads) and OpenMP (skinny kernels, the nearest decoder and the pinv projection it reuses,
   # reference kernels, weights init). pinv_test only with LMINV_SANITIZE_ALL=1: one 80 s case, and its projection
   # kernel already runs in nearest_test.
-  programs=(skinny_matmul_test safetensors_test nearest_test tokenizer_test roofline_test weights_test
-    reference_mlp_test)
+  programs=(skinny_matmul_vec32_test skinny_matmul_vec64_test safetensors_test nearest_test tokenizer_test
+    roofline_test weights_test reference_mlp_test)
   all_programs=("${programs[@]}" pinv_test)
   exclude=''
   extra_targets=()

@@ -72,20 +72,25 @@ struct Vec {
   static type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
   static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
   static type splat(T a) { return type{} + a; }
-  // The lanes summed. With AVX-512 by halving the vector (log2(lanes) shuffles and adds): the chain of 16 scalar adds
+  // The lanes summed. With 64-byte vectors by halving (log2(lanes) shuffles and adds, GCC's generic vector shuffles:
+  // the intrinsics' casts and reductions trip GCC 12's uninitialised-value warning): the chain of 16 scalar adds
   // through memory, kept for narrower vectors, cost as much as the dot products of 768 it ends.
   static T sum(type v) {
-#ifdef __AVX512F__
-    if constexpr (kVectorBytes == 64 && std::is_same_v<T, float>) {
-      __m512 r;
-      std::memcpy(&r, &v, sizeof r);
-      return _mm512_reduce_add_ps(r);
-    } else if constexpr (kVectorBytes == 64 && std::is_same_v<T, double>) {
-      __m512d r;
-      std::memcpy(&r, &v, sizeof r);
-      return _mm512_reduce_add_pd(r);
+    if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
+      typedef T half __attribute__((vector_size(32)));
+      typedef T quarter __attribute__((vector_size(16)));
+      const half h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+      const quarter h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+      const quarter h2 = h4 + __builtin_shufflevector(h4, h4, 2, 3, 0, 1);
+      return h2[0] + h2[1];
+    } else if constexpr (kVectorBytes == 64 && sizeof(T) == 8) {
+      typedef T half __attribute__((vector_size(32)));
+      typedef T quarter __attribute__((vector_size(16)));
+      const half h4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+      const quarter h2 = __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
+      return h2[0] + h2[1];
     }
-#endif
     T s = 0;
     for (int j = 0; j < lanes; ++j) s += v[j];
     return s;
@@ -118,11 +123,14 @@ struct Quantised {
     typename Vec<T>::type out;
 #ifdef __AVX512F__
     if constexpr (kVectorBytes == 64 && std::is_same_v<T, float>) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      // (zero-masked forms throughout: the plain ones trip GCC 12's uninitialised-value warning)
+      const __m512 v = _mm512_maskz_cvtepi32_ps(
+          0xffff, _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
       std::memcpy(&out, &v, sizeof out);
       return out;
     } else if constexpr (kVectorBytes == 64 && std::is_same_v<T, double>) {
-      const __m512d v = _mm512_cvtepi32_pd(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      const __m512d v =
+          _mm512_maskz_cvtepi32_pd(0xff, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
       std::memcpy(&out, &v, sizeof out);
       return out;
     }
