@@ -42,10 +42,15 @@ bool supports(const BackendInfo& info, const ModelSpec& spec) {
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-// Best time of `repeat` calls of f after one warm-up call.
+// Best time of `repeat` calls of f after warm-up calls: at least one, and more while they have taken under a quarter of
+// a second (at most 10). A cheap step needs several to reach its steady state: GPT-2 small + lm_head at batch 1
+// (0.03 s a step) came out 25-40 % slower as the best of 3 after one warm-up than as the best of 20 or the best of 3
+// after these warm-ups (bench/RESULTS.md; fresh pages and the allocator's first sizes are the likely cause, not
+// measured); a long inversion loop runs at the steady rate.
 template <class F>
 double best_time(int repeat, F&& f) {
-  f();
+  const auto warm_up = Clock::now();
+  for (int i = 0; i < 10 && (i == 0 || seconds_since(warm_up) < 0.25); ++i) f();
   double best = INFINITY;
   for (int i = 0; i < repeat; ++i) {
     const auto start = Clock::now();
@@ -441,7 +446,8 @@ void run_bench(const BenchRequest& r, const Registry& registry, std::ostream& ou
   if (!r.out_file.empty()) records.emplace(r.out_file, &out);
   out << "lminv bench: 1block, 12blocks[-lmhead] = GPT-2 (d " << r.n_embd << ", " << r.n_layer << " blocks, V "
       << r.vocab << "), the other models their published shapes; " << r.tokens
-      << " tokens, one step = loss_and_grad (l2), best of " << r.repeat << "\n"
+      << " tokens, one step = loss_and_grad (l2), best of " << r.repeat
+      << " after warm-up calls (at least 1, more for a quarter of a second)\n"
       << std::flush;
   const Machine machine = measure_machine(r, registry, out, "first");
   bool below_bound = false, peak_reset_failed = false;

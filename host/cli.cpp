@@ -389,7 +389,8 @@ int cmd_bench(const std::vector<std::string>& args, std::ostream& out, std::ostr
       "models: 1block, 12blocks, 12blocks-lmhead (GPT-2 of --n-layer blocks), pythia-160m, tinyllama-1.1b, gpt2-xl (random "
       "weights of those shapes, every block; -lmhead: with the head)")(
       "tokens", po::value<std::int64_t>()->default_value(5), "prompt length T")(
-      "repeat", po::value<int>()->default_value(3), "timed steps per cell (best counts)")(
+      "repeat", po::value<int>()->default_value(3),
+      "timed steps per cell (best counts), after warm-up steps for a quarter of a second (1 to 10)")(
       "n-layer", po::value<std::int64_t>()->default_value(12), "blocks of the model (12: GPT-2 small)")(
       "cache-batches", po::value<std::string>()->default_value("16,769"),
       "candidates per prefix-cache call (exact inversion's verifier); 'none' skips those cells")(
